@@ -1,0 +1,608 @@
+//! One upgraded socket: its reader, its writer, and its cleanup.
+//!
+//! The socket is split in two halves driven by one task. The reader parses
+//! frames with fastwebsockets and handles client messages; the writer sends
+//! the [`Outbox`]'s frames, pings, and the final Close. fastwebsockets'
+//! `read_frame` is not cancel-safe, so the reader future lives, unbroken,
+//! until the connection ends; the writer only ever waits on cancel-safe
+//! futures, and a write in progress is only dropped together with the
+//! socket. Close frames are answered here rather than by fastwebsockets'
+//! `auto_close`, which echoes oversized Close payloads.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::io::IoSlice;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use fastwebsockets::{OpCode, Role, WebSocketError, WebSocketRead};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::time::{Instant, MissedTickBehavior};
+
+use crate::events::{ClientEvent, ClientEventKind};
+use crate::frame::{self, close_code, MAX_CONTROL_PAYLOAD};
+use crate::layer::Shared;
+use crate::outbox::{Outbox, Status, Take};
+use crate::protocol::{self, error_code, ClientMessage, ServerMessage};
+use crate::shutdown::TaskGuard;
+use crate::stats::Counters;
+
+type Io = TokioIo<Upgraded>;
+
+/// How long a closing connection may take to write its last frames and
+/// receive the peer's Close before the socket is dropped.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Identifies one connection for as long as the process runs.
+///
+/// Displayed as `ws-<n>`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClientId(u64);
+
+impl ClientId {
+    pub(crate) fn next() -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        Self(NEXT.fetch_add(1, Relaxed))
+    }
+
+    /// The id as a number, unique within this process.
+    pub fn as_u64(self) -> u64 {
+        self.0
+    }
+}
+
+impl fmt::Display for ClientId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ws-{}", self.0)
+    }
+}
+
+impl fmt::Debug for ClientId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// What the handshake learned about the client, for the logs.
+pub(crate) struct Peer {
+    pub(crate) origin: Option<String>,
+    pub(crate) user_agent: Option<String>,
+}
+
+/// Runs one connection from the completed upgrade to the end of cleanup.
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    upgrade: fastwebsockets::upgrade::UpgradeFut,
+    peer: Peer,
+    _task: TaskGuard,
+) {
+    let io = match upgrade.await {
+        Ok(ws) => ws.into_inner(),
+        Err(error) => {
+            tracing::debug!(%error, "websocket_upgrade_failed");
+            return;
+        }
+    };
+    let (read_half, mut write_half) = tokio::io::split(io);
+    // Frames are written by `write_loop`, not by fastwebsockets, so that
+    // every subscriber sends the same prebuilt bytes; its write half gets a
+    // sink it never uses (auto-close and auto-pong are off).
+    let (mut reader, _) = fastwebsockets::after_handshake_split(read_half, tokio::io::sink(), Role::Server);
+    reader.set_auto_close(false);
+    reader.set_auto_pong(false);
+    reader.set_max_message_size(shared.config.max_message_size.saturating_add(1));
+
+    let client_id = ClientId::next();
+    let outbox = Arc::new(Outbox::new(client_id, shared.config.max_queued_bytes));
+    if !shared.hub.register(outbox.clone()) {
+        // Shutdown began while this client was upgrading.
+        let close = frame::close(close_code::GOING_AWAY, "server shutting down");
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, write_half.write_all(&close)).await;
+        return;
+    }
+    tracing::info!(
+        %client_id,
+        origin = peer.origin.as_deref(),
+        user_agent = peer.user_agent.as_deref(),
+        "websocket_connected"
+    );
+
+    let conn = Conn {
+        shared: &shared,
+        outbox: &outbox,
+        epoch: Instant::now(),
+        last_seen_ms: AtomicU64::new(0),
+    };
+    let mut topics = HashSet::new();
+    let reason = conn.run(&mut reader, &mut write_half, &mut topics).await;
+
+    for topic in &topics {
+        if shared.hub.unsubscribe(topic, client_id) {
+            tracing::info!(%client_id, request_id = %topic, "websocket_unsubscribed");
+        }
+    }
+    Counters::add(&shared.hub.counters.messages_dropped, outbox.kill());
+    shared.hub.deregister(client_id);
+    tracing::info!(%client_id, %reason, "websocket_disconnected");
+}
+
+/// Why a connection ended, for the logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reason {
+    /// The client sent Close with this code (or none).
+    ClientClosed(Option<u16>),
+    /// The server sent Close with this code: shutdown, a slow client, or a
+    /// client that broke the protocol.
+    ServerClosed(u16),
+    /// The socket ended without a Close handshake.
+    Gone,
+    HeartbeatTimeout,
+    CloseTimeout,
+    Killed,
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::ClientClosed(Some(code)) => write!(f, "client closed ({code})"),
+            Self::ClientClosed(None) => f.write_str("client closed"),
+            Self::ServerClosed(code) => write!(f, "server closed ({code})"),
+            Self::Gone => f.write_str("connection lost"),
+            Self::HeartbeatTimeout => f.write_str("heartbeat timeout"),
+            Self::CloseTimeout => f.write_str("close timed out"),
+            Self::Killed => f.write_str("terminated at shutdown deadline"),
+        }
+    }
+}
+
+/// How the reader ended.
+enum ReadEnd {
+    /// The client sent Close; `reply` answers it.
+    ClientClosed { code: Option<u16>, reply: Bytes },
+    /// The client broke the protocol; close with this code.
+    Violation { code: u16, reason: &'static str },
+    /// The socket ended or failed.
+    Gone,
+}
+
+/// How the writer ended.
+enum WriteEnd {
+    /// A Close frame with this code (or none) was written.
+    SentClose(Option<u16>),
+    /// Told to stop without a Close (the peer is gone, or shutdown's
+    /// deadline passed).
+    Stopped,
+    Io,
+    HeartbeatTimeout,
+    CloseTimeout,
+}
+
+/// State shared by one connection's reader and writer.
+struct Conn<'a> {
+    shared: &'a Shared,
+    outbox: &'a Arc<Outbox>,
+    epoch: Instant,
+    /// When a frame last arrived, in milliseconds since `epoch`.
+    last_seen_ms: AtomicU64,
+}
+
+impl Conn<'_> {
+    async fn run(
+        &self,
+        reader: &mut WebSocketRead<ReadHalf<Io>>,
+        writer: &mut WriteHalf<Io>,
+        topics: &mut HashSet<Arc<str>>,
+    ) -> Reason {
+        let read = self.read_loop(reader, topics);
+        let write = self.write_loop(writer);
+        tokio::pin!(read, write);
+        let mut read_end: Option<Reason> = None;
+        loop {
+            tokio::select! {
+                end = &mut read, if read_end.is_none() => {
+                    read_end = Some(match end {
+                        ReadEnd::ClientClosed { code, reply } => {
+                            self.discarded(self.outbox.close(Some(reply), false));
+                            Reason::ClientClosed(code)
+                        }
+                        ReadEnd::Violation { code, reason } => {
+                            tracing::debug!(client_id = %self.outbox.client_id(), code, reason, "websocket_protocol_violation");
+                            self.discarded(self.outbox.close(Some(frame::close(code, reason)), false));
+                            Reason::ServerClosed(code)
+                        }
+                        ReadEnd::Gone => {
+                            self.discarded(self.outbox.kill());
+                            Reason::Gone
+                        }
+                    });
+                }
+                end = &mut write => {
+                    let reason = match end {
+                        WriteEnd::SentClose(code) => {
+                            if read_end.is_none() {
+                                // We began the close: give the client a
+                                // moment to answer before dropping the socket.
+                                let _ = tokio::time::timeout(CLOSE_TIMEOUT, &mut read).await;
+                            }
+                            Reason::ServerClosed(code.unwrap_or(close_code::NORMAL))
+                        }
+                        WriteEnd::Stopped if self.outbox.status() == Status::Killed && read_end.is_none() => Reason::Killed,
+                        WriteEnd::Stopped | WriteEnd::Io => Reason::Gone,
+                        WriteEnd::HeartbeatTimeout => {
+                            Counters::add(&self.shared.hub.counters.heartbeat_timeouts, 1);
+                            tracing::info!(client_id = %self.outbox.client_id(), "websocket_heartbeat_timeout");
+                            Reason::HeartbeatTimeout
+                        }
+                        WriteEnd::CloseTimeout => Reason::CloseTimeout,
+                    };
+                    return read_end.unwrap_or(reason);
+                }
+            }
+        }
+    }
+
+    fn discarded(&self, n: usize) {
+        Counters::add(&self.shared.hub.counters.messages_dropped, n);
+    }
+
+    fn touch(&self) {
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        self.last_seen_ms.store(ms, Relaxed);
+    }
+
+    fn is_dead(&self) -> bool {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        let silent = now.saturating_sub(self.last_seen_ms.load(Relaxed));
+        silent > self.shared.config.heartbeat_timeout.as_millis() as u64
+    }
+
+    async fn read_loop(
+        &self,
+        reader: &mut WebSocketRead<ReadHalf<Io>>,
+        topics: &mut HashSet<Arc<str>>,
+    ) -> ReadEnd {
+        let max = self.shared.config.max_message_size;
+        // A fragmented message being put together: (is text, bytes so far).
+        let mut partial: Option<(bool, BytesMut)> = None;
+        let mut never_sends = |_| async { Ok::<(), std::convert::Infallible>(()) };
+        loop {
+            let frame = match reader.read_frame(&mut never_sends).await {
+                Ok(frame) => frame,
+                Err(e) => return read_error(e),
+            };
+            self.touch();
+            match frame.opcode {
+                OpCode::Text | OpCode::Binary => {
+                    if partial.is_some() {
+                        return violation(close_code::PROTOCOL_ERROR, "expected a continuation frame");
+                    }
+                    let is_text = frame.opcode == OpCode::Text;
+                    if frame.fin {
+                        if let Err(end) = self.on_message(is_text, &frame.payload, topics) {
+                            return end;
+                        }
+                    } else {
+                        partial = Some((is_text, BytesMut::from(&frame.payload[..])));
+                    }
+                }
+                OpCode::Continuation => {
+                    let Some((_, buf)) = partial.as_mut() else {
+                        return violation(close_code::PROTOCOL_ERROR, "unexpected continuation frame");
+                    };
+                    // fastwebsockets limits each frame; the limit is on the
+                    // whole message.
+                    if buf.len() + frame.payload.len() > max {
+                        return violation(close_code::MESSAGE_TOO_BIG, "message too big");
+                    }
+                    buf.extend_from_slice(&frame.payload);
+                    if frame.fin {
+                        let (is_text, buf) = partial.take().expect("checked above");
+                        if let Err(end) = self.on_message(is_text, &buf, topics) {
+                            return end;
+                        }
+                    }
+                }
+                OpCode::Close => return close_reply(&frame.payload),
+                OpCode::Ping => {
+                    if frame.payload.len() > MAX_CONTROL_PAYLOAD {
+                        return violation(close_code::PROTOCOL_ERROR, "control frame too long");
+                    }
+                    self.outbox.push_control(frame::pong(&frame.payload));
+                }
+                OpCode::Pong => {
+                    if frame.payload.len() > MAX_CONTROL_PAYLOAD {
+                        return violation(close_code::PROTOCOL_ERROR, "control frame too long");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles one complete message. `Err` ends the connection.
+    fn on_message(
+        &self,
+        is_text: bool,
+        payload: &[u8],
+        topics: &mut HashSet<Arc<str>>,
+    ) -> Result<(), ReadEnd> {
+        if !is_text {
+            self.send_error(
+                protocol::UNKNOWN_REQUEST_ID,
+                error_code::INVALID_MESSAGE,
+                "binary frames are not supported; send JSON text",
+            );
+            return Ok(());
+        }
+        if std::str::from_utf8(payload).is_err() {
+            return Err(violation(close_code::INVALID_PAYLOAD, "text is not valid UTF-8"));
+        }
+        let message = match protocol::parse_client_message(payload) {
+            Ok(message) => message,
+            Err(invalid) => {
+                let request_id = invalid.request_id.as_deref().unwrap_or(protocol::UNKNOWN_REQUEST_ID);
+                self.send_error(request_id, error_code::INVALID_MESSAGE, &invalid.message);
+                return Ok(());
+            }
+        };
+        let client_id = self.outbox.client_id();
+        let hub = &self.shared.hub;
+        match message {
+            ClientMessage::Subscribe { request_id } => {
+                let topic: Arc<str> = request_id.into();
+                if hub.subscribe(&topic, self.outbox) {
+                    tracing::info!(%client_id, request_id = %topic, "websocket_subscribed");
+                    topics.insert(topic);
+                }
+            }
+            ClientMessage::Unsubscribe { request_id } => {
+                if topics.remove(request_id.as_str()) && hub.unsubscribe(&request_id, client_id) {
+                    tracing::info!(%client_id, %request_id, "websocket_unsubscribed");
+                }
+            }
+            ClientMessage::ActionClicked {
+                request_id,
+                action_id,
+            } => self.forward(ClientEventKind::ActionClicked {
+                request_id,
+                action_id,
+            }),
+            ClientMessage::UiStateChanged { request_id, state } => {
+                self.forward(ClientEventKind::UiStateChanged { request_id, state })
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands an event to the application, or tells the client it could not.
+    fn forward(&self, kind: ClientEventKind) {
+        let event = ClientEvent {
+            client_id: self.outbox.client_id(),
+            kind,
+        };
+        if let Err(e) = self.shared.events.try_send(event) {
+            let (event, why) = match e {
+                tokio::sync::mpsc::error::TrySendError::Full(event) => (event, "the server is busy; event not taken"),
+                tokio::sync::mpsc::error::TrySendError::Closed(event) => (event, "the server does not take events"),
+            };
+            Counters::add(&self.shared.hub.counters.events_dropped, 1);
+            let request_id = match &event.kind {
+                ClientEventKind::ActionClicked { request_id, .. }
+                | ClientEventKind::UiStateChanged { request_id, .. } => request_id,
+            };
+            tracing::warn!(client_id = %event.client_id, %request_id, why, "websocket_event_dropped");
+            self.send_error(request_id, error_code::EVENT_DROPPED, why);
+        }
+    }
+
+    fn send_error(&self, request_id: &str, error: &str, message: &str) {
+        let message = ServerMessage::Error {
+            request_id: request_id.into(),
+            error: error.into(),
+            message: message.into(),
+        };
+        if let Ok(frame) = frame::json_text(&message) {
+            self.shared.hub.push(self.outbox, frame);
+        }
+    }
+
+    async fn write_loop(&self, io: &mut WriteHalf<Io>) -> WriteEnd {
+        let interval = self.shared.config.heartbeat_interval;
+        let mut ticker = tokio::time::interval_at(Instant::now() + interval, interval);
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut batch: Vec<Bytes> = Vec::new();
+        let mut ping_due = false;
+        // Set once the connection starts closing: the last frames must be
+        // written by then.
+        let mut deadline: Option<Instant> = None;
+        loop {
+            if ping_due {
+                batch.push(frame::ping());
+                ping_due = false;
+            }
+            let (data_frames, close) = match self.outbox.take(&mut batch) {
+                Take::Frames { data_frames } => (data_frames, None),
+                Take::Close(frame) => {
+                    let code = close_code_of(&frame);
+                    batch.push(frame);
+                    (0, Some(code))
+                }
+                Take::Stop => return WriteEnd::Stopped,
+                Take::Idle => {
+                    tokio::select! {
+                        biased;
+                        _ = self.outbox.woken() => {}
+                        _ = ticker.tick() => {
+                            if self.is_dead() {
+                                return WriteEnd::HeartbeatTimeout;
+                            }
+                            ping_due = true;
+                        }
+                    }
+                    continue;
+                }
+            };
+            if close.is_some() || self.outbox.status() != Status::Open {
+                deadline.get_or_insert_with(|| Instant::now() + CLOSE_TIMEOUT);
+            }
+
+            let write = write_all(io, &mut batch);
+            tokio::pin!(write);
+            loop {
+                let until = deadline.unwrap_or_else(|| Instant::now() + interval);
+                tokio::select! {
+                    biased;
+                    _ = self.outbox.woken() => match self.outbox.status() {
+                        Status::Killed => return WriteEnd::Stopped,
+                        Status::Closing => { deadline.get_or_insert_with(|| Instant::now() + CLOSE_TIMEOUT); }
+                        Status::Open => {}
+                    },
+                    _ = tokio::time::sleep_until(until), if deadline.is_some() => return WriteEnd::CloseTimeout,
+                    _ = ticker.tick() => {
+                        if self.is_dead() {
+                            return WriteEnd::HeartbeatTimeout;
+                        }
+                        ping_due = true;
+                    }
+                    written = &mut write => match written {
+                        Ok(()) => break,
+                        Err(_) => return WriteEnd::Io,
+                    },
+                }
+            }
+            Counters::add(&self.shared.hub.counters.messages_sent, data_frames);
+            if let Some(code) = close {
+                return WriteEnd::SentClose(code);
+            }
+        }
+    }
+}
+
+fn violation(code: u16, reason: &'static str) -> ReadEnd {
+    ReadEnd::Violation { code, reason }
+}
+
+fn read_error(e: WebSocketError) -> ReadEnd {
+    match e {
+        WebSocketError::UnexpectedEOF | WebSocketError::IoError(_) | WebSocketError::ConnectionClosed => {
+            ReadEnd::Gone
+        }
+        WebSocketError::InvalidUTF8 => violation(close_code::INVALID_PAYLOAD, "text is not valid UTF-8"),
+        WebSocketError::FrameTooLarge => violation(close_code::MESSAGE_TOO_BIG, "message too big"),
+        WebSocketError::ReservedBitsNotZero => violation(close_code::PROTOCOL_ERROR, "reserved bits set"),
+        WebSocketError::ControlFrameFragmented => {
+            violation(close_code::PROTOCOL_ERROR, "fragmented control frame")
+        }
+        WebSocketError::PingFrameTooLarge => violation(close_code::PROTOCOL_ERROR, "control frame too long"),
+        WebSocketError::InvalidValue => violation(close_code::PROTOCOL_ERROR, "unknown opcode"),
+        _ => violation(close_code::PROTOCOL_ERROR, "invalid frame"),
+    }
+}
+
+/// The answer to a client's Close frame (RFC 6455 §5.5.1, §7.4).
+fn close_reply(payload: &[u8]) -> ReadEnd {
+    match payload.len() {
+        0 => ReadEnd::ClientClosed {
+            code: None,
+            reply: frame::close_empty(),
+        },
+        1 => violation(close_code::PROTOCOL_ERROR, "close frame with a 1-byte payload"),
+        n if n > MAX_CONTROL_PAYLOAD => violation(close_code::PROTOCOL_ERROR, "control frame too long"),
+        _ => {
+            let code = u16::from_be_bytes([payload[0], payload[1]]);
+            if !close_code::may_be_sent(code) {
+                violation(close_code::PROTOCOL_ERROR, "invalid close code")
+            } else if std::str::from_utf8(&payload[2..]).is_err() {
+                violation(close_code::INVALID_PAYLOAD, "close reason is not valid UTF-8")
+            } else {
+                ReadEnd::ClientClosed {
+                    code: Some(code),
+                    reply: frame::close(code, ""),
+                }
+            }
+        }
+    }
+}
+
+/// The code of a Close frame built by [`frame::close`], if it has one.
+fn close_code_of(frame: &Bytes) -> Option<u16> {
+    (frame.len() >= 4).then(|| u16::from_be_bytes([frame[2], frame[3]]))
+}
+
+/// Writes every frame of `batch` with as few system calls as it can, then
+/// empties it.
+async fn write_all<W: AsyncWrite + Unpin>(io: &mut W, batch: &mut Vec<Bytes>) -> std::io::Result<()> {
+    const MAX_SLICES: usize = 64;
+    let mut first = 0;
+    while first < batch.len() {
+        let mut written = {
+            let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+            let count = (batch.len() - first).min(MAX_SLICES);
+            for (slice, frame) in slices.iter_mut().zip(&batch[first..first + count]) {
+                *slice = IoSlice::new(frame);
+            }
+            io.write_vectored(&slices[..count]).await?
+        };
+        if written == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while written > 0 {
+            let frame = &mut batch[first];
+            if written >= frame.len() {
+                written -= frame.len();
+                first += 1;
+            } else {
+                frame.advance(written);
+                written = 0;
+            }
+        }
+    }
+    batch.clear();
+    io.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn close_frames_are_answered_per_rfc() {
+        assert!(matches!(close_reply(&[]), ReadEnd::ClientClosed { code: None, .. }));
+        assert!(matches!(close_reply(&[3]), ReadEnd::Violation { code: 1002, .. }));
+        assert!(matches!(close_reply(&[0x03, 0xEC]), ReadEnd::Violation { code: 1002, .. })); // 1004
+        assert!(matches!(close_reply(&[0x03, 0xE8, 0xFF]), ReadEnd::Violation { code: 1007, .. }));
+        assert!(matches!(close_reply(&[0x03, 0xE8].repeat(63)), ReadEnd::Violation { code: 1002, .. }));
+        match close_reply(b"\x03\xe8bye") {
+            ReadEnd::ClientClosed { code, reply } => {
+                assert_eq!(code, Some(1000));
+                assert_eq!(&reply[..], &[0x88, 2, 0x03, 0xE8]);
+            }
+            _ => panic!("expected an echo"),
+        }
+    }
+
+    #[tokio::test]
+    async fn write_all_survives_short_writes() {
+        let (mut a, mut b) = tokio::io::duplex(7);
+        let frames: Vec<Bytes> = (0..20u8).map(|i| Bytes::from(vec![i; 5])).collect();
+        let expected: Vec<u8> = frames.iter().flat_map(|f| f.to_vec()).collect();
+        let mut batch = frames.clone();
+        let reading = tokio::spawn(async move {
+            let mut out = vec![0; 100];
+            tokio::io::AsyncReadExt::read_exact(&mut b, &mut out).await.unwrap();
+            out
+        });
+        write_all(&mut a, &mut batch).await.unwrap();
+        assert!(batch.is_empty());
+        assert_eq!(reading.await.unwrap(), expected);
+    }
+
+    #[test]
+    fn client_ids_display_with_a_prefix() {
+        let id = ClientId::next();
+        assert_eq!(id.to_string(), format!("ws-{}", id.as_u64()));
+    }
+}

@@ -1,0 +1,164 @@
+//! Server-to-client WebSocket frames, built once and shared.
+//!
+//! A server never masks its frames (RFC 6455 §5.1), so a frame is just a
+//! header followed by the payload. Building the complete frame once per
+//! publish lets every subscriber's writer send the very same bytes: a
+//! [`Bytes`] clone is a reference count, not a copy.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::Serialize;
+
+/// Close codes the layer sends, as named constants (RFC 6455 §7.4.1).
+pub mod close_code {
+    /// 1000: the purpose of the connection has been fulfilled.
+    pub const NORMAL: u16 = 1000;
+    /// 1001: the server is going away (graceful shutdown).
+    pub const GOING_AWAY: u16 = 1001;
+    /// 1002: the peer broke the WebSocket protocol.
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    /// 1007: a text message was not valid UTF-8.
+    pub const INVALID_PAYLOAD: u16 = 1007;
+    /// 1008: the peer broke a policy of this server.
+    pub const POLICY_VIOLATION: u16 = 1008;
+    /// 1009: a message was larger than the configured maximum.
+    pub const MESSAGE_TOO_BIG: u16 = 1009;
+    /// 1011: the server hit an unexpected condition.
+    pub const INTERNAL_ERROR: u16 = 1011;
+    /// 1013: try again later; the client fell too far behind (its
+    /// outbound queue overflowed).
+    pub const TRY_AGAIN_LATER: u16 = 1013;
+
+    /// Whether `code` may appear in a Close frame on the wire.
+    ///
+    /// 1004–1006 and 1015 are reserved for local use, 1014 and 1016–2999
+    /// are unassigned or reserved, and anything below 1000 or above 4999 is
+    /// invalid.
+    pub(crate) fn may_be_sent(code: u16) -> bool {
+        matches!(code, 1000..=1003 | 1007..=1013 | 3000..=4999)
+    }
+}
+
+const OP_TEXT: u8 = 0x1;
+const OP_CLOSE: u8 = 0x8;
+const OP_PING: u8 = 0x9;
+const OP_PONG: u8 = 0xA;
+const FIN: u8 = 0x80;
+/// The longest header of an unmasked frame: 2 bytes + 8 bytes of length.
+const MAX_HEADER: usize = 10;
+/// Control frames carry at most 125 payload bytes (RFC 6455 §5.5).
+pub(crate) const MAX_CONTROL_PAYLOAD: usize = 125;
+
+/// Serializes `message` as JSON and wraps it in a text frame, without
+/// copying the payload: the JSON is written after room for the longest
+/// header, and the header is then written right before it.
+pub(crate) fn json_text<T: Serialize + ?Sized>(message: &T) -> Result<Bytes, serde_json::Error> {
+    let mut buf = Vec::with_capacity(128);
+    buf.resize(MAX_HEADER, 0);
+    serde_json::to_writer(&mut buf, message)?;
+    let payload_len = buf.len() - MAX_HEADER;
+    let mut header = [0u8; MAX_HEADER];
+    let header_len = write_header(&mut header, OP_TEXT, payload_len);
+    let start = MAX_HEADER - header_len;
+    buf[start..MAX_HEADER].copy_from_slice(&header[..header_len]);
+    Ok(Bytes::from(buf).slice(start..))
+}
+
+/// A Ping frame with an empty payload.
+pub(crate) fn ping() -> Bytes {
+    Bytes::from_static(&[FIN | OP_PING, 0])
+}
+
+/// A Pong frame echoing `payload` (at most 125 bytes, checked by the reader).
+pub(crate) fn pong(payload: &[u8]) -> Bytes {
+    control(OP_PONG, payload)
+}
+
+/// A Close frame with `code` and a UTF-8 `reason`, cut to fit 125 bytes on a
+/// character boundary.
+pub(crate) fn close(code: u16, reason: &str) -> Bytes {
+    let mut end = reason.len().min(MAX_CONTROL_PAYLOAD - 2);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut payload = Vec::with_capacity(2 + end);
+    payload.extend_from_slice(&code.to_be_bytes());
+    payload.extend_from_slice(&reason.as_bytes()[..end]);
+    control(OP_CLOSE, &payload)
+}
+
+/// A Close frame without a code, the answer to one without a code.
+pub(crate) fn close_empty() -> Bytes {
+    Bytes::from_static(&[FIN | OP_CLOSE, 0])
+}
+
+fn control(opcode: u8, payload: &[u8]) -> Bytes {
+    debug_assert!(payload.len() <= MAX_CONTROL_PAYLOAD);
+    let mut buf = BytesMut::with_capacity(2 + payload.len());
+    buf.put_u8(FIN | opcode);
+    buf.put_u8(payload.len() as u8);
+    buf.put_slice(payload);
+    buf.freeze()
+}
+
+/// Writes the header of a final, unmasked frame; returns its length.
+fn write_header(out: &mut [u8; MAX_HEADER], opcode: u8, payload_len: usize) -> usize {
+    out[0] = FIN | opcode;
+    if payload_len < 126 {
+        out[1] = payload_len as u8;
+        2
+    } else if let Ok(len) = u16::try_from(payload_len) {
+        out[1] = 126;
+        out[2..4].copy_from_slice(&len.to_be_bytes());
+        4
+    } else {
+        out[1] = 127;
+        out[2..10].copy_from_slice(&(payload_len as u64).to_be_bytes());
+        10
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn payload_of(frame: &[u8]) -> &[u8] {
+        match frame[1] {
+            126 => &frame[4..],
+            127 => &frame[10..],
+            _ => &frame[2..],
+        }
+    }
+
+    #[test]
+    fn json_frames_use_the_shortest_length_encoding() {
+        for (len, header_len) in [(0usize, 2usize), (125, 2), (126, 4), (65_535, 4), (65_536, 10)] {
+            // A JSON string of `len` bytes including its two quotes.
+            let text = "x".repeat(len.saturating_sub(2));
+            let frame = json_text(&text).unwrap();
+            let json_len = text.len() + 2;
+            assert_eq!(frame.len(), header_len + json_len, "len {len}");
+            assert_eq!(frame[0], 0x81);
+            assert_eq!(payload_of(&frame), serde_json::to_vec(&text).unwrap());
+        }
+    }
+
+    #[test]
+    fn close_reason_is_cut_on_a_char_boundary() {
+        let frame = close(close_code::GOING_AWAY, &"é".repeat(100));
+        assert_eq!(frame[0], 0x88);
+        let len = frame[1] as usize;
+        assert!(len <= MAX_CONTROL_PAYLOAD);
+        assert_eq!(&frame[2..4], &1001u16.to_be_bytes());
+        assert!(std::str::from_utf8(&frame[4..]).is_ok());
+    }
+
+    #[test]
+    fn close_codes_that_may_be_sent() {
+        for ok in [1000, 1001, 1003, 1007, 1011, 1013, 3000, 4999] {
+            assert!(close_code::may_be_sent(ok), "{ok}");
+        }
+        for bad in [0, 999, 1004, 1005, 1006, 1014, 1015, 1016, 2999, 5000] {
+            assert!(!close_code::may_be_sent(bad), "{bad}");
+        }
+    }
+}

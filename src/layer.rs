@@ -1,0 +1,290 @@
+//! The builder and the [`WsLayer`] it makes.
+
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tower::Layer;
+
+use crate::error::BuildError;
+use crate::events::{ClientEvent, ClientEvents};
+use crate::hub::Hub;
+use crate::origin::{Origin, OriginPolicy};
+use crate::service::WsService;
+use crate::shutdown::Tasks;
+use crate::Publisher;
+
+/// The default path, `/ws`.
+pub const DEFAULT_PATH: &str = "/ws";
+/// The default heartbeat interval, 30 seconds.
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(30);
+/// The default per-connection outbound queue limit, 1 MiB.
+pub const DEFAULT_MAX_QUEUED_BYTES: usize = 1 << 20;
+/// The default limit on one inbound message, 64 KiB.
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 64 << 10;
+/// The default capacity of the inbound event buffer, 1024 events.
+pub const DEFAULT_EVENT_CAPACITY: usize = 1024;
+
+/// A [`Layer`] that upgrades WebSocket requests on one path and passes
+/// every other request to the service it wraps.
+///
+/// Made by [`WsLayer::builder`]; cloning it is cheap, and every clone (and
+/// every service it makes) shares the same connections and topics as the
+/// [`Publisher`] built with it.
+#[derive(Clone)]
+pub struct WsLayer {
+    shared: Arc<Shared>,
+}
+
+impl WsLayer {
+    /// A builder with the defaults.
+    pub fn builder() -> WsLayerBuilder {
+        WsLayerBuilder::default()
+    }
+}
+
+impl<S> Layer<S> for WsLayer {
+    type Service = WsService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        WsService::new(inner, self.shared.clone())
+    }
+}
+
+impl fmt::Debug for WsLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WsLayer")
+            .field("config", &self.shared.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Configures a [`WsLayer`] and its [`Publisher`].
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_ws::WsLayer;
+///
+/// let (layer, publisher) = WsLayer::builder()
+///     .path("/ws")
+///     .allowed_origins(["https://app.example.com"])
+///     .heartbeat(Duration::from_secs(30))
+///     .build()
+///     .expect("valid configuration");
+/// # drop((layer, publisher));
+/// ```
+#[must_use = "a builder does nothing until `build` is called"]
+#[derive(Debug, Clone)]
+pub struct WsLayerBuilder {
+    path: String,
+    allowed_origins: Vec<String>,
+    allow_any_origin: bool,
+    heartbeat_interval: Duration,
+    heartbeat_timeout: Option<Duration>,
+    max_queued_bytes: usize,
+    max_message_size: usize,
+    event_capacity: usize,
+}
+
+impl Default for WsLayerBuilder {
+    fn default() -> Self {
+        Self {
+            path: DEFAULT_PATH.to_owned(),
+            allowed_origins: Vec::new(),
+            allow_any_origin: false,
+            heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
+            heartbeat_timeout: None,
+            max_queued_bytes: DEFAULT_MAX_QUEUED_BYTES,
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            event_capacity: DEFAULT_EVENT_CAPACITY,
+        }
+    }
+}
+
+impl WsLayerBuilder {
+    /// The exact request path that is upgraded (`/ws` matches neither
+    /// `/wsx` nor `/ws/x`). A request to it that is not a WebSocket
+    /// handshake gets `426 Upgrade Required`.
+    ///
+    /// Defaults to `/ws`.
+    pub fn path(mut self, path: impl Into<String>) -> Self {
+        self.path = path.into();
+        self
+    }
+
+    /// Browser origins allowed besides same-origin ones, each as
+    /// `scheme://host[:port]` (e.g. `https://app.example.com`). Adds to any
+    /// given before. A handshake without `Origin` (a non-browser client) is
+    /// always allowed; any other is refused with `403`.
+    ///
+    /// Defaults to none: only same-origin pages may connect.
+    pub fn allowed_origins<I, O>(mut self, origins: I) -> Self
+    where
+        I: IntoIterator<Item = O>,
+        O: Into<String>,
+    {
+        self.allowed_origins.extend(origins.into_iter().map(Into::into));
+        self
+    }
+
+    /// Allows pages from any origin to connect. Only do this when the
+    /// streams hold nothing a page on another site should read.
+    ///
+    /// Defaults to off.
+    pub fn allow_any_origin(mut self) -> Self {
+        self.allow_any_origin = true;
+        self
+    }
+
+    /// How often each connection is pinged.
+    ///
+    /// Defaults to 30 seconds.
+    pub fn heartbeat(mut self, interval: Duration) -> Self {
+        self.heartbeat_interval = interval;
+        self
+    }
+
+    /// How long a connection may stay silent (no pong, no frame at all)
+    /// before it is terminated. Checked at every heartbeat.
+    ///
+    /// Defaults to twice the heartbeat interval.
+    pub fn heartbeat_timeout(mut self, timeout: Duration) -> Self {
+        self.heartbeat_timeout = Some(timeout);
+        self
+    }
+
+    /// The most bytes of messages queued for one connection. A publish
+    /// that would pass it closes that connection with 1013 (try again
+    /// later) and discards what was queued for it; publishers and other
+    /// connections never wait for it. A message always fits an empty queue.
+    ///
+    /// Defaults to 1 MiB.
+    pub fn max_queued_bytes(mut self, bytes: usize) -> Self {
+        self.max_queued_bytes = bytes;
+        self
+    }
+
+    /// The largest inbound message, over all its fragments. A larger one
+    /// closes the connection with 1009.
+    ///
+    /// Defaults to 64 KiB.
+    pub fn max_message_size(mut self, bytes: usize) -> Self {
+        self.max_message_size = bytes;
+        self
+    }
+
+    /// How many inbound events (`action_clicked`, `ui_state_changed`) wait
+    /// for the application before further ones are refused; see
+    /// [`Publisher::take_client_events`].
+    ///
+    /// Defaults to 1024.
+    pub fn event_capacity(mut self, events: usize) -> Self {
+        self.event_capacity = events;
+        self
+    }
+
+    /// Checks the configuration and makes the layer and its publisher.
+    pub fn build(self) -> Result<(WsLayer, Publisher), BuildError> {
+        if !self.path.starts_with('/') {
+            return Err(BuildError::InvalidPath(self.path));
+        }
+        let origins = if self.allow_any_origin {
+            OriginPolicy::Any
+        } else {
+            let mut parsed = Vec::with_capacity(self.allowed_origins.len());
+            for origin in &self.allowed_origins {
+                if origin.trim() == "*" {
+                    return Err(BuildError::WildcardOrigin);
+                }
+                let value = origin.trim().trim_end_matches('/');
+                parsed.push(Origin::parse(value).ok_or_else(|| BuildError::InvalidOrigin(origin.clone()))?);
+            }
+            OriginPolicy::Allowlist(parsed)
+        };
+        for (what, zero) in [
+            ("heartbeat interval", self.heartbeat_interval.is_zero()),
+            ("heartbeat timeout", self.heartbeat_timeout.is_some_and(|t| t.is_zero())),
+            ("max queued bytes", self.max_queued_bytes == 0),
+            ("max message size", self.max_message_size == 0),
+            ("event capacity", self.event_capacity == 0),
+        ] {
+            if zero {
+                return Err(BuildError::Zero(what));
+            }
+        }
+        let config = Config {
+            path: self.path,
+            origins,
+            heartbeat_interval: self.heartbeat_interval,
+            heartbeat_timeout: self.heartbeat_timeout.unwrap_or(self.heartbeat_interval * 2),
+            max_queued_bytes: self.max_queued_bytes,
+            max_message_size: self.max_message_size,
+        };
+        let (events, receiver) = ClientEvents::channel(self.event_capacity);
+        let shared = Arc::new(Shared {
+            config,
+            hub: Hub::new(),
+            tasks: Arc::default(),
+            events,
+            receiver: Mutex::new(Some(receiver)),
+        });
+        Ok((WsLayer { shared: shared.clone() }, Publisher::new(shared)))
+    }
+}
+
+/// The validated configuration.
+#[derive(Debug)]
+pub(crate) struct Config {
+    pub(crate) path: String,
+    pub(crate) origins: OriginPolicy,
+    pub(crate) heartbeat_interval: Duration,
+    pub(crate) heartbeat_timeout: Duration,
+    pub(crate) max_queued_bytes: usize,
+    pub(crate) max_message_size: usize,
+}
+
+/// What the layer, its services, its connections and its publishers share.
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    pub(crate) hub: Hub,
+    pub(crate) tasks: Arc<Tasks>,
+    pub(crate) events: mpsc::Sender<ClientEvent>,
+    pub(crate) receiver: Mutex<Option<ClientEvents>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn build_validates() {
+        assert!(WsLayer::builder().build().is_ok());
+        assert_eq!(
+            WsLayer::builder().path("ws").build().unwrap_err(),
+            BuildError::InvalidPath("ws".into())
+        );
+        assert_eq!(
+            WsLayer::builder().allowed_origins(["*"]).build().unwrap_err(),
+            BuildError::WildcardOrigin
+        );
+        assert_eq!(
+            WsLayer::builder().allowed_origins(["app.example.com"]).build().unwrap_err(),
+            BuildError::InvalidOrigin("app.example.com".into())
+        );
+        assert_eq!(
+            WsLayer::builder().heartbeat(Duration::ZERO).build().unwrap_err(),
+            BuildError::Zero("heartbeat interval")
+        );
+        assert!(WsLayer::builder()
+            .allowed_origins(["https://app.example.com/"])
+            .build()
+            .is_ok());
+    }
+
+    #[test]
+    fn heartbeat_timeout_defaults_to_two_intervals() {
+        let (layer, _) = WsLayer::builder().heartbeat(Duration::from_secs(5)).build().unwrap();
+        assert_eq!(layer.shared.config.heartbeat_timeout, Duration::from_secs(10));
+    }
+}

@@ -1,0 +1,93 @@
+//! Tower middleware that streams JSON to WebSocket subscribers.
+//!
+//! A [`WsLayer`] wraps any tower service — an axum `Router`, a hyper
+//! `service_fn`, a tower-http stack. Requests to its path (`/ws` by
+//! default) that are WebSocket handshakes are checked (`Origin`) and
+//! upgraded; every other request goes to the wrapped service untouched.
+//! Building the layer also gives a [`Publisher`], a cheap cloneable handle
+//! that application code uses to stream JSON to the clients subscribed to a
+//! topic (a `requestId`). The layer does the rest: heartbeat, cleanup on
+//! disconnect, a bounded queue per client, graceful close.
+//!
+//! Clients speak a small JSON protocol (see [`protocol`]): they send
+//! `{"type":"subscribe","requestId":"…"}` and receive what is published to
+//! that topic.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use axum::{routing::post, Router};
+//! use tower_ws::{Publisher, WsLayer};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let (ws, publisher) = WsLayer::builder()
+//!     .allowed_origins(["https://app.example.com"])
+//!     .heartbeat(Duration::from_secs(30))
+//!     .build()?;
+//!
+//! async fn search(axum::extract::State(publisher): axum::extract::State<Publisher>) -> &'static str {
+//!     publisher.stream_delta("req-1", "Found ");
+//!     "ok"
+//! }
+//!
+//! let app = Router::new()
+//!     .route("/api/search", post(search))
+//!     .with_state(publisher.clone())
+//!     .layer(ws);
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
+//! axum::serve(listener, app).await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Behaviour
+//!
+//! - **Origin**: a handshake without `Origin` is accepted (non-browser
+//!   clients); a browser's is accepted when it is same-origin with `Host`
+//!   or on [`allowed_origins`](WsLayerBuilder::allowed_origins); otherwise
+//!   `403`. Any origin only with
+//!   [`allow_any_origin`](WsLayerBuilder::allow_any_origin).
+//! - **Slow clients**: see [`Publisher`]'s delivery notes.
+//! - **Heartbeat**: every connection is pinged each
+//!   [`heartbeat`](WsLayerBuilder::heartbeat) interval; one from which
+//!   nothing arrived within the
+//!   [`heartbeat_timeout`](WsLayerBuilder::heartbeat_timeout) is dropped.
+//! - **Shutdown**: [`Publisher::shutdown`].
+//!
+//! The layer spawns one Tokio task per connection, so it must run inside a
+//! Tokio runtime, behind a server that supports HTTP/1.1 upgrades (hyper,
+//! hyper-util, axum).
+
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+
+mod body;
+mod connection;
+mod error;
+mod events;
+mod frame;
+mod hub;
+mod layer;
+mod origin;
+mod outbox;
+pub mod protocol;
+mod publisher;
+mod service;
+mod shutdown;
+mod stats;
+
+pub use body::WsBody;
+pub use connection::ClientId;
+pub use error::{BuildError, PublishError, SerializeError};
+pub use events::{ClientEvent, ClientEventKind, ClientEvents};
+pub use frame::close_code;
+pub use layer::{
+    WsLayer, WsLayerBuilder, DEFAULT_EVENT_CAPACITY, DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_MAX_MESSAGE_SIZE,
+    DEFAULT_MAX_QUEUED_BYTES, DEFAULT_PATH,
+};
+pub use publisher::Publisher;
+pub use service::{ResponseFuture, WsService};
+pub use shutdown::ShutdownSummary;
+pub use stats::Stats;

@@ -1,0 +1,269 @@
+//! The default JSON protocol, as types applications and Rust clients can
+//! use directly.
+//!
+//! Every message is a JSON object in a text frame with a `"type"` field.
+//!
+//! | direction | `type` | fields |
+//! |---|---|---|
+//! | client → server | `subscribe` | `requestId` |
+//! | client → server | `unsubscribe` | `requestId` |
+//! | client → server | `action_clicked` | `requestId`, `actionId` |
+//! | client → server | `ui_state_changed` | `requestId`, `state` (any JSON) |
+//! | server → client | `status` | `requestId`, `status` |
+//! | server → client | `stream.delta` | `requestId`, `text` |
+//! | server → client | `stream.done` | `requestId`, `fullText` |
+//! | server → client | `recommendation` | `requestId`, `actions` |
+//! | server → client | `error` | `requestId`, `error`, `message` |
+//!
+//! Besides these, the server forwards any JSON the application publishes to
+//! a topic with [`Publisher::publish`](crate::Publisher::publish).
+
+use std::borrow::Cow;
+
+use serde::{Deserialize, Serialize};
+
+/// A message a client sends to the server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+#[non_exhaustive]
+pub enum ClientMessage {
+    /// Receive everything published to `request_id` from now on.
+    #[serde(rename = "subscribe")]
+    Subscribe {
+        /// The topic.
+        #[serde(rename = "requestId")]
+        request_id: String,
+    },
+    /// Stop receiving messages published to `request_id`.
+    #[serde(rename = "unsubscribe")]
+    Unsubscribe {
+        /// The topic.
+        #[serde(rename = "requestId")]
+        request_id: String,
+    },
+    /// The user clicked one of the actions of a `recommendation`.
+    #[serde(rename = "action_clicked")]
+    ActionClicked {
+        /// The request the action belongs to.
+        #[serde(rename = "requestId")]
+        request_id: String,
+        /// The [`Action::id`] that was clicked.
+        #[serde(rename = "actionId")]
+        action_id: String,
+    },
+    /// The client's UI state changed (selection, map position, zoom, …).
+    #[serde(rename = "ui_state_changed")]
+    UiStateChanged {
+        /// The request the state belongs to.
+        #[serde(rename = "requestId")]
+        request_id: String,
+        /// Application-defined state.
+        state: serde_json::Value,
+    },
+}
+
+impl ClientMessage {
+    /// The `requestId` the message is about.
+    pub fn request_id(&self) -> &str {
+        match self {
+            Self::Subscribe { request_id }
+            | Self::Unsubscribe { request_id }
+            | Self::ActionClicked { request_id, .. }
+            | Self::UiStateChanged { request_id, .. } => request_id,
+        }
+    }
+}
+
+/// A message the server sends to clients.
+///
+/// The fields borrow where they can, so publishing one does not copy its
+/// text before serializing it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+#[non_exhaustive]
+pub enum ServerMessage<'a> {
+    /// The state of the assistant job, e.g. `"streaming"` or `"done"`.
+    #[serde(rename = "status")]
+    Status {
+        /// The topic.
+        #[serde(rename = "requestId")]
+        request_id: Cow<'a, str>,
+        /// The new status.
+        status: Cow<'a, str>,
+    },
+    /// The next chunk of streamed text.
+    #[serde(rename = "stream.delta")]
+    StreamDelta {
+        /// The topic.
+        #[serde(rename = "requestId")]
+        request_id: Cow<'a, str>,
+        /// The chunk.
+        text: Cow<'a, str>,
+    },
+    /// The stream is complete.
+    #[serde(rename = "stream.done")]
+    StreamDone {
+        /// The topic.
+        #[serde(rename = "requestId")]
+        request_id: Cow<'a, str>,
+        /// The whole text, every delta concatenated.
+        #[serde(rename = "fullText")]
+        full_text: Cow<'a, str>,
+    },
+    /// Actions the user can take.
+    #[serde(rename = "recommendation")]
+    Recommendation {
+        /// The topic.
+        #[serde(rename = "requestId")]
+        request_id: Cow<'a, str>,
+        /// The actions, in display order.
+        actions: Cow<'a, [Action]>,
+    },
+    /// Something went wrong with a request or with a client's message.
+    #[serde(rename = "error")]
+    Error {
+        /// The topic, or `"unknown"` when a client message could not be read.
+        #[serde(rename = "requestId")]
+        request_id: Cow<'a, str>,
+        /// A short machine-readable code, e.g. `"invalid_message"`.
+        error: Cow<'a, str>,
+        /// A human-readable explanation.
+        message: Cow<'a, str>,
+    },
+}
+
+/// One action of a [`ServerMessage::Recommendation`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Action {
+    /// Identifies the action in a later `action_clicked`.
+    pub id: String,
+    /// The kind of action, e.g. `"CALL"` or `"DIRECTIONS"`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The button's label.
+    pub label: String,
+    /// An optional icon, e.g. an emoji.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub icon: Option<String>,
+}
+
+/// The `error` codes the layer itself sends.
+pub mod error_code {
+    /// A client message that is not valid JSON, has an unknown `type`, lacks
+    /// a field, or came in a binary frame. The connection stays open.
+    pub const INVALID_MESSAGE: &str = "invalid_message";
+    /// An `action_clicked` or `ui_state_changed` the application could not
+    /// take: it has not taken the event receiver, dropped it, or its buffer
+    /// is full. The connection stays open.
+    pub const EVENT_DROPPED: &str = "event_dropped";
+}
+
+/// The `requestId` used in an `error` when the client's own could not be read.
+pub const UNKNOWN_REQUEST_ID: &str = "unknown";
+
+/// Why a client message was rejected: a human-readable text for the
+/// `error` message, and the `requestId` when one could be read.
+#[derive(Debug)]
+pub(crate) struct Invalid {
+    pub(crate) request_id: Option<String>,
+    pub(crate) message: String,
+}
+
+/// Parses one text message from a client.
+pub(crate) fn parse_client_message(text: &[u8]) -> Result<ClientMessage, Invalid> {
+    match serde_json::from_slice::<ClientMessage>(text) {
+        Ok(message) if message.request_id().is_empty() => Err(Invalid {
+            request_id: None,
+            message: "requestId must not be empty".into(),
+        }),
+        Ok(message) => Ok(message),
+        Err(e) => {
+            // Only on the error path: look for a readable requestId so the
+            // client can tell which of its requests the error is about.
+            #[derive(Deserialize)]
+            struct Probe {
+                #[serde(rename = "requestId")]
+                request_id: Option<String>,
+            }
+            let request_id = serde_json::from_slice::<Probe>(text)
+                .ok()
+                .and_then(|p| p.request_id)
+                .filter(|id| !id.is_empty());
+            Err(Invalid {
+                request_id,
+                message: e.to_string(),
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn client_messages_parse_from_the_seed_shapes() {
+        let m = parse_client_message(br#"{"type":"subscribe","requestId":"req-1"}"#).unwrap();
+        assert_eq!(
+            m,
+            ClientMessage::Subscribe {
+                request_id: "req-1".into()
+            }
+        );
+        let m = parse_client_message(
+            br#"{"type":"action_clicked","requestId":"r","actionId":"call","extra":1}"#,
+        )
+        .unwrap();
+        assert_eq!(m.request_id(), "r");
+        let m = parse_client_message(
+            br#"{"type":"ui_state_changed","requestId":"r","state":{"zoom":14}}"#,
+        )
+        .unwrap();
+        assert!(matches!(m, ClientMessage::UiStateChanged { state, .. } if state == json!({"zoom":14})));
+    }
+
+    #[test]
+    fn invalid_messages_keep_a_readable_request_id() {
+        let e = parse_client_message(br#"{"type":"nope","requestId":"req-9"}"#).unwrap_err();
+        assert_eq!(e.request_id.as_deref(), Some("req-9"));
+        assert!(e.message.contains("unknown variant"), "{}", e.message);
+
+        let e = parse_client_message(br#"{"type":"subscribe"}"#).unwrap_err();
+        assert_eq!(e.request_id, None);
+        assert!(e.message.contains("requestId"), "{}", e.message);
+
+        assert!(parse_client_message(b"not json").is_err());
+        assert!(parse_client_message(br#"{"type":"subscribe","requestId":""}"#).is_err());
+    }
+
+    #[test]
+    fn server_messages_serialize_to_the_seed_shapes() {
+        let m = ServerMessage::StreamDone {
+            request_id: "r".into(),
+            full_text: "Hi".into(),
+        };
+        assert_eq!(
+            serde_json::to_value(&m).unwrap(),
+            json!({"type":"stream.done","requestId":"r","fullText":"Hi"})
+        );
+        let actions = [Action {
+            id: "call".into(),
+            kind: "CALL".into(),
+            label: "Call".into(),
+            icon: None,
+        }];
+        let m = ServerMessage::Recommendation {
+            request_id: "r".into(),
+            actions: Cow::Borrowed(&actions),
+        };
+        assert_eq!(
+            serde_json::to_value(&m).unwrap(),
+            json!({"type":"recommendation","requestId":"r","actions":[{"id":"call","type":"CALL","label":"Call"}]})
+        );
+        let back: ServerMessage<'static> =
+            serde_json::from_value(json!({"type":"error","requestId":"r","error":"timeout","message":"m"}))
+                .unwrap();
+        assert!(matches!(back, ServerMessage::Error { .. }));
+    }
+}

@@ -1,0 +1,203 @@
+//! The [`Publisher`]: the cheap, cloneable handle application code uses to
+//! stream JSON to subscribers.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::Serialize;
+
+use crate::error::PublishError;
+use crate::events::ClientEvents;
+use crate::frame;
+use crate::layer::Shared;
+use crate::protocol::{Action, ServerMessage};
+use crate::shutdown::{self, ShutdownSummary};
+use crate::stats::Stats;
+use crate::ClientId;
+
+/// Publishes JSON to the clients subscribed to a topic (a `requestId`).
+///
+/// Made together with its [`WsLayer`](crate::WsLayer) by
+/// [`WsLayerBuilder::build`](crate::WsLayerBuilder::build). Cloning is
+/// cheap; use it from handlers, background tasks, anywhere.
+///
+/// # Delivery
+///
+/// A publish serializes the message once, builds its WebSocket frame once,
+/// and queues those same bytes for every subscriber of the topic on this
+/// instance. It never waits for a client: each connection has a bounded
+/// queue ([`max_queued_bytes`](crate::WsLayerBuilder::max_queued_bytes)),
+/// and a client whose queue is full is closed with 1013 and counted in
+/// [`Stats::slow_clients_closed`]; nobody else waits for it.
+///
+/// Every subscriber of a topic receives that topic's messages in the order
+/// they were published. A message published to a topic that has no
+/// subscriber at that moment is not kept: a client that subscribes later
+/// does not receive it.
+///
+/// The returned count is how many subscribers the message was *queued*
+/// for, not how many have received it: a queued message is lost if its
+/// connection drops before it is written (counted in
+/// [`Stats::messages_dropped`]).
+#[derive(Clone)]
+pub struct Publisher {
+    shared: Arc<Shared>,
+}
+
+impl Publisher {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+
+    /// Publishes any serializable value to `topic`, as is. Returns how many
+    /// subscribers it was queued for.
+    ///
+    /// # Errors
+    ///
+    /// [`PublishError::Serialize`] if `message` cannot be serialized as
+    /// JSON; nothing is sent then.
+    pub fn publish<T: Serialize + ?Sized>(&self, topic: &str, message: &T) -> Result<usize, PublishError> {
+        let frame = frame::json_text(message).map_err(PublishError::serialize)?;
+        Ok(self.publish_frame(topic, &frame))
+    }
+
+    /// Publishes `{"type":"status","requestId":topic,"status":status}`.
+    pub fn status(&self, topic: &str, status: &str) -> usize {
+        self.publish_message(
+            topic,
+            &ServerMessage::Status {
+                request_id: topic.into(),
+                status: status.into(),
+            },
+        )
+    }
+
+    /// Publishes `{"type":"stream.delta","requestId":topic,"text":text}`.
+    pub fn stream_delta(&self, topic: &str, text: &str) -> usize {
+        self.publish_message(
+            topic,
+            &ServerMessage::StreamDelta {
+                request_id: topic.into(),
+                text: text.into(),
+            },
+        )
+    }
+
+    /// Publishes `{"type":"stream.done","requestId":topic,"fullText":full_text}`.
+    pub fn stream_done(&self, topic: &str, full_text: &str) -> usize {
+        self.publish_message(
+            topic,
+            &ServerMessage::StreamDone {
+                request_id: topic.into(),
+                full_text: full_text.into(),
+            },
+        )
+    }
+
+    /// Publishes `{"type":"recommendation","requestId":topic,"actions":[…]}`.
+    pub fn recommendation(&self, topic: &str, actions: &[Action]) -> usize {
+        self.publish_message(
+            topic,
+            &ServerMessage::Recommendation {
+                request_id: topic.into(),
+                actions: Cow::Borrowed(actions),
+            },
+        )
+    }
+
+    /// Publishes `{"type":"error","requestId":topic,"error":error,"message":message}`.
+    pub fn error(&self, topic: &str, error: &str, message: &str) -> usize {
+        self.publish_message(
+            topic,
+            &ServerMessage::Error {
+                request_id: topic.into(),
+                error: error.into(),
+                message: message.into(),
+            },
+        )
+    }
+
+    /// Sends a message to one connection, subscribed or not. Returns whether
+    /// it was queued (`false` if the client is gone, closing, or was just
+    /// closed for falling behind).
+    ///
+    /// # Errors
+    ///
+    /// [`PublishError::Serialize`] if `message` cannot be serialized.
+    pub fn send_to<T: Serialize + ?Sized>(&self, client: ClientId, message: &T) -> Result<bool, PublishError> {
+        let frame = frame::json_text(message).map_err(PublishError::serialize)?;
+        Ok(self.shared.hub.send_to(client, frame))
+    }
+
+    /// How many connections on this instance are subscribed to `topic`.
+    pub fn subscriber_count(&self, topic: &str) -> usize {
+        self.shared.hub.subscriber_count(topic)
+    }
+
+    /// The layer's gauges and counters.
+    pub fn stats(&self) -> Stats {
+        self.shared.hub.counters.snapshot()
+    }
+
+    /// Takes the receiver of inbound [`ClientEvent`](crate::ClientEvent)s.
+    /// Returns `Some` once, to the first caller; `None` after that.
+    ///
+    /// Events wait in a buffer of
+    /// [`event_capacity`](crate::WsLayerBuilder::event_capacity) until they
+    /// are received. A connection never waits for the application: an
+    /// event that finds the buffer full, or finds the receiver dropped, is
+    /// refused, and its client gets an `error` with code `event_dropped`.
+    pub fn take_client_events(&self) -> Option<ClientEvents> {
+        self.shared
+            .receiver
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
+    /// Shuts the layer down gracefully.
+    ///
+    /// From the call on, handshakes are refused with `503`. Every open
+    /// connection writes what it has queued, then sends Close 1001 (going
+    /// away) and ends once the client answers (or after a few seconds).
+    /// Resolves when every connection task has ended, or when `grace` has
+    /// passed; connections still open then are cut off, counted in
+    /// [`ShutdownSummary::terminated`].
+    ///
+    /// Upgraded connections are no longer HTTP connections, so a server's
+    /// own graceful shutdown (e.g. hyper-util's `GracefulShutdown`) does
+    /// not wait for them: call this first, then shut the server down.
+    pub async fn shutdown(&self, grace: Duration) -> ShutdownSummary {
+        shutdown::shutdown(&self.shared.hub, &self.shared.tasks, grace).await
+    }
+
+    /// Whether [`shutdown`](Self::shutdown) has been called.
+    pub fn is_shutting_down(&self) -> bool {
+        !self.shared.hub.is_accepting()
+    }
+
+    fn publish_message(&self, topic: &str, message: &ServerMessage<'_>) -> usize {
+        match frame::json_text(message) {
+            Ok(frame) => self.publish_frame(topic, &frame),
+            // Serializing strings and plain structs into a Vec cannot fail.
+            Err(_) => 0,
+        }
+    }
+
+    fn publish_frame(&self, topic: &str, frame: &Bytes) -> usize {
+        let queued = self.shared.hub.publish(topic, frame);
+        tracing::debug!(request_id = topic, subscriber_count = queued, "websocket_message_sent");
+        queued
+    }
+}
+
+impl fmt::Debug for Publisher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Publisher")
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,212 @@
+//! The [`WsService`]: routing, the `Origin` check and the handshake.
+//!
+//! A request to the configured path is answered by the layer itself:
+//!
+//! | request | response |
+//! |---|---|
+//! | a WebSocket handshake that passes every check | `101 Switching Protocols`; the connection is served in a task of its own |
+//! | not a WebSocket handshake (not `GET`, no `Connection: upgrade` or `Upgrade: websocket`) | `426 Upgrade Required` |
+//! | `Sec-WebSocket-Version` other than 13 | `426 Upgrade Required` with `Sec-WebSocket-Version: 13` |
+//! | no `Sec-WebSocket-Key` | `400 Bad Request` |
+//! | after shutdown began | `503 Service Unavailable` |
+//! | an `Origin` the policy refuses | `403 Forbidden` |
+//!
+//! Every other request goes to the inner service untouched.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode, Version};
+use pin_project_lite::pin_project;
+use tower::Service;
+
+use crate::body::WsBody;
+use crate::connection::{self, Peer};
+use crate::layer::Shared;
+
+/// The service a [`WsLayer`](crate::WsLayer) makes around an inner service.
+pub struct WsService<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S> WsService<S> {
+    pub(crate) fn new(inner: S, shared: Arc<Shared>) -> Self {
+        Self { inner, shared }
+    }
+}
+
+impl<S: Clone> Clone for WsService<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for WsService<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WsService")
+            .field("inner", &self.inner)
+            .field("path", &self.shared.config.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for WsService<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+{
+    type Response = Response<WsBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future, ResBody>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        if req.uri().path() != self.shared.config.path {
+            return ResponseFuture {
+                kind: Kind::Inner {
+                    future: self.inner.call(req),
+                },
+            };
+        }
+        ResponseFuture {
+            kind: Kind::Ready {
+                response: Some(handshake(&self.shared, req)),
+            },
+        }
+    }
+}
+
+pin_project! {
+    /// The future of a [`WsService`]'s response.
+    pub struct ResponseFuture<F, B> {
+        #[pin]
+        kind: Kind<F, B>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<F, B> {
+        Inner { #[pin] future: F },
+        Ready { response: Option<Response<WsBody<B>>> },
+    }
+}
+
+impl<F, B, E> Future for ResponseFuture<F, B>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<WsBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().kind.project() {
+            KindProj::Inner { future } => future.poll(cx).map_ok(|r| r.map(WsBody::inner)),
+            KindProj::Ready { response } => {
+                Poll::Ready(Ok(response.take().expect("ResponseFuture polled after completion")))
+            }
+        }
+    }
+}
+
+impl<F, B> fmt::Debug for ResponseFuture<F, B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+/// Answers a request to the WebSocket path.
+fn handshake<B, ResBody>(shared: &Arc<Shared>, mut req: Request<B>) -> Response<WsBody<ResBody>> {
+    let headers = req.headers();
+    if req.method() != Method::GET
+        || req.version() < Version::HTTP_11
+        || !has_token(headers, header::CONNECTION, "upgrade")
+        || !has_token(headers, header::UPGRADE, "websocket")
+    {
+        return reject(
+            StatusCode::UPGRADE_REQUIRED,
+            "this endpoint only accepts WebSocket connections\n",
+        );
+    }
+    if headers.get(header::SEC_WEBSOCKET_VERSION).map(HeaderValue::as_bytes) != Some(b"13") {
+        return reject(StatusCode::UPGRADE_REQUIRED, "unsupported WebSocket version; use 13\n");
+    }
+    if !headers.contains_key(header::SEC_WEBSOCKET_KEY) {
+        return reject(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key\n");
+    }
+    if !shared.hub.is_accepting() {
+        return reject(StatusCode::SERVICE_UNAVAILABLE, "server is shutting down\n");
+    }
+    let origin = text(headers, header::ORIGIN);
+    let host = text(headers, header::HOST).or_else(|| req.uri().authority().map(|a| a.to_string()));
+    if !shared.config.origins.allows(origin.as_deref(), host.as_deref()) {
+        tracing::warn!(origin = origin.as_deref(), host = host.as_deref(), "websocket_origin_rejected");
+        return reject(StatusCode::FORBIDDEN, "origin not allowed\n");
+    }
+    if tokio::runtime::Handle::try_current().is_err() {
+        tracing::error!("websocket_upgrade_failed: the layer must run inside a Tokio runtime");
+        return reject(StatusCode::INTERNAL_SERVER_ERROR, "server misconfigured\n");
+    }
+    let peer = Peer {
+        origin,
+        user_agent: text(req.headers(), header::USER_AGENT),
+    };
+    let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
+        Ok(parts) => parts,
+        Err(_) => return reject(StatusCode::BAD_REQUEST, "invalid WebSocket handshake\n"),
+    };
+    let task = shared.tasks.start();
+    tokio::spawn(connection::serve(shared.clone(), upgrade, peer, task));
+    response.map(|_| WsBody::own(bytes::Bytes::new()))
+}
+
+fn reject<B>(status: StatusCode, body: &'static str) -> Response<WsBody<B>> {
+    let mut response = Response::new(WsBody::own(body));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    if status == StatusCode::UPGRADE_REQUIRED {
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        headers.insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+    }
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+    }
+    response
+}
+
+/// Whether a comma-separated header lists `token` (case-insensitive).
+fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+fn text(headers: &HeaderMap, name: header::HeaderName) -> Option<String> {
+    headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_found_in_lists() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, Upgrade"));
+        assert!(has_token(&h, header::CONNECTION, "upgrade"));
+        assert!(!has_token(&h, header::UPGRADE, "websocket"));
+    }
+}

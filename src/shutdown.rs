@@ -1,0 +1,114 @@
+//! Graceful shutdown: close every connection with 1001 after flushing what
+//! it has queued, and resolve once every connection task has ended.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+use crate::frame::{self, close_code};
+use crate::hub::Hub;
+use crate::stats::Counters;
+
+/// What [`Publisher::shutdown`](crate::Publisher::shutdown) did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct ShutdownSummary {
+    /// Connections open when shutdown began.
+    pub connections: usize,
+    /// Connections that were still open when the grace period ran out and
+    /// were cut off without finishing their close handshake.
+    pub terminated: usize,
+}
+
+/// Counts connection tasks (from the accepted handshake to the end of
+/// cleanup) so shutdown can wait for all of them.
+#[derive(Debug, Default)]
+pub(crate) struct Tasks {
+    live: AtomicUsize,
+    idle: Notify,
+}
+
+/// Held by one connection task; the task is counted until it is dropped.
+pub(crate) struct TaskGuard(Arc<Tasks>);
+
+impl Tasks {
+    pub(crate) fn start(self: &Arc<Self>) -> TaskGuard {
+        self.live.fetch_add(1, Ordering::SeqCst);
+        TaskGuard(self.clone())
+    }
+
+    /// Resolves once no task is live.
+    pub(crate) async fn idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.live.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        if self.0.live.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// Closes every connection and waits for their tasks (see
+/// [`Publisher::shutdown`](crate::Publisher::shutdown)).
+pub(crate) async fn shutdown(hub: &Hub, tasks: &Tasks, grace: Duration) -> ShutdownSummary {
+    let open = hub.stop_accepting();
+    let close = frame::close(close_code::GOING_AWAY, "server shutting down");
+    for outbox in &open {
+        outbox.close(Some(close.clone()), true);
+    }
+    let mut terminated = 0;
+    if tokio::time::timeout(grace, tasks.idle()).await.is_err() {
+        for outbox in hub.connections() {
+            Counters::add(&hub.counters.messages_dropped, outbox.kill());
+            terminated += 1;
+        }
+        // Killed writers stop at once; what is left is cleanup, and handshakes
+        // that hyper has not finished (they end on their own, refused).
+        let _ = tokio::time::timeout(Duration::from_secs(1), tasks.idle()).await;
+    }
+    let summary = ShutdownSummary {
+        connections: open.len(),
+        terminated,
+    };
+    tracing::info!(
+        closed_connections = summary.connections,
+        terminated = summary.terminated,
+        "websocket_shutdown"
+    );
+    summary
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_waits_for_every_guard() {
+        let tasks = Arc::new(Tasks::default());
+        tasks.idle().await;
+        let a = tasks.start();
+        let b = tasks.start();
+        let waiter = tokio::spawn({
+            let tasks = tasks.clone();
+            async move { tasks.idle().await }
+        });
+        drop(a);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(!waiter.is_finished());
+        drop(b);
+        waiter.await.unwrap();
+    }
+}

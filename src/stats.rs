@@ -1,0 +1,76 @@
+//! Counters of the layer's activity, and the snapshot [`Publisher::stats`]
+//! returns.
+//!
+//! [`Publisher::stats`]: crate::Publisher::stats
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// A snapshot of the layer's gauges and counters.
+///
+/// Gauges (`connections`, `topics`, `subscriptions`) are current values;
+/// the rest count since the layer was built. Each field is read on its own,
+/// so a snapshot taken while clients come and go may mix instants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Upgraded connections now open.
+    pub connections: u64,
+    /// Topics with at least one subscriber.
+    pub topics: u64,
+    /// Subscriptions over all connections.
+    pub subscriptions: u64,
+    /// Messages written to client sockets.
+    pub messages_sent: u64,
+    /// Messages meant for a client that it never got: discarded from the
+    /// queue of a connection that closed or fell behind, or refused because
+    /// the connection was already closing.
+    pub messages_dropped: u64,
+    /// Connections closed with 1013 because their outbound queue was full.
+    pub slow_clients_closed: u64,
+    /// Connections terminated because nothing arrived within the heartbeat
+    /// timeout.
+    pub heartbeat_timeouts: u64,
+    /// `action_clicked` and `ui_state_changed` messages the application
+    /// could not take (each one answered with an `event_dropped` error).
+    pub events_dropped: u64,
+}
+
+/// The live counters behind [`Stats`].
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) connections: AtomicU64,
+    pub(crate) topics: AtomicU64,
+    pub(crate) subscriptions: AtomicU64,
+    pub(crate) messages_sent: AtomicU64,
+    pub(crate) messages_dropped: AtomicU64,
+    pub(crate) slow_clients_closed: AtomicU64,
+    pub(crate) heartbeat_timeouts: AtomicU64,
+    pub(crate) events_dropped: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn add(counter: &AtomicU64, n: usize) {
+        if n > 0 {
+            counter.fetch_add(n as u64, Relaxed);
+        }
+    }
+
+    pub(crate) fn sub(counter: &AtomicU64, n: usize) {
+        if n > 0 {
+            counter.fetch_sub(n as u64, Relaxed);
+        }
+    }
+
+    pub(crate) fn snapshot(&self) -> Stats {
+        Stats {
+            connections: self.connections.load(Relaxed),
+            topics: self.topics.load(Relaxed),
+            subscriptions: self.subscriptions.load(Relaxed),
+            messages_sent: self.messages_sent.load(Relaxed),
+            messages_dropped: self.messages_dropped.load(Relaxed),
+            slow_clients_closed: self.slow_clients_closed.load(Relaxed),
+            heartbeat_timeouts: self.heartbeat_timeouts.load(Relaxed),
+            events_dropped: self.events_dropped.load(Relaxed),
+        }
+    }
+}
