@@ -91,7 +91,8 @@ pub(crate) async fn serve(
     // Frames are written by `write_loop`, not by fastwebsockets, so that
     // every subscriber sends the same prebuilt bytes; its write half gets a
     // sink it never uses (auto-close and auto-pong are off).
-    let (mut reader, _) = fastwebsockets::after_handshake_split(read_half, tokio::io::sink(), Role::Server);
+    let (mut reader, _) =
+        fastwebsockets::after_handshake_split(read_half, tokio::io::sink(), Role::Server);
     reader.set_auto_close(false);
     reader.set_auto_pong(false);
     reader.set_max_message_size(shared.config.max_message_size.saturating_add(1));
@@ -226,7 +227,7 @@ impl Conn<'_> {
                             if read_end.is_none() {
                                 // We began the close: give the client a
                                 // moment to answer before dropping the socket.
-                                let _ = tokio::time::timeout(CLOSE_TIMEOUT, &mut read).await;
+                                self.await_peer_close(read.as_mut()).await;
                             }
                             Reason::ServerClosed(code.unwrap_or(close_code::NORMAL))
                         }
@@ -240,6 +241,27 @@ impl Conn<'_> {
                         WriteEnd::CloseTimeout => Reason::CloseTimeout,
                     };
                     return read_end.unwrap_or(reason);
+                }
+            }
+        }
+    }
+
+    /// Waits for the reader to end (the client's Close, or the socket
+    /// closing), at most [`CLOSE_TIMEOUT`] and not past a kill.
+    async fn await_peer_close(
+        &self,
+        mut read: std::pin::Pin<&mut impl std::future::Future<Output = ReadEnd>>,
+    ) {
+        let deadline = tokio::time::sleep(CLOSE_TIMEOUT);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                _ = &mut read => return,
+                _ = &mut deadline => return,
+                _ = self.outbox.woken() => {
+                    if self.outbox.status() == Status::Killed {
+                        return;
+                    }
                 }
             }
         }
@@ -278,7 +300,10 @@ impl Conn<'_> {
             match frame.opcode {
                 OpCode::Text | OpCode::Binary => {
                     if partial.is_some() {
-                        return violation(close_code::PROTOCOL_ERROR, "expected a continuation frame");
+                        return violation(
+                            close_code::PROTOCOL_ERROR,
+                            "expected a continuation frame",
+                        );
                     }
                     let is_text = frame.opcode == OpCode::Text;
                     if frame.fin {
@@ -291,7 +316,10 @@ impl Conn<'_> {
                 }
                 OpCode::Continuation => {
                     let Some((_, buf)) = partial.as_mut() else {
-                        return violation(close_code::PROTOCOL_ERROR, "unexpected continuation frame");
+                        return violation(
+                            close_code::PROTOCOL_ERROR,
+                            "unexpected continuation frame",
+                        );
                     };
                     // fastwebsockets limits each frame; the limit is on the
                     // whole message.
@@ -338,12 +366,18 @@ impl Conn<'_> {
             return Ok(());
         }
         if std::str::from_utf8(payload).is_err() {
-            return Err(violation(close_code::INVALID_PAYLOAD, "text is not valid UTF-8"));
+            return Err(violation(
+                close_code::INVALID_PAYLOAD,
+                "text is not valid UTF-8",
+            ));
         }
         let message = match protocol::parse_client_message(payload) {
             Ok(message) => message,
             Err(invalid) => {
-                let request_id = invalid.request_id.as_deref().unwrap_or(protocol::UNKNOWN_REQUEST_ID);
+                let request_id = invalid
+                    .request_id
+                    .as_deref()
+                    .unwrap_or(protocol::UNKNOWN_REQUEST_ID);
                 self.send_error(request_id, error_code::INVALID_MESSAGE, &invalid.message);
                 return Ok(());
             }
@@ -385,8 +419,12 @@ impl Conn<'_> {
         };
         if let Err(e) = self.shared.events.try_send(event) {
             let (event, why) = match e {
-                tokio::sync::mpsc::error::TrySendError::Full(event) => (event, "the server is busy; event not taken"),
-                tokio::sync::mpsc::error::TrySendError::Closed(event) => (event, "the server does not take events"),
+                tokio::sync::mpsc::error::TrySendError::Full(event) => {
+                    (event, "the server is busy; event not taken")
+                }
+                tokio::sync::mpsc::error::TrySendError::Closed(event) => {
+                    (event, "the server does not take events")
+                }
             };
             Counters::add(&self.shared.hub.counters.events_dropped, 1);
             let request_id = match &event.kind {
@@ -487,16 +525,22 @@ fn violation(code: u16, reason: &'static str) -> ReadEnd {
 
 fn read_error(e: WebSocketError) -> ReadEnd {
     match e {
-        WebSocketError::UnexpectedEOF | WebSocketError::IoError(_) | WebSocketError::ConnectionClosed => {
-            ReadEnd::Gone
+        WebSocketError::UnexpectedEOF
+        | WebSocketError::IoError(_)
+        | WebSocketError::ConnectionClosed => ReadEnd::Gone,
+        WebSocketError::InvalidUTF8 => {
+            violation(close_code::INVALID_PAYLOAD, "text is not valid UTF-8")
         }
-        WebSocketError::InvalidUTF8 => violation(close_code::INVALID_PAYLOAD, "text is not valid UTF-8"),
         WebSocketError::FrameTooLarge => violation(close_code::MESSAGE_TOO_BIG, "message too big"),
-        WebSocketError::ReservedBitsNotZero => violation(close_code::PROTOCOL_ERROR, "reserved bits set"),
+        WebSocketError::ReservedBitsNotZero => {
+            violation(close_code::PROTOCOL_ERROR, "reserved bits set")
+        }
         WebSocketError::ControlFrameFragmented => {
             violation(close_code::PROTOCOL_ERROR, "fragmented control frame")
         }
-        WebSocketError::PingFrameTooLarge => violation(close_code::PROTOCOL_ERROR, "control frame too long"),
+        WebSocketError::PingFrameTooLarge => {
+            violation(close_code::PROTOCOL_ERROR, "control frame too long")
+        }
         WebSocketError::InvalidValue => violation(close_code::PROTOCOL_ERROR, "unknown opcode"),
         _ => violation(close_code::PROTOCOL_ERROR, "invalid frame"),
     }
@@ -509,14 +553,22 @@ fn close_reply(payload: &[u8]) -> ReadEnd {
             code: None,
             reply: frame::close_empty(),
         },
-        1 => violation(close_code::PROTOCOL_ERROR, "close frame with a 1-byte payload"),
-        n if n > MAX_CONTROL_PAYLOAD => violation(close_code::PROTOCOL_ERROR, "control frame too long"),
+        1 => violation(
+            close_code::PROTOCOL_ERROR,
+            "close frame with a 1-byte payload",
+        ),
+        n if n > MAX_CONTROL_PAYLOAD => {
+            violation(close_code::PROTOCOL_ERROR, "control frame too long")
+        }
         _ => {
             let code = u16::from_be_bytes([payload[0], payload[1]]);
             if !close_code::may_be_sent(code) {
                 violation(close_code::PROTOCOL_ERROR, "invalid close code")
             } else if std::str::from_utf8(&payload[2..]).is_err() {
-                violation(close_code::INVALID_PAYLOAD, "close reason is not valid UTF-8")
+                violation(
+                    close_code::INVALID_PAYLOAD,
+                    "close reason is not valid UTF-8",
+                )
             } else {
                 ReadEnd::ClientClosed {
                     code: Some(code),
@@ -534,7 +586,10 @@ fn close_code_of(frame: &Bytes) -> Option<u16> {
 
 /// Writes every frame of `batch` with as few system calls as it can, then
 /// empties it.
-async fn write_all<W: AsyncWrite + Unpin>(io: &mut W, batch: &mut Vec<Bytes>) -> std::io::Result<()> {
+async fn write_all<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    batch: &mut Vec<Bytes>,
+) -> std::io::Result<()> {
     const MAX_SLICES: usize = 64;
     let mut first = 0;
     while first < batch.len() {
@@ -570,11 +625,26 @@ mod tests {
 
     #[test]
     fn close_frames_are_answered_per_rfc() {
-        assert!(matches!(close_reply(&[]), ReadEnd::ClientClosed { code: None, .. }));
-        assert!(matches!(close_reply(&[3]), ReadEnd::Violation { code: 1002, .. }));
-        assert!(matches!(close_reply(&[0x03, 0xEC]), ReadEnd::Violation { code: 1002, .. })); // 1004
-        assert!(matches!(close_reply(&[0x03, 0xE8, 0xFF]), ReadEnd::Violation { code: 1007, .. }));
-        assert!(matches!(close_reply(&[0x03, 0xE8].repeat(63)), ReadEnd::Violation { code: 1002, .. }));
+        assert!(matches!(
+            close_reply(&[]),
+            ReadEnd::ClientClosed { code: None, .. }
+        ));
+        assert!(matches!(
+            close_reply(&[3]),
+            ReadEnd::Violation { code: 1002, .. }
+        ));
+        assert!(matches!(
+            close_reply(&[0x03, 0xEC]),
+            ReadEnd::Violation { code: 1002, .. }
+        )); // 1004
+        assert!(matches!(
+            close_reply(&[0x03, 0xE8, 0xFF]),
+            ReadEnd::Violation { code: 1007, .. }
+        ));
+        assert!(matches!(
+            close_reply(&[0x03, 0xE8].repeat(63)),
+            ReadEnd::Violation { code: 1002, .. }
+        ));
         match close_reply(b"\x03\xe8bye") {
             ReadEnd::ClientClosed { code, reply } => {
                 assert_eq!(code, Some(1000));
@@ -592,7 +662,9 @@ mod tests {
         let mut batch = frames.clone();
         let reading = tokio::spawn(async move {
             let mut out = vec![0; 100];
-            tokio::io::AsyncReadExt::read_exact(&mut b, &mut out).await.unwrap();
+            tokio::io::AsyncReadExt::read_exact(&mut b, &mut out)
+                .await
+                .unwrap();
             out
         });
         write_all(&mut a, &mut batch).await.unwrap();

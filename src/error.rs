@@ -24,7 +24,10 @@ impl fmt::Display for BuildError {
         match self {
             Self::InvalidPath(path) => write!(f, "path {path:?} does not start with '/'"),
             Self::InvalidOrigin(origin) => {
-                write!(f, "allowed origin {origin:?} is not of the form scheme://host[:port]")
+                write!(
+                    f,
+                    "allowed origin {origin:?} is not of the form scheme://host[:port]"
+                )
             }
             Self::WildcardOrigin => {
                 f.write_str("\"*\" is not an origin; call allow_any_origin() to allow every origin")
@@ -93,6 +96,8 @@ mod tests {
         let e = PublishError::serialize(serde_json::from_str::<u8>("x").unwrap_err());
         assert!(e.to_string().starts_with("message"));
         assert!(e.source().is_some());
-        assert!(BuildError::Zero("heartbeat").to_string().starts_with("heartbeat"));
+        assert!(BuildError::Zero("heartbeat")
+            .to_string()
+            .starts_with("heartbeat"));
     }
 }

@@ -131,7 +131,13 @@ mod tests {
 
     #[test]
     fn json_frames_use_the_shortest_length_encoding() {
-        for (len, header_len) in [(0usize, 2usize), (125, 2), (126, 4), (65_535, 4), (65_536, 10)] {
+        for (len, header_len) in [
+            (0usize, 2usize),
+            (125, 2),
+            (126, 4),
+            (65_535, 4),
+            (65_536, 10),
+        ] {
             // A JSON string of `len` bytes including its two quotes.
             let text = "x".repeat(len.saturating_sub(2));
             let frame = json_text(&text).unwrap();

@@ -221,7 +221,10 @@ mod tests {
         hub.deregister(a.client_id());
         hub.deregister(b.client_id());
         let stats = hub.counters.snapshot();
-        assert_eq!((stats.connections, stats.topics, stats.subscriptions), (0, 0, 0));
+        assert_eq!(
+            (stats.connections, stats.topics, stats.subscriptions),
+            (0, 0, 0)
+        );
     }
 
     #[test]

@@ -124,7 +124,8 @@ impl WsLayerBuilder {
         I: IntoIterator<Item = O>,
         O: Into<String>,
     {
-        self.allowed_origins.extend(origins.into_iter().map(Into::into));
+        self.allowed_origins
+            .extend(origins.into_iter().map(Into::into));
         self
     }
 
@@ -198,13 +199,19 @@ impl WsLayerBuilder {
                     return Err(BuildError::WildcardOrigin);
                 }
                 let value = origin.trim().trim_end_matches('/');
-                parsed.push(Origin::parse(value).ok_or_else(|| BuildError::InvalidOrigin(origin.clone()))?);
+                parsed.push(
+                    Origin::parse(value)
+                        .ok_or_else(|| BuildError::InvalidOrigin(origin.clone()))?,
+                );
             }
             OriginPolicy::Allowlist(parsed)
         };
         for (what, zero) in [
             ("heartbeat interval", self.heartbeat_interval.is_zero()),
-            ("heartbeat timeout", self.heartbeat_timeout.is_some_and(|t| t.is_zero())),
+            (
+                "heartbeat timeout",
+                self.heartbeat_timeout.is_some_and(|t| t.is_zero()),
+            ),
             ("max queued bytes", self.max_queued_bytes == 0),
             ("max message size", self.max_message_size == 0),
             ("event capacity", self.event_capacity == 0),
@@ -217,7 +224,9 @@ impl WsLayerBuilder {
             path: self.path,
             origins,
             heartbeat_interval: self.heartbeat_interval,
-            heartbeat_timeout: self.heartbeat_timeout.unwrap_or(self.heartbeat_interval * 2),
+            heartbeat_timeout: self
+                .heartbeat_timeout
+                .unwrap_or(self.heartbeat_interval * 2),
             max_queued_bytes: self.max_queued_bytes,
             max_message_size: self.max_message_size,
         };
@@ -229,7 +238,12 @@ impl WsLayerBuilder {
             events,
             receiver: Mutex::new(Some(receiver)),
         });
-        Ok((WsLayer { shared: shared.clone() }, Publisher::new(shared)))
+        Ok((
+            WsLayer {
+                shared: shared.clone(),
+            },
+            Publisher::new(shared),
+        ))
     }
 }
 
@@ -265,15 +279,24 @@ mod tests {
             BuildError::InvalidPath("ws".into())
         );
         assert_eq!(
-            WsLayer::builder().allowed_origins(["*"]).build().unwrap_err(),
+            WsLayer::builder()
+                .allowed_origins(["*"])
+                .build()
+                .unwrap_err(),
             BuildError::WildcardOrigin
         );
         assert_eq!(
-            WsLayer::builder().allowed_origins(["app.example.com"]).build().unwrap_err(),
+            WsLayer::builder()
+                .allowed_origins(["app.example.com"])
+                .build()
+                .unwrap_err(),
             BuildError::InvalidOrigin("app.example.com".into())
         );
         assert_eq!(
-            WsLayer::builder().heartbeat(Duration::ZERO).build().unwrap_err(),
+            WsLayer::builder()
+                .heartbeat(Duration::ZERO)
+                .build()
+                .unwrap_err(),
             BuildError::Zero("heartbeat interval")
         );
         assert!(WsLayer::builder()
@@ -284,7 +307,13 @@ mod tests {
 
     #[test]
     fn heartbeat_timeout_defaults_to_two_intervals() {
-        let (layer, _) = WsLayer::builder().heartbeat(Duration::from_secs(5)).build().unwrap();
-        assert_eq!(layer.shared.config.heartbeat_timeout, Duration::from_secs(10));
+        let (layer, _) = WsLayer::builder()
+            .heartbeat(Duration::from_secs(5))
+            .build()
+            .unwrap();
+        assert_eq!(
+            layer.shared.config.heartbeat_timeout,
+            Duration::from_secs(10)
+        );
     }
 }

@@ -84,8 +84,8 @@ pub use error::{BuildError, PublishError, SerializeError};
 pub use events::{ClientEvent, ClientEventKind, ClientEvents};
 pub use frame::close_code;
 pub use layer::{
-    WsLayer, WsLayerBuilder, DEFAULT_EVENT_CAPACITY, DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_MAX_MESSAGE_SIZE,
-    DEFAULT_MAX_QUEUED_BYTES, DEFAULT_PATH,
+    WsLayer, WsLayerBuilder, DEFAULT_EVENT_CAPACITY, DEFAULT_HEARTBEAT_INTERVAL,
+    DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_MAX_QUEUED_BYTES, DEFAULT_PATH,
 };
 pub use publisher::Publisher;
 pub use service::{ResponseFuture, WsService};

@@ -45,7 +45,9 @@ impl Origin {
     /// Whether this origin names the host the request was sent to.
     fn is_same_origin(&self, host_header: &str) -> bool {
         match split_host_port(host_header) {
-            Some((host, port)) => host == self.host && port.unwrap_or(self.default_port()) == self.port,
+            Some((host, port)) => {
+                host == self.host && port.unwrap_or(self.default_port()) == self.port
+            }
             None => false,
         }
     }
@@ -172,7 +174,17 @@ mod tests {
 
     #[test]
     fn malformed_origins_do_not_parse() {
-        for bad in ["", "null", "example.com", "ftp://x", "http://", "http://a/b", "http://u@h", "http://h:99999", "http://a:b:c"] {
+        for bad in [
+            "",
+            "null",
+            "example.com",
+            "ftp://x",
+            "http://",
+            "http://a/b",
+            "http://u@h",
+            "http://h:99999",
+            "http://a:b:c",
+        ] {
             assert!(Origin::parse(bad).is_none(), "{bad}");
         }
     }

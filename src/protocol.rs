@@ -220,7 +220,9 @@ mod tests {
             br#"{"type":"ui_state_changed","requestId":"r","state":{"zoom":14}}"#,
         )
         .unwrap();
-        assert!(matches!(m, ClientMessage::UiStateChanged { state, .. } if state == json!({"zoom":14})));
+        assert!(
+            matches!(m, ClientMessage::UiStateChanged { state, .. } if state == json!({"zoom":14}))
+        );
     }
 
     #[test]
@@ -261,9 +263,10 @@ mod tests {
             serde_json::to_value(&m).unwrap(),
             json!({"type":"recommendation","requestId":"r","actions":[{"id":"call","type":"CALL","label":"Call"}]})
         );
-        let back: ServerMessage<'static> =
-            serde_json::from_value(json!({"type":"error","requestId":"r","error":"timeout","message":"m"}))
-                .unwrap();
+        let back: ServerMessage<'static> = serde_json::from_value(
+            json!({"type":"error","requestId":"r","error":"timeout","message":"m"}),
+        )
+        .unwrap();
         assert!(matches!(back, ServerMessage::Error { .. }));
     }
 }

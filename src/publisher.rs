@@ -59,7 +59,11 @@ impl Publisher {
     ///
     /// [`PublishError::Serialize`] if `message` cannot be serialized as
     /// JSON; nothing is sent then.
-    pub fn publish<T: Serialize + ?Sized>(&self, topic: &str, message: &T) -> Result<usize, PublishError> {
+    pub fn publish<T: Serialize + ?Sized>(
+        &self,
+        topic: &str,
+        message: &T,
+    ) -> Result<usize, PublishError> {
         let frame = frame::json_text(message).map_err(PublishError::serialize)?;
         Ok(self.publish_frame(topic, &frame))
     }
@@ -127,7 +131,11 @@ impl Publisher {
     /// # Errors
     ///
     /// [`PublishError::Serialize`] if `message` cannot be serialized.
-    pub fn send_to<T: Serialize + ?Sized>(&self, client: ClientId, message: &T) -> Result<bool, PublishError> {
+    pub fn send_to<T: Serialize + ?Sized>(
+        &self,
+        client: ClientId,
+        message: &T,
+    ) -> Result<bool, PublishError> {
         let frame = frame::json_text(message).map_err(PublishError::serialize)?;
         Ok(self.shared.hub.send_to(client, frame))
     }
@@ -189,7 +197,11 @@ impl Publisher {
 
     fn publish_frame(&self, topic: &str, frame: &Bytes) -> usize {
         let queued = self.shared.hub.publish(topic, frame);
-        tracing::debug!(request_id = topic, subscriber_count = queued, "websocket_message_sent");
+        tracing::debug!(
+            request_id = topic,
+            subscriber_count = queued,
+            "websocket_message_sent"
+        );
         queued
     }
 }

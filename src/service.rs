@@ -111,9 +111,9 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
             KindProj::Inner { future } => future.poll(cx).map_ok(|r| r.map(WsBody::inner)),
-            KindProj::Ready { response } => {
-                Poll::Ready(Ok(response.take().expect("ResponseFuture polled after completion")))
-            }
+            KindProj::Ready { response } => Poll::Ready(Ok(response
+                .take()
+                .expect("ResponseFuture polled after completion"))),
         }
     }
 }
@@ -137,8 +137,15 @@ fn handshake<B, ResBody>(shared: &Arc<Shared>, mut req: Request<B>) -> Response<
             "this endpoint only accepts WebSocket connections\n",
         );
     }
-    if headers.get(header::SEC_WEBSOCKET_VERSION).map(HeaderValue::as_bytes) != Some(b"13") {
-        return reject(StatusCode::UPGRADE_REQUIRED, "unsupported WebSocket version; use 13\n");
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(HeaderValue::as_bytes)
+        != Some(b"13")
+    {
+        return reject(
+            StatusCode::UPGRADE_REQUIRED,
+            "unsupported WebSocket version; use 13\n",
+        );
     }
     if !headers.contains_key(header::SEC_WEBSOCKET_KEY) {
         return reject(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key\n");
@@ -148,8 +155,16 @@ fn handshake<B, ResBody>(shared: &Arc<Shared>, mut req: Request<B>) -> Response<
     }
     let origin = text(headers, header::ORIGIN);
     let host = text(headers, header::HOST).or_else(|| req.uri().authority().map(|a| a.to_string()));
-    if !shared.config.origins.allows(origin.as_deref(), host.as_deref()) {
-        tracing::warn!(origin = origin.as_deref(), host = host.as_deref(), "websocket_origin_rejected");
+    if !shared
+        .config
+        .origins
+        .allows(origin.as_deref(), host.as_deref())
+    {
+        tracing::warn!(
+            origin = origin.as_deref(),
+            host = host.as_deref(),
+            "websocket_origin_rejected"
+        );
         return reject(StatusCode::FORBIDDEN, "origin not allowed\n");
     }
     if tokio::runtime::Handle::try_current().is_err() {
@@ -173,10 +188,16 @@ fn reject<B>(status: StatusCode, body: &'static str) -> Response<WsBody<B>> {
     let mut response = Response::new(WsBody::own(body));
     *response.status_mut() = status;
     let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     if status == StatusCode::UPGRADE_REQUIRED {
         headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        headers.insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+        headers.insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
     }
     if status == StatusCode::SERVICE_UNAVAILABLE {
         headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
@@ -195,7 +216,10 @@ fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool
 }
 
 fn text(headers: &HeaderMap, name: header::HeaderName) -> Option<String> {
-    headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
 }
 
 #[cfg(test)]
@@ -205,7 +229,10 @@ mod tests {
     #[test]
     fn tokens_are_found_in_lists() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, Upgrade"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, Upgrade"),
+        );
         assert!(has_token(&h, header::CONNECTION, "upgrade"));
         assert!(!has_token(&h, header::UPGRADE, "websocket"));
     }
