@@ -1,0 +1,154 @@
+//! The seed's flow as an axum app: a search starts an assistant job that
+//! streams its narration to the page over the WebSocket.
+//!
+//! ```text
+//! cargo run --example narration
+//! # then open http://127.0.0.1:3000
+//! ```
+//!
+//! `POST /api/search {"query":"…"}` answers `{"requestId":"req-…"}` and
+//! starts a simulated job publishing to that requestId: `status`
+//! (streaming), `stream.delta` chunks over about a second, `stream.done`,
+//! `recommendation`, `status` (done). `GET /` serves a page that posts a
+//! query, subscribes and renders the narration as it streams.
+//!
+//! Environment: `PORT` (default 3000), `WS_ALLOWED_ORIGINS` (comma-separated
+//! origins besides same-origin; `*` allows any), `RUST_LOG`.
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::response::Html;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use tower_http::trace::TraceLayer;
+use tower_ws::protocol::Action;
+use tower_ws::{ClientEventKind, Publisher, WsLayer};
+use tracing_subscriber::EnvFilter;
+
+/// How long a job waits for its first subscriber before giving up: until
+/// topics keep history, anything published before then would be lost.
+const SUBSCRIBER_WAIT: Duration = Duration::from_secs(10);
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+
+    let port: u16 = std::env::var("PORT").map_or(Ok(3000), |p| p.parse())?;
+    let mut builder = WsLayer::builder().heartbeat(Duration::from_secs(30));
+    if let Ok(origins) = std::env::var("WS_ALLOWED_ORIGINS") {
+        let origins: Vec<&str> = origins.split(',').map(str::trim).filter(|o| !o.is_empty()).collect();
+        builder = if origins.contains(&"*") {
+            builder.allow_any_origin()
+        } else {
+            builder.allowed_origins(origins)
+        };
+    }
+    let (ws, publisher) = builder.build()?;
+
+    let mut events = publisher.take_client_events().expect("taken once, here");
+    tokio::spawn(async move {
+        while let Some(event) = events.recv().await {
+            if let ClientEventKind::ActionClicked { request_id, action_id } = &event.kind {
+                tracing::info!(client_id = %event.client_id, %request_id, %action_id, "action clicked");
+            }
+        }
+    });
+
+    let app = Router::new()
+        .route("/", get(|| async { Html(include_str!("narration/index.html")) }))
+        .route("/api/search", post(search))
+        .with_state(publisher.clone())
+        .layer(ws)
+        .layer(TraceLayer::new_for_http());
+
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!("listening on http://{addr}");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = tokio::signal::ctrl_c().await;
+            // WebSockets first: axum's graceful shutdown does not wait for
+            // upgraded connections.
+            let summary = publisher.shutdown(Duration::from_secs(5)).await;
+            tracing::info!(?summary, "websockets closed");
+        })
+        .await?;
+    Ok(())
+}
+
+#[derive(Deserialize)]
+struct SearchRequest {
+    query: String,
+}
+
+#[derive(Serialize)]
+struct SearchResponse {
+    #[serde(rename = "requestId")]
+    request_id: String,
+}
+
+async fn search(State(publisher): State<Publisher>, Json(body): Json<SearchRequest>) -> Json<SearchResponse> {
+    let request_id = new_request_id();
+    tokio::spawn(assistant_job(publisher, request_id.clone(), body.query));
+    Json(SearchResponse { request_id })
+}
+
+/// A simulated assistant: narrates its answer word by word.
+async fn assistant_job(publisher: Publisher, request_id: String, query: String) {
+    let deadline = tokio::time::Instant::now() + SUBSCRIBER_WAIT;
+    while publisher.subscriber_count(&request_id) == 0 {
+        if tokio::time::Instant::now() > deadline {
+            tracing::warn!(%request_id, "nobody subscribed; job dropped");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    publisher.status(&request_id, "streaming");
+    let query = query.trim();
+    let full_text = format!(
+        "Found 10 great places for \"{query}\". The top pick is open now, has a 4.7 rating \
+         and is a 6 minute walk away. Want me to call them or get directions?"
+    );
+    let words: Vec<&str> = full_text.split_inclusive(' ').collect();
+    let pause = Duration::from_millis(1000 / words.len().max(1) as u64);
+    for word in &words {
+        publisher.stream_delta(&request_id, word);
+        tokio::time::sleep(pause).await;
+    }
+    publisher.stream_done(&request_id, &full_text);
+    publisher.recommendation(
+        &request_id,
+        &[
+            action("call", "CALL", "Call Restaurant", "📞"),
+            action("directions", "DIRECTIONS", "Get Directions", "📍"),
+        ],
+    );
+    publisher.status(&request_id, "done");
+}
+
+fn action(id: &str, kind: &str, label: &str, icon: &str) -> Action {
+    Action {
+        id: id.into(),
+        kind: kind.into(),
+        label: label.into(),
+        icon: Some(icon.into()),
+    }
+}
+
+/// `req-` and 128 random bits: a requestId is all a client needs to read a
+/// stream, so it must not be guessable.
+fn new_request_id() -> String {
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .expect("/dev/urandom is readable");
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!("req-{hex}")
+}
