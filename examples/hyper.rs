@@ -79,7 +79,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
 /// `POST /publish?topic=…&text=…` publishes a `stream.delta`; anything else
 /// is a 404.
-async fn handle(publisher: Publisher, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn handle(
+    publisher: Publisher,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     if req.method() == Method::POST && req.uri().path() == "/publish" {
         let query = req.uri().query().unwrap_or("");
         let param = |name: &str| {
@@ -90,7 +93,9 @@ async fn handle(publisher: Publisher, req: Request<Incoming>) -> Result<Response
                 .to_owned()
         };
         let queued = publisher.stream_delta(&param("topic"), &param("text"));
-        return Ok(Response::new(Full::new(Bytes::from(format!("queued for {queued}\n")))));
+        return Ok(Response::new(Full::new(Bytes::from(format!(
+            "queued for {queued}\n"
+        )))));
     }
     let mut not_found = Response::new(Full::new(Bytes::from_static(b"not found\n")));
     *not_found.status_mut() = StatusCode::NOT_FOUND;

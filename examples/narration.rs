@@ -42,7 +42,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let port: u16 = std::env::var("PORT").map_or(Ok(3000), |p| p.parse())?;
     let mut builder = WsLayer::builder().heartbeat(Duration::from_secs(30));
     if let Ok(origins) = std::env::var("WS_ALLOWED_ORIGINS") {
-        let origins: Vec<&str> = origins.split(',').map(str::trim).filter(|o| !o.is_empty()).collect();
+        let origins: Vec<&str> = origins
+            .split(',')
+            .map(str::trim)
+            .filter(|o| !o.is_empty())
+            .collect();
         builder = if origins.contains(&"*") {
             builder.allow_any_origin()
         } else {
@@ -54,14 +58,21 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut events = publisher.take_client_events().expect("taken once, here");
     tokio::spawn(async move {
         while let Some(event) = events.recv().await {
-            if let ClientEventKind::ActionClicked { request_id, action_id } = &event.kind {
+            if let ClientEventKind::ActionClicked {
+                request_id,
+                action_id,
+            } = &event.kind
+            {
                 tracing::info!(client_id = %event.client_id, %request_id, %action_id, "action clicked");
             }
         }
     });
 
     let app = Router::new()
-        .route("/", get(|| async { Html(include_str!("narration/index.html")) }))
+        .route(
+            "/",
+            get(|| async { Html(include_str!("narration/index.html")) }),
+        )
         .route("/api/search", post(search))
         .with_state(publisher.clone())
         .layer(ws)
@@ -93,7 +104,10 @@ struct SearchResponse {
     request_id: String,
 }
 
-async fn search(State(publisher): State<Publisher>, Json(body): Json<SearchRequest>) -> Json<SearchResponse> {
+async fn search(
+    State(publisher): State<Publisher>,
+    Json(body): Json<SearchRequest>,
+) -> Json<SearchResponse> {
     let request_id = new_request_id();
     tokio::spawn(assistant_job(publisher, request_id.clone(), body.query));
     Json(SearchResponse { request_id })
