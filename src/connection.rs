@@ -18,9 +18,7 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use fastwebsockets::{OpCode, Role, WebSocketError, WebSocketRead};
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::events::{ClientEvent, ClientEventKind};
@@ -30,8 +28,6 @@ use crate::outbox::{Outbox, Status, Take};
 use crate::protocol::{self, error_code, ClientMessage, ServerMessage};
 use crate::shutdown::TaskGuard;
 use crate::stats::Counters;
-
-type Io = TokioIo<Upgraded>;
 
 /// How long a closing connection may take to write its last frames and
 /// receive the peer's Close before the socket is dropped.
@@ -88,14 +84,7 @@ pub(crate) async fn serve(
         }
     };
     let (read_half, mut write_half) = tokio::io::split(io);
-    // Frames are written by `write_loop`, not by fastwebsockets, so that
-    // every subscriber sends the same prebuilt bytes; its write half gets a
-    // sink it never uses (auto-close and auto-pong are off).
-    let (mut reader, _) =
-        fastwebsockets::after_handshake_split(read_half, tokio::io::sink(), Role::Server);
-    reader.set_auto_close(false);
-    reader.set_auto_pong(false);
-    reader.set_max_message_size(shared.config.max_message_size.saturating_add(1));
+    let mut reader = frame_reader(read_half, shared.config.max_message_size);
 
     let client_id = ClientId::next();
     let outbox = Arc::new(Outbox::new(client_id, shared.config.max_queued_bytes));
@@ -129,6 +118,22 @@ pub(crate) async fn serve(
     Counters::add(&shared.hub.counters.messages_dropped, outbox.kill());
     shared.hub.deregister(client_id);
     tracing::info!(%client_id, %reason, "websocket_disconnected");
+}
+
+/// fastwebsockets' frame parser over the read half of a socket.
+///
+/// Frames are written by [`Conn::write_loop`], not by fastwebsockets, so
+/// that every subscriber sends the same prebuilt bytes: its write half gets
+/// a sink it never uses, with auto-close and auto-pong off.
+fn frame_reader<R: AsyncRead + Unpin>(read_half: R, max_message_size: usize) -> WebSocketRead<R> {
+    let (mut reader, _) =
+        fastwebsockets::after_handshake_split(read_half, tokio::io::sink(), Role::Server);
+    reader.set_auto_close(false);
+    reader.set_auto_pong(false);
+    // Its limit is per frame and exclusive; the message total is checked
+    // in `read_loop`.
+    reader.set_max_message_size(max_message_size.saturating_add(1));
+    reader
 }
 
 /// Why a connection ended, for the logs.
@@ -194,8 +199,8 @@ struct Conn<'a> {
 impl Conn<'_> {
     async fn run(
         &self,
-        reader: &mut WebSocketRead<ReadHalf<Io>>,
-        writer: &mut WriteHalf<Io>,
+        reader: &mut WebSocketRead<impl AsyncRead + Unpin>,
+        writer: &mut (impl AsyncWrite + Unpin),
         topics: &mut HashSet<Arc<str>>,
     ) -> Reason {
         let read = self.read_loop(reader, topics);
@@ -284,7 +289,7 @@ impl Conn<'_> {
 
     async fn read_loop(
         &self,
-        reader: &mut WebSocketRead<ReadHalf<Io>>,
+        reader: &mut WebSocketRead<impl AsyncRead + Unpin>,
         topics: &mut HashSet<Arc<str>>,
     ) -> ReadEnd {
         let max = self.shared.config.max_message_size;
@@ -447,7 +452,7 @@ impl Conn<'_> {
         }
     }
 
-    async fn write_loop(&self, io: &mut WriteHalf<Io>) -> WriteEnd {
+    async fn write_loop(&self, io: &mut (impl AsyncWrite + Unpin)) -> WriteEnd {
         let interval = self.shared.config.heartbeat_interval;
         let mut ticker = tokio::time::interval_at(Instant::now() + interval, interval);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -670,6 +675,85 @@ mod tests {
         write_all(&mut a, &mut batch).await.unwrap();
         assert!(batch.is_empty());
         assert_eq!(reading.await.unwrap(), expected);
+    }
+
+    /// Runs one connection over an in-memory pipe; returns why it ended and
+    /// what the client side received.
+    async fn run_against(
+        builder: crate::WsLayerBuilder,
+        client: impl FnOnce(tokio::io::DuplexStream) -> tokio::task::JoinHandle<Vec<u8>>,
+    ) -> (Reason, Vec<u8>) {
+        let (layer, _publisher) = builder.build().unwrap();
+        let shared = layer.shared.clone();
+        let (server_io, client_io) = tokio::io::duplex(1 << 16);
+        let client = client(client_io);
+        let (read_half, mut write_half) = tokio::io::split(server_io);
+        let mut reader = frame_reader(read_half, shared.config.max_message_size);
+        let outbox = Arc::new(Outbox::new(ClientId::next(), 1 << 20));
+        let conn = Conn {
+            shared: &shared,
+            outbox: &outbox,
+            epoch: Instant::now(),
+            last_seen_ms: AtomicU64::new(0),
+        };
+        let reason = conn
+            .run(&mut reader, &mut write_half, &mut HashSet::new())
+            .await;
+        drop((reader, write_half));
+        (reason, client.await.unwrap())
+    }
+
+    /// A client that reads everything and never writes.
+    fn silent(mut io: tokio::io::DuplexStream) -> tokio::task::JoinHandle<Vec<u8>> {
+        tokio::spawn(async move {
+            let mut got = Vec::new();
+            let _ = tokio::io::AsyncReadExt::read_to_end(&mut io, &mut got).await;
+            got
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_peer_is_pinged_then_terminated_at_the_timeout() {
+        let start = Instant::now();
+        let builder = crate::WsLayer::builder()
+            .heartbeat(Duration::from_secs(10))
+            .heartbeat_timeout(Duration::from_secs(25));
+        let (reason, received) = run_against(builder, silent).await;
+        assert_eq!(reason, Reason::HeartbeatTimeout);
+        // Checked at every tick: at 10 s and 20 s it pings; at 30 s the
+        // silence is past 25 s.
+        assert_eq!(start.elapsed(), Duration::from_secs(30));
+        assert_eq!(received, [0x89, 0, 0x89, 0]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_pongs_is_kept_until_it_closes() {
+        let builder = crate::WsLayer::builder()
+            .heartbeat(Duration::from_secs(10))
+            .heartbeat_timeout(Duration::from_secs(15));
+        let (reason, received) = run_against(builder, |mut io| {
+            tokio::spawn(async move {
+                use tokio::io::AsyncReadExt;
+                let mut got = Vec::new();
+                // Answer five pings with masked pongs, then close with 1000.
+                for _ in 0..5 {
+                    let mut ping = [0u8; 2];
+                    io.read_exact(&mut ping).await.unwrap();
+                    got.extend_from_slice(&ping);
+                    io.write_all(&[0x8A, 0x80, 1, 2, 3, 4]).await.unwrap();
+                }
+                io.write_all(&[0x88, 0x82, 0, 0, 0, 0, 0x03, 0xE8])
+                    .await
+                    .unwrap();
+                let _ = io.read_to_end(&mut got).await;
+                got
+            })
+        })
+        .await;
+        assert_eq!(reason, Reason::ClientClosed(Some(1000)));
+        let mut expected = [0x89, 0].repeat(5);
+        expected.extend_from_slice(&[0x88, 2, 0x03, 0xE8]);
+        assert_eq!(received, expected);
     }
 
     #[test]

@@ -34,7 +34,7 @@ pub const DEFAULT_EVENT_CAPACITY: usize = 1024;
 /// [`Publisher`] built with it.
 #[derive(Clone)]
 pub struct WsLayer {
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
 }
 
 impl WsLayer {
