@@ -23,7 +23,9 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::events::{ClientEvent, ClientEventKind};
 use crate::frame::{self, close_code, MAX_CONTROL_PAYLOAD};
+use crate::hub::Subscribed;
 use crate::layer::Shared;
+use crate::message::Message;
 use crate::outbox::{Outbox, Status, Take};
 use crate::protocol::{self, error_code, ClientMessage, ServerMessage};
 use crate::shutdown::TaskGuard;
@@ -87,7 +89,11 @@ pub(crate) async fn serve(
     let mut reader = frame_reader(read_half, shared.config.max_message_size);
 
     let client_id = ClientId::next();
-    let outbox = Arc::new(Outbox::new(client_id, shared.config.max_queued_bytes));
+    let outbox = Arc::new(Outbox::new(
+        client_id,
+        shared.config.max_queued_bytes,
+        shared.config.slow_client_policy,
+    ));
     if !shared.hub.register(outbox.clone()) {
         // Shutdown began while this client was upgrading.
         let close = frame::close(close_code::GOING_AWAY, "server shutting down");
@@ -390,11 +396,15 @@ impl Conn<'_> {
         let client_id = self.outbox.client_id();
         let hub = &self.shared.hub;
         match message {
-            ClientMessage::Subscribe { request_id } => {
-                let topic: Arc<str> = request_id.into();
-                if hub.subscribe(&topic, self.outbox) {
-                    tracing::info!(%client_id, request_id = %topic, "websocket_subscribed");
-                    topics.insert(topic);
+            ClientMessage::Subscribe { request_id, since } => {
+                let gap = |first_seq| protocol::history_gap(&request_id, first_seq);
+                if let Subscribed::New {
+                    replayed,
+                    gap_first_seq,
+                } = hub.subscribe(&request_id, self.outbox, since, gap)
+                {
+                    tracing::info!(%client_id, %request_id, since, replayed, gap_first_seq, "websocket_subscribed");
+                    topics.insert(request_id.into());
                 }
             }
             ClientMessage::Unsubscribe { request_id } => {
@@ -448,7 +458,7 @@ impl Conn<'_> {
             message: message.into(),
         };
         if let Ok(frame) = frame::json_text(&message) {
-            self.shared.hub.push(self.outbox, frame);
+            self.shared.hub.push(self.outbox, Message::plain(frame));
         }
     }
 
@@ -627,6 +637,7 @@ async fn write_all<W: AsyncWrite + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::outbox::SlowClientPolicy;
 
     #[test]
     fn close_frames_are_answered_per_rfc() {
@@ -689,7 +700,11 @@ mod tests {
         let client = client(client_io);
         let (read_half, mut write_half) = tokio::io::split(server_io);
         let mut reader = frame_reader(read_half, shared.config.max_message_size);
-        let outbox = Arc::new(Outbox::new(ClientId::next(), 1 << 20));
+        let outbox = Arc::new(Outbox::new(
+            ClientId::next(),
+            1 << 20,
+            SlowClientPolicy::Close,
+        ));
         let conn = Conn {
             shared: &shared,
             outbox: &outbox,

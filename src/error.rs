@@ -17,6 +17,9 @@ pub enum BuildError {
     WildcardOrigin,
     /// A duration or size that must be positive is zero.
     Zero(&'static str),
+    /// `history_bytes` is larger than `max_queued_bytes`: replaying a full
+    /// history would overflow a new subscriber's queue.
+    HistoryExceedsQueue,
 }
 
 impl fmt::Display for BuildError {
@@ -33,6 +36,9 @@ impl fmt::Display for BuildError {
                 f.write_str("\"*\" is not an origin; call allow_any_origin() to allow every origin")
             }
             Self::Zero(what) => write!(f, "{what} must be greater than zero"),
+            Self::HistoryExceedsQueue => {
+                f.write_str("history bytes must not exceed max queued bytes")
+            }
         }
     }
 }
@@ -46,12 +52,16 @@ pub enum PublishError {
     /// The message could not be serialized as JSON (for example a map with
     /// keys that are not strings).
     Serialize(SerializeError),
+    /// The message is not a JSON object. Topic messages must be objects:
+    /// each one gets a `"seq"` field.
+    NotAnObject,
 }
 
 impl fmt::Display for PublishError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Serialize(_) => f.write_str("message could not be serialized as JSON"),
+            Self::NotAnObject => f.write_str("message is not a JSON object"),
         }
     }
 }
@@ -60,6 +70,7 @@ impl Error for PublishError {
     fn source(&self) -> Option<&(dyn Error + 'static)> {
         match self {
             Self::Serialize(e) => Some(e),
+            Self::NotAnObject => None,
         }
     }
 }

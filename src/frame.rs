@@ -55,12 +55,19 @@ pub(crate) fn json_text<T: Serialize + ?Sized>(message: &T) -> Result<Bytes, ser
     let mut buf = Vec::with_capacity(128);
     buf.resize(MAX_HEADER, 0);
     serde_json::to_writer(&mut buf, message)?;
-    let payload_len = buf.len() - MAX_HEADER;
-    let mut header = [0u8; MAX_HEADER];
-    let header_len = write_header(&mut header, OP_TEXT, payload_len);
-    let start = MAX_HEADER - header_len;
-    buf[start..MAX_HEADER].copy_from_slice(&header[..header_len]);
+    let start = write_header_before(&mut buf, MAX_HEADER);
     Ok(Bytes::from(buf).slice(start..))
+}
+
+/// Writes the header of a final text frame whose payload is
+/// `buf[payload_start..]` into the bytes right before it; returns where
+/// the frame starts. `payload_start` must leave room for the header.
+pub(crate) fn write_header_before(buf: &mut [u8], payload_start: usize) -> usize {
+    let mut header = [0u8; MAX_HEADER];
+    let header_len = write_header(&mut header, OP_TEXT, buf.len() - payload_start);
+    let start = payload_start - header_len;
+    buf[start..payload_start].copy_from_slice(&header[..header_len]);
+    start
 }
 
 /// A Ping frame with an empty payload.
@@ -117,17 +124,19 @@ fn write_header(out: &mut [u8; MAX_HEADER], opcode: u8, payload_len: usize) -> u
     }
 }
 
+/// The payload of an unmasked frame, for tests.
+#[cfg(test)]
+pub(crate) fn payload_of(frame: &[u8]) -> &[u8] {
+    match frame[1] {
+        126 => &frame[4..],
+        127 => &frame[10..],
+        _ => &frame[2..],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn payload_of(frame: &[u8]) -> &[u8] {
-        match frame[1] {
-            126 => &frame[4..],
-            127 => &frame[10..],
-            _ => &frame[2..],
-        }
-    }
 
     #[test]
     fn json_frames_use_the_shortest_length_encoding() {

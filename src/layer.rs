@@ -1,7 +1,8 @@
 //! The builder and the [`WsLayer`] it makes.
 
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -11,8 +12,10 @@ use crate::error::BuildError;
 use crate::events::{ClientEvent, ClientEvents};
 use crate::hub::Hub;
 use crate::origin::{Origin, OriginPolicy};
+use crate::outbox::SlowClientPolicy;
 use crate::service::WsService;
 use crate::shutdown::Tasks;
+use crate::topic::HistoryLimits;
 use crate::Publisher;
 
 /// The default path, `/ws`.
@@ -25,6 +28,14 @@ pub const DEFAULT_MAX_QUEUED_BYTES: usize = 1 << 20;
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 64 << 10;
 /// The default capacity of the inbound event buffer, 1024 events.
 pub const DEFAULT_EVENT_CAPACITY: usize = 1024;
+/// The default number of messages a topic's history holds, 256.
+pub const DEFAULT_HISTORY_MESSAGES: usize = 256;
+/// The default number of bytes a topic's history holds, 256 KiB.
+pub const DEFAULT_HISTORY_BYTES: usize = 256 << 10;
+/// The default age past which history is dropped, 5 minutes.
+pub const DEFAULT_HISTORY_AGE: Duration = Duration::from_secs(300);
+/// The default time a finished stream's history is kept, 30 seconds.
+pub const DEFAULT_COMPLETED_GRACE: Duration = Duration::from_secs(30);
 
 /// A [`Layer`] that upgrades WebSocket requests on one path and passes
 /// every other request to the service it wraps.
@@ -85,6 +96,8 @@ pub struct WsLayerBuilder {
     max_queued_bytes: usize,
     max_message_size: usize,
     event_capacity: usize,
+    slow_client_policy: SlowClientPolicy,
+    history: HistoryLimits,
 }
 
 impl Default for WsLayerBuilder {
@@ -98,6 +111,13 @@ impl Default for WsLayerBuilder {
             max_queued_bytes: DEFAULT_MAX_QUEUED_BYTES,
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             event_capacity: DEFAULT_EVENT_CAPACITY,
+            slow_client_policy: SlowClientPolicy::default(),
+            history: HistoryLimits {
+                messages: DEFAULT_HISTORY_MESSAGES,
+                bytes: DEFAULT_HISTORY_BYTES,
+                age: DEFAULT_HISTORY_AGE,
+                completed_grace: DEFAULT_COMPLETED_GRACE,
+            },
         }
     }
 }
@@ -155,10 +175,12 @@ impl WsLayerBuilder {
         self
     }
 
-    /// The most bytes of messages queued for one connection. A publish
-    /// that would pass it closes that connection with 1013 (try again
-    /// later) and discards what was queued for it; publishers and other
-    /// connections never wait for it. A message always fits an empty queue.
+    /// The most bytes of messages queued for one connection. What happens
+    /// to a client whose queue is full is the
+    /// [`slow_client_policy`](Self::slow_client_policy)'s; publishers and
+    /// other connections never wait for it. A message always fits an empty
+    /// queue. Must be at least [`history_bytes`](Self::history_bytes), so
+    /// a full replay fits.
     ///
     /// Defaults to 1 MiB.
     pub fn max_queued_bytes(mut self, bytes: usize) -> Self {
@@ -182,6 +204,52 @@ impl WsLayerBuilder {
     /// Defaults to 1024.
     pub fn event_capacity(mut self, events: usize) -> Self {
         self.event_capacity = events;
+        self
+    }
+
+    /// What happens to a client that reads more slowly than messages are
+    /// published to it; see [`SlowClientPolicy`].
+    ///
+    /// Defaults to [`SlowClientPolicy::Coalesce`].
+    pub fn slow_client_policy(mut self, policy: SlowClientPolicy) -> Self {
+        self.slow_client_policy = policy;
+        self
+    }
+
+    /// The most messages a topic's history holds; the oldest go first. `0`
+    /// turns history off: then a message published while nobody is
+    /// subscribed is lost, and a topic is dropped with its last subscriber.
+    ///
+    /// Defaults to 256.
+    pub fn history_messages(mut self, messages: usize) -> Self {
+        self.history.messages = messages;
+        self
+    }
+
+    /// The most bytes (of frames) a topic's history holds; the oldest
+    /// messages go first.
+    ///
+    /// Defaults to 256 KiB.
+    pub fn history_bytes(mut self, bytes: usize) -> Self {
+        self.history.bytes = bytes;
+        self
+    }
+
+    /// How long a message stays in its topic's history.
+    ///
+    /// Defaults to 5 minutes.
+    pub fn history_age(mut self, age: Duration) -> Self {
+        self.history.age = age;
+        self
+    }
+
+    /// How long a finished stream's history is kept, from the `stream.done`
+    /// or `error` that finished it (or [`Publisher::complete`]), so a client
+    /// that subscribes late still gets the whole stream and its end.
+    ///
+    /// Defaults to 30 seconds.
+    pub fn completed_grace(mut self, grace: Duration) -> Self {
+        self.history.completed_grace = grace;
         self
     }
 
@@ -215,10 +283,14 @@ impl WsLayerBuilder {
             ("max queued bytes", self.max_queued_bytes == 0),
             ("max message size", self.max_message_size == 0),
             ("event capacity", self.event_capacity == 0),
+            ("history age", self.history.age.is_zero()),
         ] {
             if zero {
                 return Err(BuildError::Zero(what));
             }
+        }
+        if self.history.messages > 0 && self.history.bytes > self.max_queued_bytes {
+            return Err(BuildError::HistoryExceedsQueue);
         }
         let config = Config {
             path: self.path,
@@ -229,11 +301,15 @@ impl WsLayerBuilder {
                 .unwrap_or(self.heartbeat_interval * 2),
             max_queued_bytes: self.max_queued_bytes,
             max_message_size: self.max_message_size,
+            slow_client_policy: self.slow_client_policy,
+            sweep_interval: (self.history.completed_grace.min(self.history.age) / 2)
+                .clamp(Duration::from_millis(10), Duration::from_secs(1)),
         };
         let (events, receiver) = ClientEvents::channel(self.event_capacity);
         let shared = Arc::new(Shared {
             config,
-            hub: Hub::new(),
+            hub: Hub::new(self.history),
+            sweeping: AtomicBool::new(false),
             tasks: Arc::default(),
             events,
             receiver: Mutex::new(Some(receiver)),
@@ -256,6 +332,8 @@ pub(crate) struct Config {
     pub(crate) heartbeat_timeout: Duration,
     pub(crate) max_queued_bytes: usize,
     pub(crate) max_message_size: usize,
+    pub(crate) slow_client_policy: SlowClientPolicy,
+    pub(crate) sweep_interval: Duration,
 }
 
 /// What the layer, its services, its connections and its publishers share.
@@ -265,6 +343,37 @@ pub(crate) struct Shared {
     pub(crate) tasks: Arc<Tasks>,
     pub(crate) events: mpsc::Sender<ClientEvent>,
     pub(crate) receiver: Mutex<Option<ClientEvents>>,
+    sweeping: AtomicBool,
+}
+
+impl Shared {
+    /// Starts the task that expires history and drops idle topics, once,
+    /// from the first call made inside a Tokio runtime. The task ends when
+    /// the layer and every publisher are gone.
+    pub(crate) fn ensure_sweeper(self: &Arc<Self>) {
+        if self.sweeping.load(Ordering::Relaxed) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if self.sweeping.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let shared: Weak<Self> = Arc::downgrade(self);
+        let interval = self.config.sweep_interval;
+        runtime.spawn(async move {
+            let mut ticker = tokio::time::interval(interval);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticker.tick().await;
+                match shared.upgrade() {
+                    Some(shared) => shared.hub.sweep(),
+                    None => return,
+                }
+            }
+        });
+    }
 }
 
 #[cfg(test)]

@@ -69,6 +69,7 @@ mod events;
 mod frame;
 mod hub;
 mod layer;
+mod message;
 mod origin;
 mod outbox;
 pub mod protocol;
@@ -76,6 +77,7 @@ mod publisher;
 mod service;
 mod shutdown;
 mod stats;
+mod topic;
 
 pub use body::WsBody;
 pub use connection::ClientId;
@@ -83,9 +85,11 @@ pub use error::{BuildError, PublishError, SerializeError};
 pub use events::{ClientEvent, ClientEventKind, ClientEvents};
 pub use frame::close_code;
 pub use layer::{
-    WsLayer, WsLayerBuilder, DEFAULT_EVENT_CAPACITY, DEFAULT_HEARTBEAT_INTERVAL,
-    DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_MAX_QUEUED_BYTES, DEFAULT_PATH,
+    WsLayer, WsLayerBuilder, DEFAULT_COMPLETED_GRACE, DEFAULT_EVENT_CAPACITY,
+    DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_HISTORY_AGE, DEFAULT_HISTORY_BYTES,
+    DEFAULT_HISTORY_MESSAGES, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_MAX_QUEUED_BYTES, DEFAULT_PATH,
 };
+pub use outbox::SlowClientPolicy;
 pub use publisher::Publisher;
 pub use service::{ResponseFuture, WsService};
 pub use shutdown::ShutdownSummary;

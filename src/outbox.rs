@@ -1,10 +1,13 @@
-//! One connection's bounded outbound queue.
+//! One connection's bounded outbound queue, and what happens when it fills.
 //!
-//! Publishers push prebuilt frames without ever waiting: a push either
-//! queues the frame, or finds the queue over its byte limit and marks the
-//! connection for closing. The connection's writer drains the queue in
-//! batches. Control frames (pongs) sit in their own short queue and go out
-//! before queued data.
+//! Publishers push sealed messages without ever waiting. Past half the
+//! byte limit, a `stream.delta` joins the queued delta of its topic right
+//! before it (under [`SlowClientPolicy::Coalesce`]); at the limit, the
+//! policy decides: merge every run of same-topic deltas in the queue, close
+//! the connection, or drop the new message. The connection's writer takes
+//! the queue in batches of at most [`MAX_BATCH_BYTES`], so control frames
+//! (pongs, pings), which have their own short queue and go first, never
+//! wait behind more than one batch.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -12,12 +15,90 @@ use std::sync::Mutex;
 use bytes::Bytes;
 use tokio::sync::Notify;
 
+use crate::message::{MergedDelta, Message};
 use crate::ClientId;
+
+/// The most bytes of data the writer takes for one write.
+pub(crate) const MAX_BATCH_BYTES: usize = 64 << 10;
+
+/// What the layer does with a client whose outbound queue is full, that
+/// is, one that reads more slowly than messages are published to it.
+///
+/// Whatever the policy, publishers and other clients never wait for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum SlowClientPolicy {
+    /// Once the queue is half full, each `stream.delta` is merged into the
+    /// queued delta of the same topic right before it, if there is one: a
+    /// single message with the texts concatenated, `seq` of the last one
+    /// merged and `seqStart` of the first, so the reader catches up with
+    /// fewer, larger frames and loses no text. When the queue is full, every
+    /// run of consecutive same-topic deltas in it is merged; if that does
+    /// not make room, the client is closed as under
+    /// [`Close`](Self::Close). Other messages are never merged or dropped.
+    #[default]
+    Coalesce,
+    /// When the queue is full, the client is closed with 1013 (try again
+    /// later) and what was queued for it is discarded. With topic history
+    /// it can reconnect and resume from its last `seq`.
+    Close,
+    /// When the queue is full, the new message is not queued for that
+    /// client (counted in `messages_dropped`); the client sees a gap in
+    /// `seq`. The connection stays open.
+    DropNewest,
+}
+
+/// One entry of the data queue.
+enum Queued {
+    One(Message),
+    Merged(MergedDelta),
+}
+
+impl Queued {
+    fn len(&self) -> usize {
+        match self {
+            Self::One(m) => m.len(),
+            Self::Merged(m) => m.len(),
+        }
+    }
+
+    fn into_frame(self) -> Bytes {
+        match self {
+            Self::One(m) => m.frame,
+            Self::Merged(m) => m.into_frame(),
+        }
+    }
+
+    /// Merges `next` into this entry if both are deltas of one topic;
+    /// gives it back otherwise.
+    fn merge(&mut self, next: Message) -> Result<(), Message> {
+        match self {
+            Self::Merged(merged) => {
+                if merged.append(&next) {
+                    Ok(())
+                } else {
+                    Err(next)
+                }
+            }
+            Self::One(first) => {
+                let Some(mut merged) = MergedDelta::start(first) else {
+                    return Err(next);
+                };
+                if !merged.append(&next) {
+                    return Err(next);
+                }
+                *self = Self::Merged(merged);
+                Ok(())
+            }
+        }
+    }
+}
 
 /// The queue shared by publishers (push) and the connection's writer (take).
 pub(crate) struct Outbox {
     client_id: ClientId,
     max_bytes: usize,
+    policy: SlowClientPolicy,
     state: Mutex<State>,
     /// Woken on the first frame after the queue was empty, and on every
     /// change of the closing state.
@@ -26,7 +107,7 @@ pub(crate) struct Outbox {
 
 #[derive(Default)]
 struct State {
-    data: VecDeque<Bytes>,
+    data: VecDeque<Queued>,
     data_bytes: usize,
     control: Vec<Bytes>,
     closing: Option<Closing>,
@@ -42,8 +123,12 @@ struct Closing {
 /// What a push did with a frame.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Push {
-    /// Queued for the writer.
-    Queued,
+    /// Queued for the writer; `coalesced` deltas were merged into others
+    /// to make or save room.
+    Queued { coalesced: usize },
+    /// Not queued: the queue is full and the policy is
+    /// [`SlowClientPolicy::DropNewest`].
+    Dropped,
     /// Not queued: the queue would have passed its limit. The connection is
     /// now closing with 1013 and everything it had queued was discarded;
     /// `discarded` counts those frames plus the rejected one.
@@ -66,10 +151,11 @@ pub(crate) enum Take {
 }
 
 impl Outbox {
-    pub(crate) fn new(client_id: ClientId, max_bytes: usize) -> Self {
+    pub(crate) fn new(client_id: ClientId, max_bytes: usize, policy: SlowClientPolicy) -> Self {
         Self {
             client_id,
             max_bytes,
+            policy,
             state: Mutex::new(State::default()),
             wake: Notify::new(),
         }
@@ -79,36 +165,60 @@ impl Outbox {
         self.client_id
     }
 
-    /// Queues a data frame unless that would pass the byte limit. A frame
-    /// always fits an empty queue, so one message larger than the limit is
-    /// still delivered to a client that keeps up.
-    pub(crate) fn push(&self, frame: Bytes) -> Push {
+    /// Queues a message unless that would pass the byte limit; what happens
+    /// then is the [`SlowClientPolicy`]'s. A message always fits an empty
+    /// queue, so one larger than the limit still reaches a client that
+    /// keeps up.
+    pub(crate) fn push(&self, message: Message) -> Push {
         let mut state = self.lock();
         if state.closing.is_some() || state.killed {
             return Push::Closed;
         }
-        if state.data_bytes > 0 && state.data_bytes + frame.len() > self.max_bytes {
-            let discarded = state.data.len() + 1;
-            state.data.clear();
-            state.data_bytes = 0;
-            state.closing = Some(Closing {
-                frame: Some(crate::frame::close(
-                    crate::close_code::TRY_AGAIN_LATER,
-                    "outbound queue full",
-                )),
-            });
-            drop(state);
-            self.wake.notify_one();
-            return Push::Overflowed { discarded };
+        let len = message.len();
+        let mut coalesced = 0;
+        let coalescing = self.policy == SlowClientPolicy::Coalesce;
+        if state.data_bytes > 0 && state.data_bytes + len > self.max_bytes {
+            if coalescing {
+                coalesced = state.coalesce_all();
+            }
+            if state.data_bytes > 0 && state.data_bytes + len > self.max_bytes {
+                if self.policy == SlowClientPolicy::DropNewest {
+                    return Push::Dropped;
+                }
+                let discarded = state.data.len() + 1;
+                state.data.clear();
+                state.data_bytes = 0;
+                state.closing = Some(Closing {
+                    frame: Some(crate::frame::close(
+                        crate::close_code::TRY_AGAIN_LATER,
+                        "outbound queue full",
+                    )),
+                });
+                drop(state);
+                self.wake.notify_one();
+                return Push::Overflowed { discarded };
+            }
         }
         let was_empty = state.data.is_empty() && state.control.is_empty();
-        state.data_bytes += frame.len();
-        state.data.push_back(frame);
+        let message = if coalescing && state.data_bytes + len > self.max_bytes / 2 {
+            match state.merge_into_last(message) {
+                Ok(()) => {
+                    return Push::Queued {
+                        coalesced: coalesced + 1,
+                    }
+                }
+                Err(message) => message,
+            }
+        } else {
+            message
+        };
+        state.data_bytes += len;
+        state.data.push_back(Queued::One(message));
         drop(state);
         if was_empty {
             self.wake.notify_one();
         }
-        Push::Queued
+        Push::Queued { coalesced }
     }
 
     /// Queues a control frame (a pong) ahead of all data.
@@ -156,16 +266,26 @@ impl Outbox {
         discarded
     }
 
-    /// Moves what the writer should send next into `batch`.
+    /// Moves what the writer should send next into `batch`: every control
+    /// frame, then data up to [`MAX_BATCH_BYTES`] (at least one message).
     pub(crate) fn take(&self, batch: &mut Vec<Bytes>) -> Take {
         let mut state = self.lock();
         if state.killed || state.close_sent {
             return Take::Stop;
         }
         batch.append(&mut state.control);
-        let data_frames = state.data.len();
-        batch.extend(state.data.drain(..));
-        state.data_bytes = 0;
+        let mut data_frames = 0;
+        let mut taken = 0;
+        while taken < MAX_BATCH_BYTES {
+            let Some(entry) = state.data.pop_front() else {
+                break;
+            };
+            let len = entry.len();
+            state.data_bytes -= len;
+            taken += len;
+            data_frames += 1;
+            batch.push(entry.into_frame());
+        }
         if !batch.is_empty() {
             return Take::Frames { data_frames };
         }
@@ -208,6 +328,47 @@ impl Outbox {
     }
 }
 
+impl State {
+    /// Merges `message` into the last queued entry if both are deltas of
+    /// one topic.
+    fn merge_into_last(&mut self, message: Message) -> Result<(), Message> {
+        let Some(last) = self.data.back_mut() else {
+            return Err(message);
+        };
+        let before = last.len();
+        last.merge(message)?;
+        self.data_bytes = self.data_bytes - before + last.len();
+        Ok(())
+    }
+
+    /// Merges every run of consecutive same-topic deltas; returns how many
+    /// deltas were merged into others.
+    fn coalesce_all(&mut self) -> usize {
+        let mut merged = 0;
+        let mut out: VecDeque<Queued> = VecDeque::with_capacity(self.data.len());
+        let mut bytes = 0;
+        for entry in self.data.drain(..) {
+            let entry = match (out.back_mut(), entry) {
+                (Some(last), Queued::One(message)) => match last.merge(message) {
+                    Ok(()) => {
+                        merged += 1;
+                        continue;
+                    }
+                    Err(message) => Queued::One(message),
+                },
+                (_, entry) => entry,
+            };
+            out.push_back(entry);
+        }
+        for entry in &out {
+            bytes += entry.len();
+        }
+        self.data = out;
+        self.data_bytes = bytes;
+        merged
+    }
+}
+
 /// The closing state of an [`Outbox`].
 #[derive(Debug, PartialEq, Eq, Clone, Copy)]
 pub(crate) enum Status {
@@ -219,15 +380,20 @@ pub(crate) enum Status {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::message::Draft;
 
     fn outbox(max: usize) -> Outbox {
-        Outbox::new(ClientId::next(), max)
+        Outbox::new(ClientId::next(), max, SlowClientPolicy::Close)
+    }
+
+    fn plain(bytes: &'static [u8]) -> Message {
+        Message::plain(Bytes::from_static(bytes))
     }
 
     #[test]
     fn control_frames_go_before_data() {
         let o = outbox(100);
-        assert_eq!(o.push(Bytes::from_static(b"d1")), Push::Queued);
+        assert_eq!(o.push(plain(b"d1")), Push::Queued { coalesced: 0 });
         o.push_control(Bytes::from_static(b"c1"));
         let mut batch = Vec::new();
         assert_eq!(o.take(&mut batch), Take::Frames { data_frames: 1 });
@@ -237,14 +403,24 @@ mod tests {
     }
 
     #[test]
+    fn batches_are_bounded() {
+        let o = outbox(1 << 20);
+        let big = Bytes::from(vec![0u8; MAX_BATCH_BYTES / 2]);
+        for _ in 0..3 {
+            o.push(Message::plain(big.clone()));
+        }
+        let mut batch = Vec::new();
+        assert_eq!(o.take(&mut batch), Take::Frames { data_frames: 2 });
+        batch.clear();
+        assert_eq!(o.take(&mut batch), Take::Frames { data_frames: 1 });
+    }
+
+    #[test]
     fn overflow_discards_the_queue_and_closes_with_1013() {
         let o = outbox(10);
-        assert_eq!(o.push(Bytes::from_static(b"123456")), Push::Queued);
-        assert_eq!(
-            o.push(Bytes::from_static(b"123456")),
-            Push::Overflowed { discarded: 2 }
-        );
-        assert_eq!(o.push(Bytes::from_static(b"1")), Push::Closed);
+        assert_eq!(o.push(plain(b"123456")), Push::Queued { coalesced: 0 });
+        assert_eq!(o.push(plain(b"123456")), Push::Overflowed { discarded: 2 });
+        assert_eq!(o.push(plain(b"1")), Push::Closed);
         let mut batch = Vec::new();
         match o.take(&mut batch) {
             Take::Close(frame) => assert_eq!(&frame[2..4], &1013u16.to_be_bytes()),
@@ -254,15 +430,63 @@ mod tests {
     }
 
     #[test]
+    fn drop_newest_keeps_the_connection() {
+        let o = Outbox::new(ClientId::next(), 10, SlowClientPolicy::DropNewest);
+        assert_eq!(o.push(plain(b"123456")), Push::Queued { coalesced: 0 });
+        assert_eq!(o.push(plain(b"123456")), Push::Dropped);
+        assert_eq!(o.status(), Status::Open);
+    }
+
+    #[test]
+    fn coalescing_merges_deltas_of_one_topic_and_keeps_every_byte() {
+        let o = Outbox::new(ClientId::next(), 1000, SlowClientPolicy::Coalesce);
+        let mut seq = 0;
+        let mut delta = |topic: &str, text: &str| {
+            seq += 1;
+            Draft::delta(topic, text).seal(seq)
+        };
+        let mut coalesced = 0;
+        let mut expected = String::new();
+        for i in 0..40 {
+            let text = format!("{i},");
+            expected.push_str(&text);
+            match o.push(delta("a", &text)) {
+                Push::Queued { coalesced: n } => coalesced += n,
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(coalesced > 0);
+        assert_eq!(o.status(), Status::Open);
+        let mut batch = Vec::new();
+        o.take(&mut batch);
+        let mut text = String::new();
+        let mut next_seq = 1;
+        for frame in &batch {
+            let v: serde_json::Value =
+                serde_json::from_slice(crate::frame::payload_of(frame)).unwrap();
+            let first = v
+                .get("seqStart")
+                .map_or(v["seq"].as_u64(), |s| s.as_u64())
+                .unwrap();
+            assert_eq!(first, next_seq);
+            next_seq = v["seq"].as_u64().unwrap() + 1;
+            text.push_str(v["text"].as_str().unwrap());
+        }
+        assert_eq!(text, expected);
+        assert_eq!(next_seq, 41);
+        assert_eq!(batch.len() + coalesced, 40);
+    }
+
+    #[test]
     fn one_large_frame_fits_an_empty_queue() {
         let o = outbox(4);
-        assert_eq!(o.push(Bytes::from_static(b"123456789")), Push::Queued);
+        assert_eq!(o.push(plain(b"123456789")), Push::Queued { coalesced: 0 });
     }
 
     #[test]
     fn flushing_close_writes_queued_data_first() {
         let o = outbox(100);
-        o.push(Bytes::from_static(b"d1"));
+        o.push(plain(b"d1"));
         assert_eq!(o.close(Some(Bytes::from_static(b"bye")), true), 0);
         let mut batch = Vec::new();
         assert_eq!(o.take(&mut batch), Take::Frames { data_frames: 1 });
@@ -273,7 +497,7 @@ mod tests {
     #[test]
     fn kill_stops_the_writer() {
         let o = outbox(100);
-        o.push(Bytes::from_static(b"d1"));
+        o.push(plain(b"d1"));
         assert_eq!(o.kill(), 1);
         assert_eq!(o.status(), Status::Killed);
         assert_eq!(o.take(&mut Vec::new()), Take::Stop);

@@ -5,7 +5,7 @@
 //!
 //! | direction | `type` | fields |
 //! |---|---|---|
-//! | client → server | `subscribe` | `requestId` |
+//! | client → server | `subscribe` | `requestId`, optional `since` |
 //! | client → server | `unsubscribe` | `requestId` |
 //! | client → server | `action_clicked` | `requestId`, `actionId` |
 //! | client → server | `ui_state_changed` | `requestId`, `state` (any JSON) |
@@ -15,8 +15,15 @@
 //! | server → client | `recommendation` | `requestId`, `actions` |
 //! | server → client | `error` | `requestId`, `error`, `message` |
 //!
-//! Besides these, the server forwards any JSON the application publishes to
-//! a topic with [`Publisher::publish`](crate::Publisher::publish).
+//! Besides these, the server forwards any JSON object the application
+//! publishes to a topic with [`Publisher::publish`](crate::Publisher::publish).
+//!
+//! Every message published to a topic carries the topic's sequence number
+//! `seq`: 1, 2, 3, … with no gaps. A `stream.delta` that merges several
+//! (for a slow client) has the `seq` of the last and `seqStart` of the
+//! first. `subscribe` replays the topic's history, or with `since` only
+//! what came after that `seq`; when the history no longer reaches back that
+//! far, an `error` with code `history_gap` and `firstSeq` comes first.
 
 use std::borrow::Cow;
 
@@ -27,12 +34,16 @@ use serde::{Deserialize, Serialize};
 #[serde(tag = "type")]
 #[non_exhaustive]
 pub enum ClientMessage {
-    /// Receive everything published to `request_id` from now on.
+    /// Receive what the topic's history holds after `since` (all of it
+    /// without `since`), then everything published to it from now on.
     #[serde(rename = "subscribe")]
     Subscribe {
         /// The topic.
         #[serde(rename = "requestId")]
         request_id: String,
+        /// The last `seq` the client has of this topic, when resuming.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        since: Option<u64>,
     },
     /// Stop receiving messages published to `request_id`.
     #[serde(rename = "unsubscribe")]
@@ -66,7 +77,7 @@ impl ClientMessage {
     /// The `requestId` the message is about.
     pub fn request_id(&self) -> &str {
         match self {
-            Self::Subscribe { request_id }
+            Self::Subscribe { request_id, .. }
             | Self::Unsubscribe { request_id }
             | Self::ActionClicked { request_id, .. }
             | Self::UiStateChanged { request_id, .. } => request_id,
@@ -156,10 +167,39 @@ pub mod error_code {
     /// take: it has not taken the event receiver, dropped it, or its buffer
     /// is full. The connection stays open.
     pub const EVENT_DROPPED: &str = "event_dropped";
+    /// Sent on `subscribe` before the replay when the topic's history no
+    /// longer reaches back to what the client asked for; the error's
+    /// `firstSeq` is the first sequence number it will receive.
+    pub const HISTORY_GAP: &str = "history_gap";
 }
 
 /// The `requestId` used in an `error` when the client's own could not be read.
 pub const UNKNOWN_REQUEST_ID: &str = "unknown";
+
+/// The `history_gap` error: `{"type":"error","requestId":…,"error":"history_gap","message":…,"firstSeq":N}`.
+pub(crate) fn history_gap(request_id: &str, first_seq: u64) -> bytes::Bytes {
+    #[derive(Serialize)]
+    struct HistoryGap<'a> {
+        #[serde(rename = "type")]
+        kind: &'static str,
+        #[serde(rename = "requestId")]
+        request_id: &'a str,
+        error: &'static str,
+        message: String,
+        #[serde(rename = "firstSeq")]
+        first_seq: u64,
+    }
+    let gap = HistoryGap {
+        kind: "error",
+        request_id,
+        error: error_code::HISTORY_GAP,
+        message: format!(
+            "history no longer holds what you asked for; it resumes at seq {first_seq}"
+        ),
+        first_seq,
+    };
+    crate::frame::json_text(&gap).expect("strings and numbers serialize")
+}
 
 /// Why a client message was rejected: a human-readable text for the
 /// `error` message, and the `requestId` when one could be read.
@@ -208,7 +248,8 @@ mod tests {
         assert_eq!(
             m,
             ClientMessage::Subscribe {
-                request_id: "req-1".into()
+                request_id: "req-1".into(),
+                since: None,
             }
         );
         let m = parse_client_message(

@@ -6,13 +6,13 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use serde::Serialize;
 
 use crate::error::PublishError;
 use crate::events::ClientEvents;
 use crate::frame;
 use crate::layer::Shared;
+use crate::message::Draft;
 use crate::protocol::{Action, ServerMessage};
 use crate::shutdown::{self, ShutdownSummary};
 use crate::stats::Stats;
@@ -52,26 +52,37 @@ impl Publisher {
         Self { shared }
     }
 
-    /// Publishes any serializable value to `topic`, as is. Returns how many
-    /// subscribers it was queued for.
+    /// Publishes a serializable JSON object to `topic`, with the topic's
+    /// next `"seq"` added as its first field (`seq` is reserved for it).
+    /// Returns how many subscribers it was queued for.
     ///
     /// # Errors
     ///
     /// [`PublishError::Serialize`] if `message` cannot be serialized as
-    /// JSON; nothing is sent then.
+    /// JSON, [`PublishError::NotAnObject`] if it is not a JSON object;
+    /// nothing is published then.
     pub fn publish<T: Serialize + ?Sized>(
         &self,
         topic: &str,
         message: &T,
     ) -> Result<usize, PublishError> {
-        let frame = frame::json_text(message).map_err(PublishError::serialize)?;
-        Ok(self.publish_frame(topic, &frame))
+        Ok(self.publish_draft(topic, Draft::json(message)?, false))
+    }
+
+    /// Marks `topic`'s stream finished, as `stream_done` and `error` do:
+    /// its history is kept for
+    /// [`completed_grace`](crate::WsLayerBuilder::completed_grace), then
+    /// dropped. Messages may still be published to it meanwhile.
+    pub fn complete(&self, topic: &str) {
+        self.shared.ensure_sweeper();
+        self.shared.hub.complete(topic);
     }
 
     /// Publishes `{"type":"status","requestId":topic,"status":status}`.
     pub fn status(&self, topic: &str, status: &str) -> usize {
         self.publish_message(
             topic,
+            false,
             &ServerMessage::Status {
                 request_id: topic.into(),
                 status: status.into(),
@@ -81,19 +92,15 @@ impl Publisher {
 
     /// Publishes `{"type":"stream.delta","requestId":topic,"text":text}`.
     pub fn stream_delta(&self, topic: &str, text: &str) -> usize {
-        self.publish_message(
-            topic,
-            &ServerMessage::StreamDelta {
-                request_id: topic.into(),
-                text: text.into(),
-            },
-        )
+        self.publish_draft(topic, Draft::delta(topic, text), false)
     }
 
-    /// Publishes `{"type":"stream.done","requestId":topic,"fullText":full_text}`.
+    /// Publishes `{"type":"stream.done","requestId":topic,"fullText":full_text}`
+    /// and marks the stream finished (see [`complete`](Self::complete)).
     pub fn stream_done(&self, topic: &str, full_text: &str) -> usize {
         self.publish_message(
             topic,
+            true,
             &ServerMessage::StreamDone {
                 request_id: topic.into(),
                 full_text: full_text.into(),
@@ -105,6 +112,7 @@ impl Publisher {
     pub fn recommendation(&self, topic: &str, actions: &[Action]) -> usize {
         self.publish_message(
             topic,
+            false,
             &ServerMessage::Recommendation {
                 request_id: topic.into(),
                 actions: Cow::Borrowed(actions),
@@ -112,10 +120,12 @@ impl Publisher {
         )
     }
 
-    /// Publishes `{"type":"error","requestId":topic,"error":error,"message":message}`.
+    /// Publishes `{"type":"error","requestId":topic,"error":error,"message":message}`
+    /// and marks the stream finished (see [`complete`](Self::complete)).
     pub fn error(&self, topic: &str, error: &str, message: &str) -> usize {
         self.publish_message(
             topic,
+            true,
             &ServerMessage::Error {
                 request_id: topic.into(),
                 error: error.into(),
@@ -187,16 +197,17 @@ impl Publisher {
         !self.shared.hub.is_accepting()
     }
 
-    fn publish_message(&self, topic: &str, message: &ServerMessage<'_>) -> usize {
-        match frame::json_text(message) {
-            Ok(frame) => self.publish_frame(topic, &frame),
-            // Serializing strings and plain structs into a Vec cannot fail.
+    fn publish_message(&self, topic: &str, complete: bool, message: &ServerMessage<'_>) -> usize {
+        match Draft::json(message) {
+            Ok(draft) => self.publish_draft(topic, draft, complete),
+            // A ServerMessage is an object of strings: it always serializes.
             Err(_) => 0,
         }
     }
 
-    fn publish_frame(&self, topic: &str, frame: &Bytes) -> usize {
-        let queued = self.shared.hub.publish(topic, frame);
+    fn publish_draft(&self, topic: &str, draft: Draft, complete: bool) -> usize {
+        self.shared.ensure_sweeper();
+        let queued = self.shared.hub.publish(topic, draft, complete);
         tracing::debug!(
             request_id = topic,
             subscriber_count = queued,

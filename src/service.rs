@@ -179,6 +179,7 @@ fn handshake<B, ResBody>(shared: &Arc<Shared>, mut req: Request<B>) -> Response<
         Ok(parts) => parts,
         Err(_) => return reject(StatusCode::BAD_REQUEST, "invalid WebSocket handshake\n"),
     };
+    shared.ensure_sweeper();
     let task = shared.tasks.start();
     tokio::spawn(connection::serve(shared.clone(), upgrade, peer, task));
     response.map(|_| WsBody::own(bytes::Bytes::new()))

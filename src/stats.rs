@@ -19,12 +19,17 @@ pub struct Stats {
     pub topics: u64,
     /// Subscriptions over all connections.
     pub subscriptions: u64,
+    /// Bytes of messages held in topic histories.
+    pub history_bytes: u64,
     /// Messages written to client sockets.
     pub messages_sent: u64,
     /// Messages meant for a client that it never got: discarded from the
     /// queue of a connection that closed or fell behind, or refused because
     /// the connection was already closing.
     pub messages_dropped: u64,
+    /// `stream.delta` messages merged into the one before them in a slow
+    /// client's queue (see [`SlowClientPolicy::Coalesce`](crate::SlowClientPolicy::Coalesce)).
+    pub messages_coalesced: u64,
     /// Connections closed with 1013 because their outbound queue was full.
     pub slow_clients_closed: u64,
     /// Connections terminated because nothing arrived within the heartbeat
@@ -41,6 +46,8 @@ pub(crate) struct Counters {
     pub(crate) connections: AtomicU64,
     pub(crate) topics: AtomicU64,
     pub(crate) subscriptions: AtomicU64,
+    pub(crate) history_bytes: AtomicU64,
+    pub(crate) messages_coalesced: AtomicU64,
     pub(crate) messages_sent: AtomicU64,
     pub(crate) messages_dropped: AtomicU64,
     pub(crate) slow_clients_closed: AtomicU64,
@@ -61,11 +68,21 @@ impl Counters {
         }
     }
 
+    pub(crate) fn add_history_bytes(&self, delta: isize) {
+        if delta >= 0 {
+            Self::add(&self.history_bytes, delta as usize);
+        } else {
+            Self::sub(&self.history_bytes, delta.unsigned_abs());
+        }
+    }
+
     pub(crate) fn snapshot(&self) -> Stats {
         Stats {
             connections: self.connections.load(Relaxed),
             topics: self.topics.load(Relaxed),
             subscriptions: self.subscriptions.load(Relaxed),
+            history_bytes: self.history_bytes.load(Relaxed),
+            messages_coalesced: self.messages_coalesced.load(Relaxed),
             messages_sent: self.messages_sent.load(Relaxed),
             messages_dropped: self.messages_dropped.load(Relaxed),
             slow_clients_closed: self.slow_clients_closed.load(Relaxed),

@@ -15,8 +15,13 @@ const MAX_MESSAGES: usize = 4000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_client_is_closed_while_100_others_get_every_message_in_order() {
-    let server =
-        axum_server_with_send_buffer(builder().max_queued_bytes(64 * 1024), Some(32 * 1024)).await;
+    let server = axum_server_with_send_buffer(
+        builder()
+            .max_queued_bytes(64 * 1024)
+            .history_bytes(16 * 1024),
+        Some(32 * 1024),
+    )
+    .await;
     let publisher = server.publisher.clone();
 
     let _stalled = stalled_client(server.addr, 4096).await;

@@ -45,17 +45,20 @@ async fn publishes_to_subscribers() {
 
     assert_eq!(
         client.recv_json().await,
-        json!({"type":"status","requestId":"req-123","status":"streaming"})
+        json!({"seq":1,"type":"status","requestId":"req-123","status":"streaming"})
     );
     assert_eq!(
         client.recv_json().await,
-        json!({"type":"stream.delta","requestId":"req-123","text":"Found "})
+        json!({"seq":2,"type":"stream.delta","requestId":"req-123","text":"Found "})
     );
     assert_eq!(
         client.recv_json().await,
-        json!({"type":"stream.done","requestId":"req-123","fullText":"Found 10 places"})
+        json!({"seq":3,"type":"stream.done","requestId":"req-123","fullText":"Found 10 places"})
     );
-    assert_eq!(client.recv_json().await, custom);
+    assert_eq!(
+        client.recv_json().await,
+        json!({"seq":4,"type":"custom","requestId":"req-123","n":1})
+    );
     eventually("sent counted", || {
         server.publisher.stats().messages_sent == 4
     })

@@ -29,7 +29,7 @@ async fn several_topics_per_connection_and_connections_per_topic() {
 
 #[tokio::test]
 async fn unsubscribe_stops_delivery_and_removes_empty_topics() {
-    let server = axum_server(builder()).await;
+    let server = axum_server(builder().history_messages(0)).await;
     let mut a = Client::connect(&server).await;
     a.subscribe("t1").await;
     a.subscribe("t2").await;

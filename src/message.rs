@@ -1,0 +1,285 @@
+//! Topic messages: a JSON object serialized once, stamped with its topic's
+//! sequence number, and framed once.
+//!
+//! A [`Draft`] is serialized outside any lock, leaving room in front of the
+//! object. Under the topic's lock, [`Draft::seal`] writes `{"seq":N,` and the
+//! frame header into that room, in place, so the sequence number is taken in
+//! publish order without copying the payload. The sealed [`Message`] is then
+//! shared, as is, by the topic's history and every subscriber's queue.
+//!
+//! A `stream.delta` also records where its `requestId` and `text` lie in
+//! the frame, so a slow subscriber's queue can merge consecutive deltas
+//! ([`MergedDelta`]) without parsing JSON.
+
+use bytes::Bytes;
+use serde::Serialize;
+
+use crate::error::PublishError;
+use crate::frame;
+
+/// Room for the longest header (10 bytes) and `{"seq":<u64>,` (29 bytes).
+const HEADROOM: usize = 40;
+
+/// A serialized message waiting for its sequence number.
+pub(crate) struct Draft {
+    buf: Vec<u8>,
+    delta: Option<Spans>,
+}
+
+/// Where the contents (inside the quotes) of a delta's `requestId` and
+/// `text` strings are, as byte ranges.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Spans {
+    request_id: (u32, u32),
+    text: (u32, u32),
+}
+
+/// A sealed message: its complete frame, and for a `stream.delta`, its
+/// sequence number and layout.
+#[derive(Clone, Debug)]
+pub(crate) struct Message {
+    pub(crate) frame: Bytes,
+    delta: Option<(u64, Spans)>,
+}
+
+impl Draft {
+    /// Serializes any value; it must be a JSON object.
+    pub(crate) fn json<T: Serialize + ?Sized>(message: &T) -> Result<Self, PublishError> {
+        let mut buf = Vec::with_capacity(HEADROOM + 128);
+        buf.resize(HEADROOM, 0);
+        serde_json::to_writer(&mut buf, message).map_err(PublishError::serialize)?;
+        if buf.get(HEADROOM) != Some(&b'{') {
+            return Err(PublishError::NotAnObject);
+        }
+        Ok(Self { buf, delta: None })
+    }
+
+    /// `{"type":"stream.delta","requestId":…,"text":…}`, with its layout.
+    pub(crate) fn delta(request_id: &str, text: &str) -> Self {
+        let mut buf = Vec::with_capacity(HEADROOM + 48 + request_id.len() + text.len());
+        buf.resize(HEADROOM, 0);
+        buf.extend_from_slice(br#"{"type":"stream.delta","requestId":"#);
+        let request_id = write_string(&mut buf, request_id);
+        buf.extend_from_slice(br#","text":"#);
+        let text = write_string(&mut buf, text);
+        buf.push(b'}');
+        Self {
+            buf,
+            delta: Some(Spans { request_id, text }),
+        }
+    }
+
+    /// Stamps `seq` and frames the message.
+    pub(crate) fn seal(mut self, seq: u64) -> Message {
+        let mut prefix = [0u8; HEADROOM];
+        let prefix = {
+            use std::io::Write;
+            let mut cursor = std::io::Cursor::new(&mut prefix[..]);
+            let empty_object = self.buf.len() == HEADROOM + 2;
+            let separator = if empty_object { "" } else { "," };
+            write!(cursor, "{{\"seq\":{seq}{separator}").expect("fits the headroom");
+            let len = cursor.position() as usize;
+            &prefix[..len]
+        };
+        // The prefix replaces the object's opening brace.
+        let payload_start = HEADROOM + 1 - prefix.len();
+        self.buf[payload_start..=HEADROOM].copy_from_slice(prefix);
+        let start = frame::write_header_before(&mut self.buf, payload_start);
+        let delta = self.delta.map(|spans| {
+            let shift = |(a, b): (u32, u32)| (a - start as u32, b - start as u32);
+            (
+                seq,
+                Spans {
+                    request_id: shift(spans.request_id),
+                    text: shift(spans.text),
+                },
+            )
+        });
+        Message {
+            frame: Bytes::from(self.buf).slice(start..),
+            delta,
+        }
+    }
+}
+
+impl Message {
+    /// A frame that is not a topic message (an error to one client, a
+    /// message sent to one client).
+    pub(crate) fn plain(frame: Bytes) -> Self {
+        Self { frame, delta: None }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.frame.len()
+    }
+
+    fn slice(&self, (a, b): (u32, u32)) -> Bytes {
+        self.frame.slice(a as usize..b as usize)
+    }
+
+    /// Whether `other` is a delta of the same topic as this delta.
+    fn same_topic_delta(&self, other: &Message) -> bool {
+        match (self.delta, other.delta) {
+            (Some((_, a)), Some((_, b))) => {
+                let range = |(x, y): (u32, u32)| x as usize..y as usize;
+                self.frame[range(a.request_id)] == other.frame[range(b.request_id)]
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Consecutive deltas of one topic, merged into one without copying their
+/// text until the merged frame is written.
+#[derive(Debug)]
+pub(crate) struct MergedDelta {
+    request_id: Bytes,
+    seq_start: u64,
+    seq_end: u64,
+    texts: Vec<Bytes>,
+    text_len: usize,
+    /// The first delta, kept to recognise later deltas of its topic.
+    first: Message,
+}
+
+/// The bytes a merged frame adds around its text, besides the header:
+/// `{"seq":N,"type":"stream.delta","requestId":"…","text":"…","seqStart":M}`.
+const MERGED_OVERHEAD: usize = 110;
+
+impl MergedDelta {
+    /// Starts a merge with `first`; `None` if it is not a delta.
+    pub(crate) fn start(first: &Message) -> Option<Self> {
+        let (seq, spans) = first.delta?;
+        let text = first.slice(spans.text);
+        Some(Self {
+            request_id: first.slice(spans.request_id),
+            seq_start: seq,
+            seq_end: seq,
+            text_len: text.len(),
+            texts: vec![text],
+            first: first.clone(),
+        })
+    }
+
+    /// Appends `next` if it is the following delta of the same topic.
+    pub(crate) fn append(&mut self, next: &Message) -> bool {
+        match next.delta {
+            Some((seq, spans)) if self.first.same_topic_delta(next) && seq > self.seq_end => {
+                let text = next.slice(spans.text);
+                self.text_len += text.len();
+                self.texts.push(text);
+                self.seq_end = seq;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The size its frame will have, near enough for queue accounting.
+    pub(crate) fn len(&self) -> usize {
+        MERGED_OVERHEAD + self.request_id.len() + self.text_len
+    }
+
+    /// Builds the merged frame: the last sequence number as `seq`, the
+    /// first as `seqStart`, the texts concatenated (JSON escaping is per
+    /// character, so escaped texts concatenate into the escaped whole).
+    pub(crate) fn into_frame(self) -> Bytes {
+        if self.texts.len() == 1 {
+            return self.first.frame;
+        }
+        let mut buf = Vec::with_capacity(HEADROOM + self.len());
+        buf.resize(HEADROOM, 0);
+        {
+            use std::io::Write;
+            write!(
+                buf,
+                "{{\"seq\":{},\"type\":\"stream.delta\",\"requestId\":\"",
+                self.seq_end
+            )
+            .expect("writing to a Vec");
+        }
+        buf.extend_from_slice(&self.request_id);
+        buf.extend_from_slice(br#"","text":""#);
+        for text in &self.texts {
+            buf.extend_from_slice(text);
+        }
+        buf.extend_from_slice(br#"","seqStart":"#);
+        buf.extend_from_slice(self.seq_start.to_string().as_bytes());
+        buf.push(b'}');
+        let start = frame::write_header_before(&mut buf, HEADROOM);
+        Bytes::from(buf).slice(start..)
+    }
+}
+
+/// Writes `s` as a JSON string; returns the range of its contents.
+fn write_string(buf: &mut Vec<u8>, s: &str) -> (u32, u32) {
+    let start = buf.len() + 1;
+    serde_json::to_writer(&mut *buf, s).expect("a str serializes");
+    (start as u32, (buf.len() - 1) as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+
+    fn payload(frame: &[u8]) -> Value {
+        serde_json::from_slice(crate::frame::payload_of(frame)).unwrap()
+    }
+
+    #[test]
+    fn seal_stamps_seq_first() {
+        let m = Draft::json(&json!({"type":"x","n":1})).unwrap().seal(7);
+        assert_eq!(payload(&m.frame), json!({"seq":7,"type":"x","n":1}));
+        assert!(m.frame.starts_with(&[0x81]));
+        let m = Draft::json(&json!({})).unwrap().seal(u64::MAX);
+        assert_eq!(payload(&m.frame), json!({"seq":u64::MAX}));
+    }
+
+    #[test]
+    fn non_objects_are_refused() {
+        assert!(matches!(
+            Draft::json(&"text"),
+            Err(PublishError::NotAnObject)
+        ));
+        assert!(matches!(
+            Draft::json(&[1, 2]),
+            Err(PublishError::NotAnObject)
+        ));
+    }
+
+    #[test]
+    fn deltas_merge_into_one_frame_with_the_concatenated_text() {
+        let texts = ["Hé \"quoted\" ", "line\n", "end"];
+        let messages: Vec<Message> = texts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| Draft::delta("req-1", t).seal(i as u64 + 4))
+            .collect();
+        assert_eq!(
+            payload(&messages[0].frame),
+            json!({"seq":4,"type":"stream.delta","requestId":"req-1","text":"Hé \"quoted\" "})
+        );
+        let mut merged = MergedDelta::start(&messages[0]).unwrap();
+        assert!(merged.append(&messages[1]));
+        assert!(merged.append(&messages[2]));
+        assert!(!merged.append(&Draft::delta("req-2", "x").seal(7)));
+        assert!(!merged.append(&Draft::json(&json!({"t":1})).unwrap().seal(7)));
+        let frame = merged.into_frame();
+        assert_eq!(
+            payload(&frame),
+            json!({"seq":6,"type":"stream.delta","requestId":"req-1","text":texts.concat(),"seqStart":4})
+        );
+    }
+
+    #[test]
+    fn a_long_delta_keeps_its_layout_after_a_long_header() {
+        let text = "x".repeat(70_000);
+        let m = Draft::delta("r", &text).seal(1);
+        assert_eq!(m.frame[1], 127);
+        let mut merged = MergedDelta::start(&m).unwrap();
+        assert!(merged.append(&Draft::delta("r", "y").seal(2)));
+        let v = payload(&merged.into_frame());
+        assert_eq!(v["text"].as_str().unwrap().len(), 70_001);
+    }
+}

@@ -1,0 +1,254 @@
+//! One topic: its subscribers, its sequence numbers, and its history.
+//!
+//! Everything here happens under the topic's lock, held by the hub: a
+//! publish takes the next sequence number, joins the history and is
+//! queued for every subscriber in one step, and a subscribe replays the
+//! history and joins the subscribers in one step. So between replay and
+//! live there is neither a gap nor a duplicate, and every subscriber of a
+//! topic sees its messages in `seq` order.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::message::{Draft, Message};
+use crate::outbox::Outbox;
+
+/// How much history a topic keeps.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct HistoryLimits {
+    pub(crate) messages: usize,
+    pub(crate) bytes: usize,
+    pub(crate) age: Duration,
+    pub(crate) completed_grace: Duration,
+}
+
+#[derive(Default)]
+pub(crate) struct Topic {
+    state: Mutex<TopicState>,
+}
+
+pub(crate) struct TopicState {
+    pub(crate) subscribers: Vec<Arc<Outbox>>,
+    next_seq: u64,
+    history: VecDeque<Held>,
+    history_bytes: usize,
+    completed_at: Option<Instant>,
+    /// Set when the hub dropped the topic; whoever still holds it must look
+    /// the topic up again.
+    pub(crate) removed: bool,
+}
+
+struct Held {
+    seq: u64,
+    at: Instant,
+    message: Message,
+}
+
+/// What a subscriber is sent before live messages.
+pub(crate) struct Replay<'a> {
+    /// Set when the history does not reach back to what the subscriber
+    /// asked for: the first `seq` it will get.
+    pub(crate) gap_first_seq: Option<u64>,
+    pub(crate) messages: Vec<&'a Message>,
+}
+
+impl Default for TopicState {
+    fn default() -> Self {
+        Self {
+            subscribers: Vec::new(),
+            next_seq: 1,
+            history: VecDeque::new(),
+            history_bytes: 0,
+            completed_at: None,
+            removed: false,
+        }
+    }
+}
+
+impl Topic {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, TopicState> {
+        // Nothing panics while this lock is held, and the state stays
+        // consistent between statements, so poisoning is ignored.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl TopicState {
+    /// Seals `draft` with the next sequence number and keeps it in the
+    /// history. Returns the message and the change in history bytes.
+    pub(crate) fn append(
+        &mut self,
+        draft: Draft,
+        now: Instant,
+        limits: &HistoryLimits,
+    ) -> (Message, isize) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let message = draft.seal(seq);
+        let before = self.history_bytes as isize;
+        if limits.messages > 0 {
+            self.history_bytes += message.len();
+            self.history.push_back(Held {
+                seq,
+                at: now,
+                message: message.clone(),
+            });
+            while self.history.len() > limits.messages || self.history_bytes > limits.bytes {
+                self.pop_oldest();
+            }
+        }
+        self.expire(now, limits);
+        (message, self.history_bytes as isize - before)
+    }
+
+    /// Marks the stream finished: its history is dropped `completed_grace`
+    /// from now.
+    pub(crate) fn complete(&mut self, now: Instant) {
+        self.completed_at.get_or_insert(now);
+    }
+
+    /// What a subscriber that has seen everything up to `since` (or
+    /// nothing) must be sent first.
+    pub(crate) fn replay(&self, since: Option<u64>) -> Replay<'_> {
+        let want = since.map_or(1, |s| s.saturating_add(1));
+        let first_held = self.history.front().map_or(self.next_seq, |h| h.seq);
+        if want > self.next_seq {
+            // The client has seen more than this topic holds: the topic
+            // was dropped and began again. Everything held is news.
+            return Replay {
+                gap_first_seq: Some(first_held),
+                messages: self.history.iter().map(|h| &h.message).collect(),
+            };
+        }
+        Replay {
+            gap_first_seq: (want < first_held).then_some(first_held),
+            messages: self
+                .history
+                .iter()
+                .filter(|h| h.seq >= want)
+                .map(|h| &h.message)
+                .collect(),
+        }
+    }
+
+    /// Drops history past its age, or all of it once the grace period of
+    /// a completed stream is over. Returns the bytes freed.
+    pub(crate) fn expire(&mut self, now: Instant, limits: &HistoryLimits) -> usize {
+        let before = self.history_bytes;
+        if self
+            .completed_at
+            .is_some_and(|at| now.saturating_duration_since(at) >= limits.completed_grace)
+        {
+            while !self.history.is_empty() {
+                self.pop_oldest();
+            }
+        }
+        while self
+            .history
+            .front()
+            .is_some_and(|h| now.saturating_duration_since(h.at) >= limits.age)
+        {
+            self.pop_oldest();
+        }
+        before - self.history_bytes
+    }
+
+    /// Whether nothing would be lost by dropping the topic.
+    pub(crate) fn is_idle(&self) -> bool {
+        self.subscribers.is_empty() && self.history.is_empty()
+    }
+
+    fn pop_oldest(&mut self) {
+        if let Some(held) = self.history.pop_front() {
+            self.history_bytes -= held.message.len();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: HistoryLimits = HistoryLimits {
+        messages: 3,
+        bytes: 1 << 20,
+        age: Duration::from_secs(60),
+        completed_grace: Duration::from_secs(10),
+    };
+
+    fn seqs(replay: &Replay<'_>) -> Vec<u64> {
+        replay
+            .messages
+            .iter()
+            .map(|m| {
+                let v: serde_json::Value =
+                    serde_json::from_slice(crate::frame::payload_of(&m.frame)).unwrap();
+                v["seq"].as_u64().unwrap()
+            })
+            .collect()
+    }
+
+    fn publish(t: &mut TopicState, now: Instant, n: usize) {
+        for _ in 0..n {
+            t.append(Draft::delta("t", "x"), now, &LIMITS);
+        }
+    }
+
+    #[test]
+    fn replay_from_the_start_since_and_gaps() {
+        let now = Instant::now();
+        let mut t = TopicState::default();
+        assert!(t.replay(None).messages.is_empty());
+        assert_eq!(t.replay(None).gap_first_seq, None);
+        publish(&mut t, now, 2);
+        assert_eq!(seqs(&t.replay(None)), [1, 2]);
+        assert_eq!(seqs(&t.replay(Some(1))), [2]);
+        assert_eq!(seqs(&t.replay(Some(2))), Vec::<u64>::new());
+
+        publish(&mut t, now, 3); // holds 3, 4, 5
+        let r = t.replay(Some(1));
+        assert_eq!((r.gap_first_seq, seqs(&r)), (Some(3), vec![3, 4, 5]));
+        let r = t.replay(None);
+        assert_eq!(r.gap_first_seq, Some(3));
+        let r = t.replay(Some(2));
+        assert_eq!((r.gap_first_seq, seqs(&r)), (None, vec![3, 4, 5]));
+        // A client ahead of the topic: it began again.
+        let r = t.replay(Some(99));
+        assert_eq!((r.gap_first_seq, seqs(&r)), (Some(3), vec![3, 4, 5]));
+    }
+
+    #[test]
+    fn history_is_bounded_by_bytes_and_age() {
+        let now = Instant::now();
+        let limits = HistoryLimits {
+            bytes: 100,
+            ..LIMITS
+        };
+        let mut t = TopicState::default();
+        for _ in 0..3 {
+            t.append(Draft::delta("t", &"y".repeat(40)), now, &limits);
+        }
+        assert_eq!(seqs(&t.replay(Some(2))), [3]);
+        assert!(t.history_bytes <= 100);
+
+        let later = now + LIMITS.age;
+        assert_eq!(t.expire(later, &LIMITS) > 0, true);
+        assert!(t.is_idle());
+    }
+
+    #[test]
+    fn completed_topics_keep_history_for_the_grace_period() {
+        let now = Instant::now();
+        let mut t = TopicState::default();
+        publish(&mut t, now, 2);
+        t.complete(now);
+        publish(&mut t, now, 1);
+        t.expire(now + Duration::from_secs(9), &LIMITS);
+        assert_eq!(seqs(&t.replay(None)), [1, 2, 3]);
+        t.expire(now + LIMITS.completed_grace, &LIMITS);
+        assert!(t.is_idle());
+    }
+}
