@@ -7,10 +7,12 @@
 //! ```
 //!
 //! `POST /api/search {"query":"…"}` answers `{"requestId":"req-…"}` and
-//! starts a simulated job publishing to that requestId: `status`
+//! starts a simulated job publishing to that requestId at once: `status`
 //! (streaming), `stream.delta` chunks over about a second, `stream.done`,
 //! `recommendation`, `status` (done). `GET /` serves a page that posts a
-//! query, subscribes and renders the narration as it streams.
+//! query, subscribes (the topic's history replays what it missed) and
+//! renders the narration as it streams; after a reconnect it resumes with
+//! `since`.
 //!
 //! Environment: `PORT` (default 3000), `WS_ALLOWED_ORIGINS` (comma-separated
 //! origins besides same-origin; `*` allows any), `RUST_LOG`.
@@ -28,10 +30,6 @@ use tower_http::trace::TraceLayer;
 use tower_ws::protocol::Action;
 use tower_ws::{ClientEventKind, Publisher, WsLayer};
 use tracing_subscriber::EnvFilter;
-
-/// How long a job waits for its first subscriber before giving up: until
-/// topics keep history, anything published before then would be lost.
-const SUBSCRIBER_WAIT: Duration = Duration::from_secs(10);
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -113,17 +111,10 @@ async fn search(
     Json(SearchResponse { request_id })
 }
 
-/// A simulated assistant: narrates its answer word by word.
+/// A simulated assistant: narrates its answer word by word. It starts at
+/// once: the page subscribes only after this request returns, and the
+/// topic's history replays what it missed.
 async fn assistant_job(publisher: Publisher, request_id: String, query: String) {
-    let deadline = tokio::time::Instant::now() + SUBSCRIBER_WAIT;
-    while publisher.subscriber_count(&request_id) == 0 {
-        if tokio::time::Instant::now() > deadline {
-            tracing::warn!(%request_id, "nobody subscribed; job dropped");
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-
     publisher.status(&request_id, "streaming");
     let query = query.trim();
     let full_text = format!(

@@ -11,12 +11,11 @@
 
 use std::collections::HashSet;
 use std::fmt;
-use std::io::IoSlice;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use fastwebsockets::{OpCode, Role, WebSocketError, WebSocketRead};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, MissedTickBehavior};
@@ -27,6 +26,7 @@ use crate::hub::Subscribed;
 use crate::layer::Shared;
 use crate::message::Message;
 use crate::outbox::{Outbox, Status, Take};
+use crate::pending::Pending;
 use crate::protocol::{self, error_code, ClientMessage, ServerMessage};
 use crate::shutdown::TaskGuard;
 use crate::stats::Counters;
@@ -462,76 +462,106 @@ impl Conn<'_> {
         }
     }
 
+    /// Writes the outbox's frames, pings every interval, and ends with the
+    /// Close frame once the outbox is closing. Writes one system call at a
+    /// time so that pongs and pings go in between frames, ahead of data.
     async fn write_loop(&self, io: &mut (impl AsyncWrite + Unpin)) -> WriteEnd {
         let interval = self.shared.config.heartbeat_interval;
         let mut ticker = tokio::time::interval_at(Instant::now() + interval, interval);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut batch: Vec<Bytes> = Vec::new();
+        let mut pending = Pending::default();
+        let mut taken: Vec<Bytes> = Vec::new();
         let mut ping_due = false;
+        // Data frames in `pending` not yet counted as sent.
+        let mut unsent = 0;
+        // Set once the Close frame is in `pending`: its code.
+        let mut close_code: Option<Option<u16>> = None;
         // Set once the connection starts closing: the last frames must be
         // written by then.
         let mut deadline: Option<Instant> = None;
         loop {
-            if ping_due {
-                batch.push(frame::ping());
-                ping_due = false;
+            if pending.at_boundary() && close_code.is_none() {
+                self.outbox.take_control(&mut taken);
+                if ping_due {
+                    taken.push(frame::ping());
+                    ping_due = false;
+                }
+                pending.prepend(taken.drain(..));
             }
-            let (data_frames, close) = match self.outbox.take(&mut batch) {
-                Take::Frames { data_frames } => (data_frames, None),
-                Take::Close(frame) => {
-                    let code = close_code_of(&frame);
-                    batch.push(frame);
-                    (0, Some(code))
+            if pending.is_empty() {
+                Counters::add(&self.shared.hub.counters.messages_sent, unsent);
+                unsent = 0;
+                if io.flush().await.is_err() {
+                    return WriteEnd::Io;
                 }
-                Take::Stop => return WriteEnd::Stopped,
-                Take::Idle => {
-                    tokio::select! {
-                        biased;
-                        _ = self.outbox.woken() => {}
-                        _ = ticker.tick() => {
-                            if self.is_dead() {
-                                return WriteEnd::HeartbeatTimeout;
-                            }
-                            ping_due = true;
-                        }
+                if let Some(code) = close_code {
+                    return WriteEnd::SentClose(code);
+                }
+                match self.outbox.take(&mut taken) {
+                    Take::Frames { data_frames } => {
+                        unsent = data_frames;
+                        pending.extend(taken.drain(..));
                     }
-                    continue;
+                    Take::Close(frame) => {
+                        close_code = Some(close_code_of(&frame));
+                        pending.extend([frame]);
+                    }
+                    Take::Stop => return WriteEnd::Stopped,
+                    Take::Idle => {
+                        tokio::select! {
+                            biased;
+                            _ = self.outbox.woken() => {}
+                            _ = ticker.tick() => {
+                                if self.is_dead() {
+                                    return WriteEnd::HeartbeatTimeout;
+                                }
+                                ping_due = true;
+                            }
+                        }
+                        continue;
+                    }
                 }
-            };
-            if close.is_some() || self.outbox.status() != Status::Open {
-                deadline.get_or_insert_with(|| Instant::now() + CLOSE_TIMEOUT);
+                if self.outbox.status() != Status::Open {
+                    deadline.get_or_insert_with(|| Instant::now() + CLOSE_TIMEOUT);
+                }
             }
 
-            let write = write_all(io, &mut batch);
-            tokio::pin!(write);
-            loop {
-                let until = deadline.unwrap_or_else(|| Instant::now() + interval);
-                tokio::select! {
-                    biased;
-                    _ = self.outbox.woken() => match self.outbox.status() {
-                        Status::Killed => return WriteEnd::Stopped,
-                        Status::Closing => { deadline.get_or_insert_with(|| Instant::now() + CLOSE_TIMEOUT); }
-                        Status::Open => {}
-                    },
-                    _ = tokio::time::sleep_until(until), if deadline.is_some() => return WriteEnd::CloseTimeout,
-                    _ = ticker.tick() => {
-                        if self.is_dead() {
-                            return WriteEnd::HeartbeatTimeout;
-                        }
-                        ping_due = true;
+            let until = deadline.unwrap_or_else(|| Instant::now() + interval);
+            let event = tokio::select! {
+                biased;
+                _ = self.outbox.woken() => WriterEvent::Woken,
+                _ = tokio::time::sleep_until(until), if deadline.is_some() => WriterEvent::Deadline,
+                _ = ticker.tick() => WriterEvent::Tick,
+                written = pending.write_some(io) => WriterEvent::Wrote(written),
+            };
+            match event {
+                WriterEvent::Woken => match self.outbox.status() {
+                    Status::Killed => return WriteEnd::Stopped,
+                    Status::Closing => {
+                        deadline.get_or_insert_with(|| Instant::now() + CLOSE_TIMEOUT);
                     }
-                    written = &mut write => match written {
-                        Ok(()) => break,
-                        Err(_) => return WriteEnd::Io,
-                    },
+                    Status::Open => {}
+                },
+                WriterEvent::Deadline => return WriteEnd::CloseTimeout,
+                WriterEvent::Tick => {
+                    if self.is_dead() {
+                        return WriteEnd::HeartbeatTimeout;
+                    }
+                    ping_due = true;
                 }
-            }
-            Counters::add(&self.shared.hub.counters.messages_sent, data_frames);
-            if let Some(code) = close {
-                return WriteEnd::SentClose(code);
+                WriterEvent::Wrote(Ok(n)) => pending.advance(n),
+                WriterEvent::Wrote(Err(_)) => return WriteEnd::Io,
             }
         }
     }
+}
+
+/// What woke the writer while it had frames to write.
+enum WriterEvent {
+    Woken,
+    Deadline,
+    Tick,
+    Wrote(std::io::Result<usize>),
 }
 
 fn violation(code: u16, reason: &'static str) -> ReadEnd {
@@ -599,41 +629,6 @@ fn close_code_of(frame: &Bytes) -> Option<u16> {
     (frame.len() >= 4).then(|| u16::from_be_bytes([frame[2], frame[3]]))
 }
 
-/// Writes every frame of `batch` with as few system calls as it can, then
-/// empties it.
-async fn write_all<W: AsyncWrite + Unpin>(
-    io: &mut W,
-    batch: &mut Vec<Bytes>,
-) -> std::io::Result<()> {
-    const MAX_SLICES: usize = 64;
-    let mut first = 0;
-    while first < batch.len() {
-        let mut written = {
-            let mut slices = [IoSlice::new(&[]); MAX_SLICES];
-            let count = (batch.len() - first).min(MAX_SLICES);
-            for (slice, frame) in slices.iter_mut().zip(&batch[first..first + count]) {
-                *slice = IoSlice::new(frame);
-            }
-            io.write_vectored(&slices[..count]).await?
-        };
-        if written == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        while written > 0 {
-            let frame = &mut batch[first];
-            if written >= frame.len() {
-                written -= frame.len();
-                first += 1;
-            } else {
-                frame.advance(written);
-                written = 0;
-            }
-        }
-    }
-    batch.clear();
-    io.flush().await
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -668,24 +663,6 @@ mod tests {
             }
             _ => panic!("expected an echo"),
         }
-    }
-
-    #[tokio::test]
-    async fn write_all_survives_short_writes() {
-        let (mut a, mut b) = tokio::io::duplex(7);
-        let frames: Vec<Bytes> = (0..20u8).map(|i| Bytes::from(vec![i; 5])).collect();
-        let expected: Vec<u8> = frames.iter().flat_map(|f| f.to_vec()).collect();
-        let mut batch = frames.clone();
-        let reading = tokio::spawn(async move {
-            let mut out = vec![0; 100];
-            tokio::io::AsyncReadExt::read_exact(&mut b, &mut out)
-                .await
-                .unwrap();
-            out
-        });
-        write_all(&mut a, &mut batch).await.unwrap();
-        assert!(batch.is_empty());
-        assert_eq!(reading.await.unwrap(), expected);
     }
 
     /// Runs one connection over an in-memory pipe; returns why it ended and

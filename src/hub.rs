@@ -214,6 +214,11 @@ impl Hub {
                 true
             });
             Counters::sub(&self.counters.topics, before - shard.len());
+            // A map keeps its capacity after a burst of short-lived topics;
+            // give it back once most of it is empty.
+            if shard.capacity() > 64 && shard.capacity() > 4 * shard.len() {
+                shard.shrink_to_fit();
+            }
         }
     }
 

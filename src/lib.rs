@@ -72,6 +72,7 @@ mod layer;
 mod message;
 mod origin;
 mod outbox;
+mod pending;
 pub mod protocol;
 mod publisher;
 mod service;

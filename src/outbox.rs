@@ -5,9 +5,10 @@
 //! before it (under [`SlowClientPolicy::Coalesce`]); at the limit, the
 //! policy decides: merge every run of same-topic deltas in the queue, close
 //! the connection, or drop the new message. The connection's writer takes
-//! the queue in batches of at most [`MAX_BATCH_BYTES`], so control frames
-//! (pongs, pings), which have their own short queue and go first, never
-//! wait behind more than one batch.
+//! the queue in batches of at most [`MAX_BATCH_BYTES`]; control frames
+//! (pongs) have their own short queue, which the writer looks at between
+//! any two frames (see [`crate::pending`]), so they never wait behind
+//! queued data.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -18,7 +19,7 @@ use tokio::sync::Notify;
 use crate::message::{MergedDelta, Message};
 use crate::ClientId;
 
-/// The most bytes of data the writer takes for one write.
+/// The most bytes of data the writer takes at once.
 pub(crate) const MAX_BATCH_BYTES: usize = 64 << 10;
 
 /// What the layer does with a client whose outbound queue is full, that
@@ -266,17 +267,25 @@ impl Outbox {
         discarded
     }
 
-    /// Moves what the writer should send next into `batch`: every control
-    /// frame, then data up to [`MAX_BATCH_BYTES`] (at least one message).
+    /// Moves the queued control frames into `out`.
+    pub(crate) fn take_control(&self, out: &mut Vec<Bytes>) {
+        let mut state = self.lock();
+        if !state.control.is_empty() {
+            out.append(&mut state.control);
+        }
+    }
+
+    /// Moves the data to write next into `batch`: up to
+    /// [`MAX_BATCH_BYTES`], at least one message.
     pub(crate) fn take(&self, batch: &mut Vec<Bytes>) -> Take {
         let mut state = self.lock();
         if state.killed || state.close_sent {
             return Take::Stop;
         }
-        batch.append(&mut state.control);
+        let limit = MAX_BATCH_BYTES;
         let mut data_frames = 0;
         let mut taken = 0;
-        while taken < MAX_BATCH_BYTES {
+        while taken < limit {
             let Some(entry) = state.data.pop_front() else {
                 break;
             };
@@ -391,13 +400,16 @@ mod tests {
     }
 
     #[test]
-    fn control_frames_go_before_data() {
+    fn control_frames_are_taken_apart_from_data() {
         let o = outbox(100);
         assert_eq!(o.push(plain(b"d1")), Push::Queued { coalesced: 0 });
         o.push_control(Bytes::from_static(b"c1"));
+        let mut control = Vec::new();
+        o.take_control(&mut control);
+        assert_eq!(control, [&b"c1"[..]]);
         let mut batch = Vec::new();
         assert_eq!(o.take(&mut batch), Take::Frames { data_frames: 1 });
-        assert_eq!(batch, [&b"c1"[..], &b"d1"[..]]);
+        assert_eq!(batch, [&b"d1"[..]]);
         batch.clear();
         assert_eq!(o.take(&mut batch), Take::Idle);
     }

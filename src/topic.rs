@@ -235,7 +235,7 @@ mod tests {
         assert!(t.history_bytes <= 100);
 
         let later = now + LIMITS.age;
-        assert_eq!(t.expire(later, &LIMITS) > 0, true);
+        assert!(t.expire(later, &LIMITS) > 0);
         assert!(t.is_idle());
     }
 
