@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use fastwebsockets::{OpCode, Role, WebSocketError, WebSocketRead};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, MissedTickBehavior};
 
@@ -28,6 +27,7 @@ use crate::message::Message;
 use crate::outbox::{Outbox, Status, Take};
 use crate::pending::Pending;
 use crate::protocol::{self, error_code, ClientMessage, ServerMessage};
+use crate::reader::{FrameReader, OpCode, ReadError};
 use crate::shutdown::TaskGuard;
 use crate::stats::Counters;
 
@@ -86,7 +86,7 @@ pub(crate) async fn serve(
         }
     };
     let (read_half, mut write_half) = tokio::io::split(io);
-    let mut reader = frame_reader(read_half, shared.config.max_message_size);
+    let mut reader = FrameReader::new(read_half, shared.config.max_message_size);
 
     let client_id = ClientId::next();
     let outbox = Arc::new(Outbox::new(
@@ -124,22 +124,6 @@ pub(crate) async fn serve(
     Counters::add(&shared.hub.counters.messages_dropped, outbox.kill());
     shared.hub.deregister(client_id);
     tracing::info!(%client_id, %reason, "websocket_disconnected");
-}
-
-/// fastwebsockets' frame parser over the read half of a socket.
-///
-/// Frames are written by [`Conn::write_loop`], not by fastwebsockets, so
-/// that every subscriber sends the same prebuilt bytes: its write half gets
-/// a sink it never uses, with auto-close and auto-pong off.
-fn frame_reader<R: AsyncRead + Unpin>(read_half: R, max_message_size: usize) -> WebSocketRead<R> {
-    let (mut reader, _) =
-        fastwebsockets::after_handshake_split(read_half, tokio::io::sink(), Role::Server);
-    reader.set_auto_close(false);
-    reader.set_auto_pong(false);
-    // Its limit is per frame and exclusive; the message total is checked
-    // in `read_loop`.
-    reader.set_max_message_size(max_message_size.saturating_add(1));
-    reader
 }
 
 /// Why a connection ended, for the logs.
@@ -205,7 +189,7 @@ struct Conn<'a> {
 impl Conn<'_> {
     async fn run(
         &self,
-        reader: &mut WebSocketRead<impl AsyncRead + Unpin>,
+        reader: &mut FrameReader<impl AsyncRead + Unpin>,
         writer: &mut (impl AsyncWrite + Unpin),
         topics: &mut HashSet<Arc<str>>,
     ) -> Reason {
@@ -295,17 +279,17 @@ impl Conn<'_> {
 
     async fn read_loop(
         &self,
-        reader: &mut WebSocketRead<impl AsyncRead + Unpin>,
+        reader: &mut FrameReader<impl AsyncRead + Unpin>,
         topics: &mut HashSet<Arc<str>>,
     ) -> ReadEnd {
         let max = self.shared.config.max_message_size;
         // A fragmented message being put together: (is text, bytes so far).
         let mut partial: Option<(bool, BytesMut)> = None;
-        let mut never_sends = |_| async { Ok::<(), std::convert::Infallible>(()) };
         loop {
-            let frame = match reader.read_frame(&mut never_sends).await {
+            let frame = match reader.next().await {
                 Ok(frame) => frame,
-                Err(e) => return read_error(e),
+                Err(ReadError::Gone) => return ReadEnd::Gone,
+                Err(ReadError::Violation { code, reason }) => return violation(code, reason),
             };
             self.touch();
             match frame.opcode {
@@ -318,11 +302,11 @@ impl Conn<'_> {
                     }
                     let is_text = frame.opcode == OpCode::Text;
                     if frame.fin {
-                        if let Err(end) = self.on_message(is_text, &frame.payload, topics) {
+                        if let Err(end) = self.on_message(is_text, frame.payload, topics) {
                             return end;
                         }
                     } else {
-                        partial = Some((is_text, BytesMut::from(&frame.payload[..])));
+                        partial = Some((is_text, BytesMut::from(frame.payload)));
                     }
                 }
                 OpCode::Continuation => {
@@ -332,12 +316,12 @@ impl Conn<'_> {
                             "unexpected continuation frame",
                         );
                     };
-                    // fastwebsockets limits each frame; the limit is on the
-                    // whole message.
+                    // The reader limits each frame; the limit is on the whole
+                    // message.
                     if buf.len() + frame.payload.len() > max {
                         return violation(close_code::MESSAGE_TOO_BIG, "message too big");
                     }
-                    buf.extend_from_slice(&frame.payload);
+                    buf.extend_from_slice(frame.payload);
                     if frame.fin {
                         let (is_text, buf) = partial.take().expect("checked above");
                         if let Err(end) = self.on_message(is_text, &buf, topics) {
@@ -345,18 +329,9 @@ impl Conn<'_> {
                         }
                     }
                 }
-                OpCode::Close => return close_reply(&frame.payload),
-                OpCode::Ping => {
-                    if frame.payload.len() > MAX_CONTROL_PAYLOAD {
-                        return violation(close_code::PROTOCOL_ERROR, "control frame too long");
-                    }
-                    self.outbox.push_control(frame::pong(&frame.payload));
-                }
-                OpCode::Pong => {
-                    if frame.payload.len() > MAX_CONTROL_PAYLOAD {
-                        return violation(close_code::PROTOCOL_ERROR, "control frame too long");
-                    }
-                }
+                OpCode::Close => return close_reply(frame.payload),
+                OpCode::Ping => self.outbox.push_control(frame::pong(frame.payload)),
+                OpCode::Pong => {}
             }
         }
     }
@@ -470,7 +445,7 @@ impl Conn<'_> {
         let mut ticker = tokio::time::interval_at(Instant::now() + interval, interval);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut pending = Pending::default();
-        let mut taken: Vec<Bytes> = Vec::new();
+        let mut control: Vec<Bytes> = Vec::new();
         let mut ping_due = false;
         // Data frames in `pending` not yet counted as sent.
         let mut unsent = 0;
@@ -481,12 +456,12 @@ impl Conn<'_> {
         let mut deadline: Option<Instant> = None;
         loop {
             if pending.at_boundary() && close_code.is_none() {
-                self.outbox.take_control(&mut taken);
+                self.outbox.take_control(&mut control);
                 if ping_due {
-                    taken.push(frame::ping());
+                    control.push(frame::ping());
                     ping_due = false;
                 }
-                pending.prepend(taken.drain(..));
+                pending.prepend(control.drain(..));
             }
             if pending.is_empty() {
                 Counters::add(&self.shared.hub.counters.messages_sent, unsent);
@@ -497,11 +472,8 @@ impl Conn<'_> {
                 if let Some(code) = close_code {
                     return WriteEnd::SentClose(code);
                 }
-                match self.outbox.take(&mut taken) {
-                    Take::Frames { data_frames } => {
-                        unsent = data_frames;
-                        pending.extend(taken.drain(..));
-                    }
+                match self.outbox.take(&mut pending) {
+                    Take::Frames { data_frames } => unsent = data_frames,
                     Take::Close(frame) => {
                         close_code = Some(close_code_of(&frame));
                         pending.extend([frame]);
@@ -566,29 +538,6 @@ enum WriterEvent {
 
 fn violation(code: u16, reason: &'static str) -> ReadEnd {
     ReadEnd::Violation { code, reason }
-}
-
-fn read_error(e: WebSocketError) -> ReadEnd {
-    match e {
-        WebSocketError::UnexpectedEOF
-        | WebSocketError::IoError(_)
-        | WebSocketError::ConnectionClosed => ReadEnd::Gone,
-        WebSocketError::InvalidUTF8 => {
-            violation(close_code::INVALID_PAYLOAD, "text is not valid UTF-8")
-        }
-        WebSocketError::FrameTooLarge => violation(close_code::MESSAGE_TOO_BIG, "message too big"),
-        WebSocketError::ReservedBitsNotZero => {
-            violation(close_code::PROTOCOL_ERROR, "reserved bits set")
-        }
-        WebSocketError::ControlFrameFragmented => {
-            violation(close_code::PROTOCOL_ERROR, "fragmented control frame")
-        }
-        WebSocketError::PingFrameTooLarge => {
-            violation(close_code::PROTOCOL_ERROR, "control frame too long")
-        }
-        WebSocketError::InvalidValue => violation(close_code::PROTOCOL_ERROR, "unknown opcode"),
-        _ => violation(close_code::PROTOCOL_ERROR, "invalid frame"),
-    }
 }
 
 /// The answer to a client's Close frame (RFC 6455 §5.5.1, §7.4).
@@ -676,7 +625,7 @@ mod tests {
         let (server_io, client_io) = tokio::io::duplex(1 << 16);
         let client = client(client_io);
         let (read_half, mut write_half) = tokio::io::split(server_io);
-        let mut reader = frame_reader(read_half, shared.config.max_message_size);
+        let mut reader = FrameReader::new(read_half, shared.config.max_message_size);
         let outbox = Arc::new(Outbox::new(
             ClientId::next(),
             1 << 20,

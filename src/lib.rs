@@ -75,6 +75,7 @@ mod outbox;
 mod pending;
 pub mod protocol;
 mod publisher;
+mod reader;
 mod service;
 mod shutdown;
 mod stats;

@@ -19,8 +19,11 @@ use tokio::sync::Notify;
 use crate::message::{MergedDelta, Message};
 use crate::ClientId;
 
-/// The most bytes of data the writer takes at once.
-pub(crate) const MAX_BATCH_BYTES: usize = 64 << 10;
+/// The most bytes of data the writer takes at once: enough for one large
+/// vectored write, small enough that each connection's buffers stay small.
+pub(crate) const MAX_BATCH_BYTES: usize = 16 << 10;
+/// A drained queue with more room than this many entries gives it back.
+const KEEP_CAPACITY: usize = 256;
 
 /// What the layer does with a client whose outbound queue is full, that
 /// is, one that reads more slowly than messages are published to it.
@@ -49,10 +52,11 @@ pub enum SlowClientPolicy {
     DropNewest,
 }
 
-/// One entry of the data queue.
+/// One entry of the data queue. Merges are rare, so they are boxed to keep
+/// every other entry small.
 enum Queued {
     One(Message),
-    Merged(MergedDelta),
+    Merged(Box<MergedDelta>),
 }
 
 impl Queued {
@@ -88,7 +92,7 @@ impl Queued {
                 if !merged.append(&next) {
                     return Err(next);
                 }
-                *self = Self::Merged(merged);
+                *self = Self::Merged(Box::new(merged));
                 Ok(())
             }
         }
@@ -277,7 +281,7 @@ impl Outbox {
 
     /// Moves the data to write next into `batch`: up to
     /// [`MAX_BATCH_BYTES`], at least one message.
-    pub(crate) fn take(&self, batch: &mut Vec<Bytes>) -> Take {
+    pub(crate) fn take(&self, batch: &mut impl Extend<Bytes>) -> Take {
         let mut state = self.lock();
         if state.killed || state.close_sent {
             return Take::Stop;
@@ -293,9 +297,12 @@ impl Outbox {
             state.data_bytes -= len;
             taken += len;
             data_frames += 1;
-            batch.push(entry.into_frame());
+            batch.extend([entry.into_frame()]);
         }
-        if !batch.is_empty() {
+        if state.data.is_empty() && state.data.capacity() > KEEP_CAPACITY {
+            state.data = VecDeque::new();
+        }
+        if data_frames > 0 {
             return Take::Frames { data_frames };
         }
         let state = &mut *state;

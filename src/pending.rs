@@ -40,10 +40,6 @@ impl Pending {
         }
     }
 
-    pub(crate) fn extend(&mut self, frames: impl IntoIterator<Item = Bytes>) {
-        self.frames.extend(frames);
-    }
-
     /// One vectored write of the frames' bytes; returns how many bytes the
     /// socket took. Cancel-safe: until it completes, nothing was written.
     pub(crate) async fn write_some<W: AsyncWrite + Unpin>(
@@ -79,6 +75,12 @@ impl Pending {
                 written = 0;
             }
         }
+    }
+}
+
+impl Extend<Bytes> for Pending {
+    fn extend<I: IntoIterator<Item = Bytes>>(&mut self, frames: I) {
+        self.frames.extend(frames);
     }
 }
 

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Runs the bench protocol's scenarios (../shared/bench/README.md) against
+# tower-ws's bench_server and the original Node.js system, alternating
+# which goes first, server on core 0 and load generator on core 1.
+# Prints one JSON line per run and writes them to target/bench/results.jsonl.
+#
+#   bench/run.sh [runs=3] [scenario…]      e.g. bench/run.sh 3 s1 s2
+set -euo pipefail
+cd "$(dirname "$0")/.."
+runs=${1:-3}
+shift || true
+scenarios=("${@:-s1 s1x s2 s3 s4 s5 s5x}")
+read -r -a scenarios <<<"${scenarios[*]}"
+
+shared=${SHARED:-../shared}
+node_dir=target/bench/node-ws-seed
+out=target/bench/results.jsonl
+mkdir -p target/bench
+: >"$out"
+
+cargo build --release --example bench_server --example loadgen
+if [ ! -d "$node_dir/node_modules" ]; then
+  rm -rf "$node_dir" && cp -r "$shared/bench/node-ws-seed" "$node_dir" && chmod -R u+w "$node_dir"
+  (cd "$node_dir" && ./build.sh)
+fi
+
+free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+start_server() { # name port → pid
+  case $1 in
+    tower-ws) PORT=$2 WORKERS=1 taskset -c 0 target/release/examples/bench_server >/dev/null 2>&1 & ;;
+    node) (cd "$node_dir" && PORT=$2 exec taskset -c 0 ./start.sh >/dev/null 2>&1) & ;;
+  esac
+  local pid=$!
+  for _ in $(seq 200); do
+    curl -fsS "http://127.0.0.1:$2/healthz" >/dev/null 2>&1 && break
+    sleep 0.05
+  done
+  echo "$pid"
+}
+
+args_for() {
+  case $1 in
+    s1) echo "s1 --clients 1000 --count 2000 --size 128" ;;
+    s1x) echo "s1 --clients 10000 --count 200 --size 128" ;;
+    s2) echo "s2 --topics 1000 --count 200 --size 64" ;;
+    s3) echo "s3 --clients 10000" ;;
+    s4) echo "s4 --clients 5000 --inflight 64" ;;
+    s5) echo "s5 --topics 1000 --per-topic 1 --rate 20000 --duration 5 --size 64" ;;
+    s5x) echo "s5 --topics 10 --per-topic 100 --rate 2000 --duration 5 --size 64" ;;
+  esac
+}
+
+for scenario in "${scenarios[@]}"; do
+  for run in $(seq "$runs"); do
+    if [ $((run % 2)) -eq 1 ]; then order=(tower-ws node); else order=(node tower-ws); fi
+    for server in "${order[@]}"; do
+      port=$(free_port)
+      pid=$(start_server "$server" "$port")
+      # shellcheck disable=SC2046
+      result=$(taskset -c 1 target/release/examples/loadgen $(args_for "$scenario" | sed "s/^\(s[0-9]\) /\1 127.0.0.1:$port /") --pid "$pid")
+      kill "$pid" 2>/dev/null || true
+      while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
+      line="{\"scenario\":\"$scenario\",\"server\":\"$server\",\"run\":$run,\"result\":$result}"
+      echo "$line" | tee -a "$out"
+    done
+  done
+done
+
+python3 - "$out" <<'PY'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+keys = ["msgs_per_s", "p50_us", "p99_us", "p999_us", "lost", "server_rss_kib", "server_cpu_s",
+        "bytes_per_conn", "conns_per_s", "handshake_p50_us", "handshake_p99_us"]
+by = {}
+for r in rows:
+    by.setdefault((r["scenario"], r["server"]), []).append(r["result"])
+print("\nmedians:")
+for (scenario, server), results in sorted(by.items()):
+    med = {k: statistics.median(x[k] for x in results) for k in keys if k in results[0]}
+    print(scenario, server, json.dumps(med))
+PY

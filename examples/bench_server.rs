@@ -1,0 +1,216 @@
+//! The bench protocol's server (`../shared/bench/README.md`) on tower-ws:
+//! the same load generator drives it and the original Node.js system.
+//!
+//! ```text
+//! PORT=4000 WORKERS=1 cargo run --release --example bench_server
+//! ```
+//!
+//! - `GET /healthz`: 200.
+//! - `GET /ws`: WebSocket; `{"type":"subscribe","requestId":…}` subscribes.
+//! - `POST /publish?requestId=&count=&size=`: publishes `count`
+//!   `stream.delta`s as fast as it can, each `text` being
+//!   `<wall-clock ns>:<padding>` of about `size` bytes.
+//! - `POST /publish-many?prefix=&topics=&count=&size=`: the same, round-robin
+//!   over topics `prefix0 … prefix(topics-1)`, `count` rounds.
+//! - `POST /publish-paced?prefix=&topics=&rate=&duration=&size=`: message k
+//!   goes to `prefix(k mod topics)` and is due k/rate s after the start; a
+//!   1 ms tick publishes what is due. Answers with JSON including
+//!   `start_unix_ns`, the wall-clock due time of message 0.
+//!
+//! `WORKERS` is the number of Tokio worker threads (default 1), so the
+//! comparison with single-threaded Node is per core. Publishing goes through
+//! the public [`Publisher::stream_delta`], like any application's; the
+//! loops yield to the runtime every few messages so that, on one thread,
+//! connections write while a burst is still being published.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use tower::ServiceBuilder;
+use tower_ws::{Publisher, WsLayer};
+
+/// Deliveries (messages × subscribers) queued between two yields to the
+/// runtime, so one thread also gets to write while a burst is published.
+const YIELD_EVERY: usize = 16384;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let workers: usize = std::env::var("WORKERS").map_or(Ok(1), |w| w.parse())?;
+    let port: u16 = std::env::var("PORT")?.parse()?;
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()?
+        .block_on(serve(port))
+}
+
+async fn serve(port: u16) -> Result<(), Box<dyn std::error::Error>> {
+    // Benchmark clients send no Origin; the queue is sized so that a burst
+    // of S1 (2,000 × ~190 B) fits a subscriber that is momentarily behind.
+    let (ws, publisher) = WsLayer::builder().build()?;
+    let service = ServiceBuilder::new()
+        .layer(ws)
+        .service_fn(move |req| handle(publisher.clone(), req));
+    let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port))).await?;
+    eprintln!("tower-ws bench server on 127.0.0.1:{port}");
+    let server = auto::Builder::new(TokioExecutor::new());
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let _ = stream.set_nodelay(true);
+        let connection = server
+            .serve_connection_with_upgrades(
+                TokioIo::new(stream),
+                TowerToHyperService::new(service.clone()),
+            )
+            .into_owned();
+        tokio::spawn(connection);
+    }
+}
+
+async fn handle(
+    publisher: Publisher,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let query = Query(req.uri().query().unwrap_or("").to_owned());
+    let body = match (req.method(), req.uri().path()) {
+        (&Method::GET, "/healthz") => Some("ok".to_owned()),
+        (&Method::POST, "/publish") => {
+            let topics = [query.get("requestId")];
+            Some(
+                publish_rounds(
+                    &publisher,
+                    &topics,
+                    query.number("count"),
+                    query.number("size"),
+                )
+                .await,
+            )
+        }
+        (&Method::POST, "/publish-many") => {
+            let topics = topic_names(&query);
+            Some(
+                publish_rounds(
+                    &publisher,
+                    &topics,
+                    query.number("count"),
+                    query.number("size"),
+                )
+                .await,
+            )
+        }
+        (&Method::POST, "/publish-paced") => Some(publish_paced(&publisher, &query).await),
+        _ => None,
+    };
+    Ok(match body {
+        Some(body) => Response::new(Full::new(Bytes::from(body))),
+        None => {
+            let mut response = Response::new(Full::new(Bytes::new()));
+            *response.status_mut() = StatusCode::NOT_FOUND;
+            response
+        }
+    })
+}
+
+async fn publish_rounds(
+    publisher: &Publisher,
+    topics: &[String],
+    count: usize,
+    size: usize,
+) -> String {
+    let padding = "x".repeat(size);
+    let mut text = String::with_capacity(size + 24);
+    let (mut deliveries, mut published, mut since_yield) = (0, 0, 0);
+    for _ in 0..count {
+        for topic in topics {
+            timestamped(&mut text, &padding, size);
+            let queued = publisher.stream_delta(topic, &text);
+            deliveries += queued;
+            published += 1;
+            since_yield += queued.max(1);
+            if since_yield >= YIELD_EVERY {
+                since_yield = 0;
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+    format!("{{\"published\":{published},\"deliveries\":{deliveries}}}")
+}
+
+async fn publish_paced(publisher: &Publisher, query: &Query) -> String {
+    let topics = topic_names(query);
+    let rate = query.number("rate") as f64;
+    let duration = query.number("duration") as f64;
+    let size = query.number("size");
+    if topics.is_empty() || rate <= 0.0 {
+        return "{\"error\":\"bad query\"}".to_owned();
+    }
+    let total = (rate * duration).round() as u64;
+    let padding = "x".repeat(size);
+    let mut text = String::with_capacity(size + 24);
+    let start = tokio::time::Instant::now();
+    let start_unix_ns = unix_ns();
+    let mut ticker = tokio::time::interval(Duration::from_millis(1));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let (mut sent, mut deliveries, mut lag_max_ns) = (0u64, 0usize, 0f64);
+    while sent < total {
+        ticker.tick().await;
+        let elapsed = start.elapsed().as_secs_f64();
+        let due = ((elapsed * rate).floor() as u64 + 1).min(total);
+        while sent < due {
+            let lag = start.elapsed().as_secs_f64() * 1e9 - sent as f64 * 1e9 / rate;
+            lag_max_ns = lag_max_ns.max(lag);
+            let topic = &topics[(sent % topics.len() as u64) as usize];
+            timestamped(&mut text, &padding, size);
+            deliveries += publisher.stream_delta(topic, &text);
+            sent += 1;
+        }
+    }
+    format!(
+        "{{\"published\":{sent},\"deliveries\":{deliveries},\"lag_max_us\":{},\"start_unix_ns\":{start_unix_ns}}}",
+        (lag_max_ns / 1e3).round()
+    )
+}
+
+/// `<ns>:` then padding up to `size` bytes.
+fn timestamped(text: &mut String, padding: &str, size: usize) {
+    use std::fmt::Write;
+    text.clear();
+    let _ = write!(text, "{}:", unix_ns());
+    let pad = size.saturating_sub(text.len());
+    text.push_str(&padding[..pad]);
+}
+
+fn unix_ns() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+}
+
+fn topic_names(query: &Query) -> Vec<String> {
+    let prefix = query.get("prefix");
+    (0..query.number("topics"))
+        .map(|i| format!("{prefix}{i}"))
+        .collect()
+}
+
+struct Query(String);
+
+impl Query {
+    fn get(&self, name: &str) -> String {
+        self.0
+            .split('&')
+            .find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))
+            .unwrap_or("")
+            .to_owned()
+    }
+
+    fn number(&self, name: &str) -> usize {
+        self.get(name).parse().unwrap_or(0)
+    }
+}

@@ -1,0 +1,587 @@
+//! Load generator for the bench protocol (`../shared/bench/README.md`).
+//! Drives any server that speaks it: tower-ws's `bench_server` and the
+//! original Node.js system alike. Prints one JSON line of results.
+//!
+//! ```text
+//! loadgen s1 ADDR [--clients 1000] [--count 2000] [--size 128]
+//! loadgen s2 ADDR [--topics 1000] [--count 200] [--size 64]
+//! loadgen s3 ADDR --pid PID [--clients 10000]
+//! loadgen s4 ADDR [--clients 5000] [--inflight 64]
+//! loadgen s5 ADDR [--topics 1000] [--per-topic 1] [--rate 20000] [--duration 5] [--size 64] --pid PID
+//! ```
+//!
+//! The client is minimal on purpose (raw frames over TCP, one read for
+//! many frames), so that on one core it outpaces the server it measures.
+//! Every message is parsed as JSON and checked (type, topic, text); a
+//! message counts only if it was published after the trigger (its
+//! timestamp is later), and loss is what was expected minus what came.
+//! Latency is receive time minus the timestamp in the text (in S5, minus
+//! the message's due time). A `stream.delta` that merges several
+//! (`seqStart`) counts as the messages it covers.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Deserialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+/// A bare WebSocket client: handshake, masked text frames out, unmasked
+/// frames in, parsed straight from a read buffer.
+struct Ws {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+/// One frame from the server.
+enum Frame {
+    Text(std::ops::Range<usize>),
+    Other,
+    Closed,
+}
+
+impl Ws {
+    async fn connect(addr: SocketAddr) -> Result<Ws, Error> {
+        let mut stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let request = format!(
+            "GET /ws HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).await?;
+        let mut ws = Ws {
+            stream,
+            buf: vec![0; 64 << 10],
+            start: 0,
+            end: 0,
+        };
+        loop {
+            if let Some(at) = ws.buf[..ws.end].windows(4).position(|w| w == b"\r\n\r\n") {
+                if !ws.buf.starts_with(b"HTTP/1.1 101") {
+                    return Err("handshake refused".into());
+                }
+                ws.start = at + 4;
+                return Ok(ws);
+            }
+            let n = ws.stream.read(&mut ws.buf[ws.end..]).await?;
+            if n == 0 {
+                return Err("closed during handshake".into());
+            }
+            ws.end += n;
+        }
+    }
+
+    async fn send_text(&mut self, text: &str) -> Result<(), Error> {
+        let mask = [0x12u8, 0x34, 0x56, 0x78];
+        let mut frame = vec![0x81];
+        match text.len() {
+            n if n < 126 => frame.push(0x80 | n as u8),
+            n => {
+                frame.push(0x80 | 126);
+                frame.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+        }
+        frame.extend_from_slice(&mask);
+        frame.extend(text.bytes().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        self.stream.write_all(&frame).await?;
+        Ok(())
+    }
+
+    /// The next frame; a text frame's payload is `self.buf[range]`.
+    async fn next(&mut self) -> Result<Frame, Error> {
+        loop {
+            if let Some(frame) = self.next_buffered() {
+                return Ok(frame);
+            }
+            if !self.fill().await? {
+                return Ok(Frame::Closed);
+            }
+        }
+    }
+
+    /// The next frame already read, if a whole one is.
+    fn next_buffered(&mut self) -> Option<Frame> {
+        let (frame, len) = self.parse()?;
+        self.start += len;
+        Some(frame)
+    }
+
+    /// Reads once (up to the buffer); `false` at the end of the stream.
+    async fn fill(&mut self) -> Result<bool, Error> {
+        if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if self.end == self.buf.len() {
+            self.buf.resize(self.buf.len() * 2, 0);
+        }
+        let n = tokio::time::timeout(STALL, self.stream.read(&mut self.buf[self.end..])).await??;
+        self.end += n;
+        Ok(n > 0)
+    }
+
+    fn parse(&self) -> Option<(Frame, usize)> {
+        let b = &self.buf[self.start..self.end];
+        if b.len() < 2 {
+            return None;
+        }
+        let (len, header) = match b[1] & 0x7F {
+            126 if b.len() >= 4 => (u16::from_be_bytes([b[2], b[3]]) as usize, 4),
+            127 if b.len() >= 10 => (u64::from_be_bytes(b[2..10].try_into().ok()?) as usize, 10),
+            126 | 127 => return None,
+            n => (n as usize, 2),
+        };
+        if b.len() < header + len {
+            return None;
+        }
+        let frame = match b[0] & 0x0F {
+            0x1 => Frame::Text(self.start + header..self.start + header + len),
+            0x8 => Frame::Closed,
+            _ => Frame::Other,
+        };
+        Some((frame, header + len))
+    }
+}
+
+/// Longest wait for anything before a run is declared broken.
+const STALL: Duration = Duration::from_secs(60);
+
+fn main() -> Result<(), Error> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let scenario = args
+        .first()
+        .ok_or("usage: loadgen s1|s2|s3|s4|s5 ADDR [options]")?
+        .clone();
+    let addr: SocketAddr = args.get(1).ok_or("missing ADDR")?.parse()?;
+    let opts = Options(args[2..].to_vec());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let result = runtime.block_on(async {
+        match scenario.as_str() {
+            "s1" => s1(addr, &opts).await,
+            "s2" => s2(addr, &opts).await,
+            "s3" => s3(addr, &opts).await,
+            "s4" => s4(addr, &opts).await,
+            "s5" => s5(addr, &opts).await,
+            other => Err(format!("unknown scenario {other}").into()),
+        }
+    })?;
+    println!("{result}");
+    Ok(())
+}
+
+struct Options(Vec<String>);
+
+impl Options {
+    fn get(&self, name: &str, default: u64) -> u64 {
+        self.0
+            .iter()
+            .position(|a| a == name)
+            .and_then(|i| self.0.get(i + 1))
+            .map_or(default, |v| v.parse().expect("a number"))
+    }
+}
+
+fn unix_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// One text frame of the bench protocol, borrowed from the frame.
+#[derive(Deserialize)]
+struct Delta<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    #[serde(rename = "requestId")]
+    request_id: &'a str,
+    text: &'a str,
+    seq: Option<u64>,
+    #[serde(rename = "seqStart")]
+    seq_start: Option<u64>,
+}
+
+/// What one connection saw after the trigger.
+#[derive(Default)]
+struct Seen {
+    /// Messages counted (a merged delta counts as all it covers).
+    messages: u64,
+    /// Latencies in microseconds.
+    latencies_us: Vec<u32>,
+    /// (arrival order among counted messages, receive ns) for S5.
+    arrivals: Vec<u64>,
+    last_ns: u64,
+    invalid: u64,
+    merged_frames: u64,
+}
+
+/// Reads one connection until it has counted `expected` messages published
+/// after `trigger_ns` (markers before it are skipped).
+async fn receive(
+    mut ws: Ws,
+    topic: String,
+    trigger: Arc<AtomicU64>,
+    expected: u64,
+    keep_arrivals: bool,
+) -> Seen {
+    let mut seen = Seen::default();
+    // Frames that came in one read arrived together: one clock reading.
+    let mut now = unix_ns();
+    while seen.messages < expected {
+        let range = match ws.next_buffered() {
+            Some(Frame::Text(range)) => range,
+            Some(Frame::Other) => continue,
+            Some(Frame::Closed) => break,
+            None => match ws.fill().await {
+                Ok(true) => {
+                    now = unix_ns();
+                    continue;
+                }
+                _ => break,
+            },
+        };
+        let Ok(delta) = serde_json::from_slice::<Delta<'_>>(&ws.buf[range]) else {
+            seen.invalid += 1;
+            continue;
+        };
+        let stamp: Option<u64> = delta.text.split(':').next().and_then(|t| t.parse().ok());
+        let (Some(stamp), true) = (
+            stamp,
+            delta.kind == "stream.delta" && delta.request_id == topic,
+        ) else {
+            seen.invalid += 1;
+            continue;
+        };
+        let trigger_ns = trigger.load(Relaxed);
+        if trigger_ns == 0 || stamp < trigger_ns {
+            continue; // a marker
+        }
+        let covers = match (delta.seq_start, delta.seq) {
+            (Some(first), Some(last)) if last >= first => {
+                seen.merged_frames += 1;
+                last - first + 1
+            }
+            _ => 1,
+        };
+        let latency = now.saturating_sub(stamp) / 1000;
+        for _ in 0..covers {
+            seen.latencies_us.push(latency.min(u32::MAX as u64) as u32);
+            if keep_arrivals {
+                seen.arrivals.push(now);
+            }
+        }
+        seen.messages += covers;
+        seen.last_ns = now;
+    }
+    seen
+}
+
+/// Opens `clients` connections, `inflight` at a time, each subscribed to
+/// `topic_of(i)`. Returns them with their handshake times.
+async fn connect_all(
+    addr: SocketAddr,
+    clients: u64,
+    inflight: usize,
+    topic_of: impl Fn(u64) -> String,
+) -> Result<(Vec<(Ws, String)>, Vec<u32>), Error> {
+    let gate = Arc::new(Semaphore::new(inflight));
+    let mut tasks = Vec::with_capacity(clients as usize);
+    for i in 0..clients {
+        let topic = topic_of(i);
+        let gate = gate.clone();
+        tasks.push(tokio::spawn(async move {
+            let _permit = gate.acquire_owned().await.expect("open");
+            let started = Instant::now();
+            let mut ws = Ws::connect(addr).await?;
+            let handshake_us = started.elapsed().as_micros() as u32;
+            ws.send_text(&format!(r#"{{"type":"subscribe","requestId":"{topic}"}}"#))
+                .await?;
+            Ok::<_, Error>((ws, topic, handshake_us))
+        }));
+    }
+    let mut conns = Vec::with_capacity(tasks.len());
+    let mut handshakes = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        let (ws, topic, us) = task.await??;
+        conns.push((ws, topic));
+        handshakes.push(us);
+    }
+    Ok((conns, handshakes))
+}
+
+/// POSTs to the server; returns the body.
+async fn post(addr: SocketAddr, path_and_query: &str) -> Result<String, Error> {
+    let mut stream = TcpStream::connect(addr).await?;
+    let request = format!("POST {path_and_query} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(600), stream.read_to_end(&mut response)).await??;
+    let response = String::from_utf8_lossy(&response);
+    let (head, body) = response.split_once("\r\n\r\n").ok_or("bad response")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(format!("{path_and_query}: {head}").into());
+    }
+    // Either Content-Length or chunked: take the JSON object in it.
+    let start = body.find('{').unwrap_or(0);
+    let end = body.rfind('}').map_or(body.len(), |e| e + 1);
+    Ok(body[start..end].to_owned())
+}
+
+/// Publishes marker rounds until every connection got one, so every
+/// subscription is in place before the trigger.
+async fn wait_subscribed(
+    addr: SocketAddr,
+    conns: &mut [(Ws, String)],
+    marker: &str,
+) -> Result<(), Error> {
+    let mut pending: Vec<usize> = (0..conns.len()).collect();
+    for _ in 0..200 {
+        post(addr, marker).await?;
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+        let mut still = Vec::new();
+        for i in pending {
+            let ws = &mut conns[i].0;
+            let mut got = false;
+            // A marker is any text frame.
+            while let Ok(Ok(frame)) = tokio::time::timeout_at(deadline, ws.next()).await {
+                match frame {
+                    Frame::Text(_) => {
+                        got = true;
+                        break;
+                    }
+                    Frame::Other => continue,
+                    Frame::Closed => return Err("connection closed".into()),
+                }
+            }
+            if !got {
+                still.push(i);
+            }
+        }
+        pending = still;
+        if pending.is_empty() {
+            return Ok(());
+        }
+    }
+    Err(format!("{} connections never got a marker", pending.len()).into())
+}
+
+fn percentile(sorted: &[u32], p: f64) -> u32 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn rss_kib(pid: u64) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn cpu_seconds(pid: u64) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name: utime and stime are the 12th and 13th.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i)?.parse::<u64>().ok())
+        .sum();
+    ticks as f64 / 100.0
+}
+
+/// Runs a fan-out: triggers `publish_path` after markers, collects.
+async fn fan_out(
+    addr: SocketAddr,
+    opts: &Options,
+    mut conns: Vec<(Ws, String)>,
+    marker: &str,
+    publish_path: String,
+    expected_each: u64,
+) -> Result<String, Error> {
+    let pid = opts.get("--pid", 0);
+    wait_subscribed(addr, &mut conns, marker).await?;
+    let trigger = Arc::new(AtomicU64::new(0));
+    let readers: Vec<_> = conns
+        .into_iter()
+        .map(|(ws, topic)| tokio::spawn(receive(ws, topic, trigger.clone(), expected_each, false)))
+        .collect();
+    let cpu_before = cpu_seconds(pid);
+    let trigger_ns = unix_ns();
+    trigger.store(trigger_ns, Relaxed);
+    let started = Instant::now();
+    let server_report = post(addr, &publish_path).await?;
+    let publish_s = started.elapsed().as_secs_f64();
+    let mut all = Seen::default();
+    let clients = readers.len() as u64;
+    for reader in readers {
+        let seen = reader.await?;
+        all.messages += seen.messages;
+        all.invalid += seen.invalid;
+        all.merged_frames += seen.merged_frames;
+        all.last_ns = all.last_ns.max(seen.last_ns);
+        all.latencies_us.extend(seen.latencies_us);
+    }
+    let elapsed_s = (all.last_ns.saturating_sub(trigger_ns)) as f64 / 1e9;
+    all.latencies_us.sort_unstable();
+    let expected = expected_each * clients;
+    Ok(format!(
+        "{{\"delivered\":{},\"expected\":{expected},\"lost\":{},\"invalid\":{},\"merged_frames\":{},\"msgs_per_s\":{:.0},\"elapsed_s\":{elapsed_s:.3},\"publish_s\":{publish_s:.3},\"p50_us\":{},\"p99_us\":{},\"max_us\":{},\"server_rss_kib\":{},\"server_cpu_s\":{:.2},\"server\":{server_report}}}",
+        all.messages,
+        expected.saturating_sub(all.messages),
+        all.invalid,
+        all.merged_frames,
+        all.messages as f64 / elapsed_s.max(1e-9),
+        percentile(&all.latencies_us, 0.5),
+        percentile(&all.latencies_us, 0.99),
+        all.latencies_us.last().copied().unwrap_or(0),
+        rss_kib(pid),
+        cpu_seconds(pid) - cpu_before,
+    ))
+}
+
+async fn s1(addr: SocketAddr, opts: &Options) -> Result<String, Error> {
+    let (clients, count, size) = (
+        opts.get("--clients", 1000),
+        opts.get("--count", 2000),
+        opts.get("--size", 128),
+    );
+    let (conns, _) = connect_all(addr, clients, 64, |_| "s1".to_owned()).await?;
+    let marker = format!("/publish?requestId=s1&count=1&size={size}");
+    let path = format!("/publish?requestId=s1&count={count}&size={size}");
+    fan_out(addr, opts, conns, &marker, path, count).await
+}
+
+async fn s2(addr: SocketAddr, opts: &Options) -> Result<String, Error> {
+    let (topics, count, size) = (
+        opts.get("--topics", 1000),
+        opts.get("--count", 200),
+        opts.get("--size", 64),
+    );
+    let (conns, _) = connect_all(addr, topics, 64, |i| format!("s2-{i}")).await?;
+    let marker = format!("/publish-many?prefix=s2-&topics={topics}&count=1&size={size}");
+    let path = format!("/publish-many?prefix=s2-&topics={topics}&count={count}&size={size}");
+    fan_out(addr, opts, conns, &marker, path, count).await
+}
+
+async fn s3(addr: SocketAddr, opts: &Options) -> Result<String, Error> {
+    let (clients, pid) = (opts.get("--clients", 10_000), opts.get("--pid", 0));
+    let before = rss_kib(pid);
+    let (mut conns, _) = connect_all(addr, clients, 64, |i| format!("s3-{i}")).await?;
+    // Every subscription in place: one marker round to all topics.
+    wait_subscribed(
+        addr,
+        &mut conns,
+        &format!("/publish-many?prefix=s3-&topics={clients}&count=1&size=16"),
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = rss_kib(pid);
+    Ok(format!(
+        "{{\"clients\":{clients},\"rss_before_kib\":{before},\"rss_after_kib\":{after},\"bytes_per_conn\":{:.0}}}",
+        (after.saturating_sub(before) * 1024) as f64 / clients as f64
+    ))
+}
+
+async fn s4(addr: SocketAddr, opts: &Options) -> Result<String, Error> {
+    let (clients, inflight) = (opts.get("--clients", 5000), opts.get("--inflight", 64));
+    let started = Instant::now();
+    let (conns, mut handshakes) =
+        connect_all(addr, clients, inflight as usize, |i| format!("s4-{i}")).await?;
+    let elapsed = started.elapsed().as_secs_f64();
+    handshakes.sort_unstable();
+    drop(conns);
+    Ok(format!(
+        "{{\"clients\":{clients},\"conns_per_s\":{:.0},\"handshake_p50_us\":{},\"handshake_p99_us\":{}}}",
+        clients as f64 / elapsed,
+        percentile(&handshakes, 0.5),
+        percentile(&handshakes, 0.99)
+    ))
+}
+
+async fn s5(addr: SocketAddr, opts: &Options) -> Result<String, Error> {
+    let topics = opts.get("--topics", 1000);
+    let per_topic = opts.get("--per-topic", 1);
+    let (rate, duration, size, pid) = (
+        opts.get("--rate", 20_000),
+        opts.get("--duration", 5),
+        opts.get("--size", 64),
+        opts.get("--pid", 0),
+    );
+    let (mut conns, _) = connect_all(addr, topics * per_topic, 64, |i| {
+        format!("s5-{}", i % topics)
+    })
+    .await?;
+    wait_subscribed(
+        addr,
+        &mut conns,
+        &format!("/publish-many?prefix=s5-&topics={topics}&count=1&size={size}"),
+    )
+    .await?;
+    let total = rate * duration;
+    let trigger = Arc::new(AtomicU64::new(0));
+    let topic_index: HashMap<String, u64> = (0..topics).map(|i| (format!("s5-{i}"), i)).collect();
+    let readers: Vec<_> = conns
+        .into_iter()
+        .map(|(ws, topic)| {
+            let i = topic_index[&topic];
+            // Messages k ≡ i (mod topics) go to this topic.
+            let expected = total / topics + u64::from(i < total % topics);
+            (
+                i,
+                tokio::spawn(receive(ws, topic, trigger.clone(), expected, true)),
+            )
+        })
+        .collect();
+    let cpu_before = cpu_seconds(pid);
+    trigger.store(unix_ns(), Relaxed);
+    let report = post(
+        addr,
+        &format!(
+            "/publish-paced?prefix=s5-&topics={topics}&rate={rate}&duration={duration}&size={size}"
+        ),
+    )
+    .await?;
+    let cpu = cpu_seconds(pid) - cpu_before;
+    let start_ns: u64 = report
+        .split("\"start_unix_ns\":")
+        .nth(1)
+        .and_then(|r| r.trim_end_matches('}').split(',').next())
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or("no start_unix_ns")?;
+    let mut latencies = Vec::with_capacity((total * per_topic) as usize);
+    let (mut delivered, mut invalid) = (0u64, 0u64);
+    for (i, reader) in readers {
+        let seen = reader.await?;
+        delivered += seen.messages;
+        invalid += seen.invalid;
+        for (j, received) in seen.arrivals.iter().enumerate() {
+            let k = j as u64 * topics + i;
+            let due = start_ns + (k as f64 * 1e9 / rate as f64) as u64;
+            latencies.push((received.saturating_sub(due) / 1000).min(u32::MAX as u64) as u32);
+        }
+    }
+    latencies.sort_unstable();
+    let expected = total * per_topic;
+    Ok(format!(
+        "{{\"delivered\":{delivered},\"expected\":{expected},\"lost\":{},\"invalid\":{invalid},\"p50_us\":{},\"p99_us\":{},\"p999_us\":{},\"max_us\":{},\"server_cpu_s\":{cpu:.2},\"server\":{report}}}",
+        expected.saturating_sub(delivered),
+        percentile(&latencies, 0.5),
+        percentile(&latencies, 0.99),
+        percentile(&latencies, 0.999),
+        latencies.last().copied().unwrap_or(0),
+    ))
+}
