@@ -30,15 +30,17 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use tower::ServiceBuilder;
 use tower_ws::{Publisher, WsLayer};
 
-/// Deliveries (messages × subscribers) queued between two yields to the
-/// runtime, so one thread also gets to write while a burst is published.
+/// A burst yields to the runtime, so that one thread also writes while it
+/// publishes, once it has queued this many deliveries (messages ×
+/// subscribers) and at least [`YIELD_MIN_MESSAGES`] messages: each
+/// connection then has several frames for one write.
 const YIELD_EVERY: usize = 16384;
+const YIELD_MIN_MESSAGES: usize = 16;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let workers: usize = std::env::var("WORKERS").map_or(Ok(1), |w| w.parse())?;
@@ -59,16 +61,17 @@ async fn serve(port: u16) -> Result<(), Box<dyn std::error::Error>> {
         .service_fn(move |req| handle(publisher.clone(), req));
     let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port))).await?;
     eprintln!("tower-ws bench server on 127.0.0.1:{port}");
-    let server = auto::Builder::new(TokioExecutor::new());
+    // HTTP/1.1 only, like the Node.js server it is compared with.
+    let server = hyper::server::conn::http1::Builder::new();
     loop {
         let (stream, _) = listener.accept().await?;
         let _ = stream.set_nodelay(true);
         let connection = server
-            .serve_connection_with_upgrades(
+            .serve_connection(
                 TokioIo::new(stream),
                 TowerToHyperService::new(service.clone()),
             )
-            .into_owned();
+            .with_upgrades();
         tokio::spawn(connection);
     }
 }
@@ -125,16 +128,18 @@ async fn publish_rounds(
 ) -> String {
     let padding = "x".repeat(size);
     let mut text = String::with_capacity(size + 24);
-    let (mut deliveries, mut published, mut since_yield) = (0, 0, 0);
+    let (mut deliveries, mut published) = (0, 0);
+    let (mut queued_since_yield, mut published_since_yield) = (0, 0);
     for _ in 0..count {
         for topic in topics {
             timestamped(&mut text, &padding, size);
             let queued = publisher.stream_delta(topic, &text);
             deliveries += queued;
             published += 1;
-            since_yield += queued.max(1);
-            if since_yield >= YIELD_EVERY {
-                since_yield = 0;
+            queued_since_yield += queued.max(1);
+            published_since_yield += 1;
+            if queued_since_yield >= YIELD_EVERY && published_since_yield >= YIELD_MIN_MESSAGES {
+                (queued_since_yield, published_since_yield) = (0, 0);
                 tokio::task::yield_now().await;
             }
         }

@@ -497,15 +497,21 @@ async fn s3(addr: SocketAddr, opts: &Options) -> Result<String, Error> {
 }
 
 async fn s4(addr: SocketAddr, opts: &Options) -> Result<String, Error> {
-    let (clients, inflight) = (opts.get("--clients", 5000), opts.get("--inflight", 64));
+    let (clients, inflight, pid) = (
+        opts.get("--clients", 5000),
+        opts.get("--inflight", 64),
+        opts.get("--pid", 0),
+    );
+    let cpu_before = cpu_seconds(pid);
     let started = Instant::now();
     let (conns, mut handshakes) =
         connect_all(addr, clients, inflight as usize, |i| format!("s4-{i}")).await?;
     let elapsed = started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(pid) - cpu_before;
     handshakes.sort_unstable();
     drop(conns);
     Ok(format!(
-        "{{\"clients\":{clients},\"conns_per_s\":{:.0},\"handshake_p50_us\":{},\"handshake_p99_us\":{}}}",
+        "{{\"clients\":{clients},\"conns_per_s\":{:.0},\"server_cpu_s\":{cpu:.2},\"elapsed_s\":{elapsed:.2},\"handshake_p50_us\":{},\"handshake_p99_us\":{}}}",
         clients as f64 / elapsed,
         percentile(&handshakes, 0.5),
         percentile(&handshakes, 0.99)
