@@ -92,9 +92,12 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_reader_gets_the_exact_text_merged_while_fast_readers_get_every_delta() {
+    // Coalescing starts at half the queue (128 KiB): far more than a reader
+    // that keeps up ever has queued, far less than the slow reader's
+    // backlog (3,000 deltas of ~80 bytes).
     let server = axum_server_with_send_buffer(
         builder()
-            .max_queued_bytes(64 << 10)
+            .max_queued_bytes(256 << 10)
             .history_bytes(16 << 10)
             .heartbeat(Duration::from_millis(100))
             .heartbeat_timeout(Duration::from_secs(5)),
@@ -132,7 +135,7 @@ async fn a_slow_reader_gets_the_exact_text_merged_while_fast_readers_get_every_d
         &mut slow,
         DELTAS as u64,
         Duration::from_millis(5),
-        Duration::from_secs(2),
+        Duration::from_secs(4),
     )
     .await;
     let expected = within(publishing).await.unwrap();
