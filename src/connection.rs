@@ -22,6 +22,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use crate::events::{ClientEvent, ClientEventKind};
 use crate::frame::{self, close_code, MAX_CONTROL_PAYLOAD};
 use crate::hub::Subscribed;
+use crate::inbound::{Handled, Inbound, Reply};
 use crate::layer::Shared;
 use crate::message::Message;
 use crate::outbox::{Outbox, Status, Take};
@@ -126,6 +127,40 @@ pub(crate) async fn serve(
     tracing::info!(%client_id, %reason, "websocket_disconnected");
 }
 
+/// A fragmented message being put together.
+struct Partial {
+    is_text: bool,
+    buf: BytesMut,
+    /// How much of `buf` is known to be valid UTF-8.
+    utf8_checked: usize,
+}
+
+impl Partial {
+    /// Adds a fragment. The limit is on the whole message (the reader only
+    /// limits each frame), and text must stay valid UTF-8 but for a
+    /// character the next fragment finishes, so invalid text fails at the
+    /// fragment that brings it.
+    fn push(&mut self, fragment: &[u8], max: usize) -> Result<(), ReadEnd> {
+        if self.buf.len() + fragment.len() > max {
+            return Err(violation(close_code::MESSAGE_TOO_BIG, "message too big"));
+        }
+        self.buf.extend_from_slice(fragment);
+        if self.is_text {
+            match std::str::from_utf8(&self.buf[self.utf8_checked..]) {
+                Ok(_) => self.utf8_checked = self.buf.len(),
+                Err(e) if e.error_len().is_none() => self.utf8_checked += e.valid_up_to(),
+                Err(_) => {
+                    return Err(violation(
+                        close_code::INVALID_PAYLOAD,
+                        "text is not valid UTF-8",
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Why a connection ended, for the logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Reason {
@@ -207,7 +242,8 @@ impl Conn<'_> {
                         }
                         ReadEnd::Violation { code, reason } => {
                             tracing::debug!(client_id = %self.outbox.client_id(), code, reason, "websocket_protocol_violation");
-                            self.discarded(self.outbox.close(Some(frame::close(code, reason)), false));
+                            // What was queued before the violation still goes out first.
+                            self.discarded(self.outbox.close(Some(frame::close(code, reason)), true));
                             Reason::ServerClosed(code)
                         }
                         ReadEnd::Gone => {
@@ -283,8 +319,7 @@ impl Conn<'_> {
         topics: &mut HashSet<Arc<str>>,
     ) -> ReadEnd {
         let max = self.shared.config.max_message_size;
-        // A fragmented message being put together: (is text, bytes so far).
-        let mut partial: Option<(bool, BytesMut)> = None;
+        let mut partial: Option<Partial> = None;
         loop {
             let frame = match reader.next().await {
                 Ok(frame) => frame,
@@ -306,25 +341,30 @@ impl Conn<'_> {
                             return end;
                         }
                     } else {
-                        partial = Some((is_text, BytesMut::from(frame.payload)));
+                        let mut started = Partial {
+                            is_text,
+                            buf: BytesMut::new(),
+                            utf8_checked: 0,
+                        };
+                        if let Err(end) = started.push(frame.payload, max) {
+                            return end;
+                        }
+                        partial = Some(started);
                     }
                 }
                 OpCode::Continuation => {
-                    let Some((_, buf)) = partial.as_mut() else {
+                    let Some(message) = partial.as_mut() else {
                         return violation(
                             close_code::PROTOCOL_ERROR,
                             "unexpected continuation frame",
                         );
                     };
-                    // The reader limits each frame; the limit is on the whole
-                    // message.
-                    if buf.len() + frame.payload.len() > max {
-                        return violation(close_code::MESSAGE_TOO_BIG, "message too big");
+                    if let Err(end) = message.push(frame.payload, max) {
+                        return end;
                     }
-                    buf.extend_from_slice(frame.payload);
                     if frame.fin {
-                        let (is_text, buf) = partial.take().expect("checked above");
-                        if let Err(end) = self.on_message(is_text, &buf, topics) {
+                        let message = partial.take().expect("checked above");
+                        if let Err(end) = self.on_message(message.is_text, &message.buf, topics) {
                             return end;
                         }
                     }
@@ -343,19 +383,35 @@ impl Conn<'_> {
         payload: &[u8],
         topics: &mut HashSet<Arc<str>>,
     ) -> Result<(), ReadEnd> {
-        if !is_text {
+        let text = if is_text {
+            match std::str::from_utf8(payload) {
+                Ok(text) => Some(text),
+                Err(_) => {
+                    return Err(violation(
+                        close_code::INVALID_PAYLOAD,
+                        "text is not valid UTF-8",
+                    ))
+                }
+            }
+        } else {
+            None
+        };
+        if let Some(hook) = &self.shared.config.on_message {
+            let inbound = match text {
+                Some(text) => Inbound::Text(text),
+                None => Inbound::Binary(payload),
+            };
+            if hook.call(inbound, &Reply::new(&self.shared.hub, self.outbox)) == Handled::Yes {
+                return Ok(());
+            }
+        }
+        if text.is_none() {
             self.send_error(
                 protocol::UNKNOWN_REQUEST_ID,
                 error_code::INVALID_MESSAGE,
                 "binary frames are not supported; send JSON text",
             );
             return Ok(());
-        }
-        if std::str::from_utf8(payload).is_err() {
-            return Err(violation(
-                close_code::INVALID_PAYLOAD,
-                "text is not valid UTF-8",
-            ));
         }
         let message = match protocol::parse_client_message(payload) {
             Ok(message) => message,
@@ -612,6 +668,26 @@ mod tests {
             }
             _ => panic!("expected an echo"),
         }
+    }
+
+    #[test]
+    fn fragmented_text_fails_at_the_fragment_that_breaks_utf8() {
+        let mut p = Partial {
+            is_text: true,
+            buf: BytesMut::new(),
+            utf8_checked: 0,
+        };
+        // "é" split across two fragments is fine.
+        assert!(p.push(&[b'a', 0xC3], 100).is_ok());
+        assert!(p.push(&[0xA9, b'b'], 100).is_ok());
+        assert!(matches!(
+            p.push(&[0xFF], 100),
+            Err(ReadEnd::Violation { code: 1007, .. })
+        ));
+        assert!(matches!(
+            p.push(&[b'x'; 200], 100),
+            Err(ReadEnd::Violation { code: 1009, .. })
+        ));
     }
 
     /// Runs one connection over an in-memory pipe; returns why it ended and

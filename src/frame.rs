@@ -39,6 +39,7 @@ pub mod close_code {
 }
 
 const OP_TEXT: u8 = 0x1;
+const OP_BINARY: u8 = 0x2;
 const OP_CLOSE: u8 = 0x8;
 const OP_PING: u8 = 0x9;
 const OP_PONG: u8 = 0xA;
@@ -68,6 +69,25 @@ pub(crate) fn write_header_before(buf: &mut [u8], payload_start: usize) -> usize
     let start = payload_start - header_len;
     buf[start..payload_start].copy_from_slice(&header[..header_len]);
     start
+}
+
+/// A text frame carrying `payload` (UTF-8, checked by the caller's type).
+pub(crate) fn text(payload: &[u8]) -> Bytes {
+    data(OP_TEXT, payload)
+}
+
+/// A binary frame carrying `payload`.
+pub(crate) fn binary(payload: &[u8]) -> Bytes {
+    data(OP_BINARY, payload)
+}
+
+fn data(opcode: u8, payload: &[u8]) -> Bytes {
+    let mut header = [0u8; MAX_HEADER];
+    let header_len = write_header(&mut header, opcode, payload.len());
+    let mut buf = BytesMut::with_capacity(header_len + payload.len());
+    buf.put_slice(&header[..header_len]);
+    buf.put_slice(payload);
+    buf.freeze()
 }
 
 /// A Ping frame with an empty payload.

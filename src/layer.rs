@@ -11,6 +11,7 @@ use tower::Layer;
 use crate::error::BuildError;
 use crate::events::{ClientEvent, ClientEvents};
 use crate::hub::Hub;
+use crate::inbound::{Handled, Hook, Inbound, Reply};
 use crate::origin::{Origin, OriginPolicy};
 use crate::outbox::SlowClientPolicy;
 use crate::service::WsService;
@@ -98,6 +99,7 @@ pub struct WsLayerBuilder {
     event_capacity: usize,
     slow_client_policy: SlowClientPolicy,
     history: HistoryLimits,
+    on_message: Option<Hook>,
 }
 
 impl Default for WsLayerBuilder {
@@ -118,6 +120,7 @@ impl Default for WsLayerBuilder {
                 age: DEFAULT_HISTORY_AGE,
                 completed_grace: DEFAULT_COMPLETED_GRACE,
             },
+            on_message: None,
         }
     }
 }
@@ -253,6 +256,37 @@ impl WsLayerBuilder {
         self
     }
 
+    /// A hook that sees every complete client message before the default
+    /// protocol, and may answer it and keep it from the protocol (see
+    /// [`Handled`]). Use it for messages of your own, or to speak another
+    /// protocol entirely, e.g. an echo server:
+    ///
+    /// ```
+    /// use tower_ws::{Handled, Inbound, WsLayer};
+    ///
+    /// let (layer, _publisher) = WsLayer::builder()
+    ///     .on_message(|message, reply| {
+    ///         match message {
+    ///             Inbound::Text(text) => reply.text(text),
+    ///             Inbound::Binary(data) => reply.binary(data),
+    ///             _ => return Handled::No,
+    ///         };
+    ///         Handled::Yes
+    ///     })
+    ///     .build()
+    ///     .unwrap();
+    /// # drop(layer);
+    /// ```
+    ///
+    /// Defaults to none: the default protocol handles every message.
+    pub fn on_message<F>(mut self, hook: F) -> Self
+    where
+        F: Fn(Inbound<'_>, &Reply<'_>) -> Handled + Send + Sync + 'static,
+    {
+        self.on_message = Some(Hook::new(hook));
+        self
+    }
+
     /// Checks the configuration and makes the layer and its publisher.
     pub fn build(self) -> Result<(WsLayer, Publisher), BuildError> {
         if !self.path.starts_with('/') {
@@ -302,6 +336,7 @@ impl WsLayerBuilder {
             max_queued_bytes: self.max_queued_bytes,
             max_message_size: self.max_message_size,
             slow_client_policy: self.slow_client_policy,
+            on_message: self.on_message,
             sweep_interval: (self.history.completed_grace.min(self.history.age) / 2)
                 .clamp(Duration::from_millis(10), Duration::from_secs(1)),
         };
@@ -333,6 +368,7 @@ pub(crate) struct Config {
     pub(crate) max_queued_bytes: usize,
     pub(crate) max_message_size: usize,
     pub(crate) slow_client_policy: SlowClientPolicy,
+    pub(crate) on_message: Option<Hook>,
     pub(crate) sweep_interval: Duration,
 }
 

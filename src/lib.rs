@@ -68,6 +68,7 @@ mod error;
 mod events;
 mod frame;
 mod hub;
+mod inbound;
 mod layer;
 mod message;
 mod origin;
@@ -86,6 +87,7 @@ pub use connection::ClientId;
 pub use error::{BuildError, PublishError, SerializeError};
 pub use events::{ClientEvent, ClientEventKind, ClientEvents};
 pub use frame::close_code;
+pub use inbound::{Handled, Inbound, Reply};
 pub use layer::{
     WsLayer, WsLayerBuilder, DEFAULT_COMPLETED_GRACE, DEFAULT_EVENT_CAPACITY,
     DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_HISTORY_AGE, DEFAULT_HISTORY_BYTES,

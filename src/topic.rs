@@ -100,7 +100,8 @@ impl TopicState {
                 self.pop_oldest();
             }
         }
-        self.expire(now, limits);
+        // Age and completion are left to the sweep: checking them here would
+        // touch the oldest entry, cold in cache, on every publish.
         (message, self.history_bytes as isize - before)
     }
 
