@@ -83,29 +83,13 @@ async fn handle(
     let query = Query(req.uri().query().unwrap_or("").to_owned());
     let body = match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => Some("ok".to_owned()),
-        (&Method::POST, "/publish") => {
-            let topics = [query.get("requestId")];
-            Some(
-                publish_rounds(
-                    &publisher,
-                    &topics,
-                    query.number("count"),
-                    query.number("size"),
-                )
-                .await,
-            )
-        }
-        (&Method::POST, "/publish-many") => {
-            let topics = topic_names(&query);
-            Some(
-                publish_rounds(
-                    &publisher,
-                    &topics,
-                    query.number("count"),
-                    query.number("size"),
-                )
-                .await,
-            )
+        (&Method::POST, path @ ("/publish" | "/publish-many")) => {
+            let topics = match path {
+                "/publish" => vec![query.get("requestId")],
+                _ => topic_names(&query),
+            };
+            let (count, size) = (query.number("count"), query.number("size"));
+            Some(publish_rounds(&publisher, &topics, count, size).await)
         }
         (&Method::POST, "/publish-paced") => Some(publish_paced(&publisher, &query).await),
         _ => None,

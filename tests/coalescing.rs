@@ -15,16 +15,31 @@ use tokio_tungstenite::WebSocketStream;
 
 const DELTAS: usize = 3000;
 
-/// A client whose socket takes little, so it falls behind when it reads
-/// slowly.
-async fn small_buffer_client(server: &Server) -> WebSocketStream<tokio::net::TcpStream> {
+/// A server with small socket send buffers and the given queue limit and
+/// heartbeat timeout, and a client subscribed to "t" whose socket takes
+/// little, so it falls behind when it reads slowly.
+async fn server_and_slow_client(
+    max_queued_bytes: usize,
+    heartbeat_timeout: Duration,
+) -> (Server, WebSocketStream<tokio::net::TcpStream>) {
+    let server = axum_server_with_send_buffer(
+        builder()
+            .max_queued_bytes(max_queued_bytes)
+            .history_bytes(16 << 10)
+            .heartbeat(Duration::from_millis(100))
+            .heartbeat_timeout(heartbeat_timeout),
+        Some(4096),
+    )
+    .await;
     let socket = TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let stream = socket.connect(server.addr).await.unwrap();
-    let (ws, _) = tokio_tungstenite::client_async(server.ws_url(), stream)
+    let (mut ws, _) = tokio_tungstenite::client_async(server.ws_url(), stream)
         .await
         .unwrap();
-    ws
+    let subscribe = json!({"type":"subscribe","requestId":"t"}).to_string();
+    ws.send(Message::text(subscribe)).await.unwrap();
+    (server, ws)
 }
 
 struct Received {
@@ -95,21 +110,7 @@ async fn a_slow_reader_gets_the_exact_text_merged_while_fast_readers_get_every_d
     // Coalescing starts at half the queue (128 KiB): far more than a reader
     // that keeps up ever has queued, far less than the slow reader's
     // backlog (3,000 deltas of ~80 bytes).
-    let server = axum_server_with_send_buffer(
-        builder()
-            .max_queued_bytes(256 << 10)
-            .history_bytes(16 << 10)
-            .heartbeat(Duration::from_millis(100))
-            .heartbeat_timeout(Duration::from_secs(5)),
-        Some(4096),
-    )
-    .await;
-    let mut slow = small_buffer_client(&server).await;
-    slow.send(Message::text(
-        json!({"type":"subscribe","requestId":"t"}).to_string(),
-    ))
-    .await
-    .unwrap();
+    let (server, mut slow) = server_and_slow_client(256 << 10, Duration::from_secs(5)).await;
     let mut fast = Client::connect(&server).await;
     fast.subscribe("t").await;
     subscribers(&server.publisher, "t", 2).await;
@@ -171,21 +172,7 @@ async fn a_slow_reader_still_answers_the_heartbeat() {
     // The reader is slow enough to keep its queue full, and its socket
     // buffers small enough to drain well within the timeout: pings only
     // have to get past the queue, which they skip.
-    let server = axum_server_with_send_buffer(
-        builder()
-            .max_queued_bytes(64 << 10)
-            .history_bytes(16 << 10)
-            .heartbeat(Duration::from_millis(100))
-            .heartbeat_timeout(Duration::from_secs(2)),
-        Some(4096),
-    )
-    .await;
-    let mut slow = small_buffer_client(&server).await;
-    slow.send(Message::text(
-        json!({"type":"subscribe","requestId":"t"}).to_string(),
-    ))
-    .await
-    .unwrap();
+    let (server, mut slow) = server_and_slow_client(64 << 10, Duration::from_secs(2)).await;
     subscribers(&server.publisher, "t", 1).await;
     let publisher = server.publisher.clone();
     let publishing = tokio::spawn(async move {
