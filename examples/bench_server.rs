@@ -53,9 +53,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 }
 
 async fn serve(port: u16) -> Result<(), Box<dyn std::error::Error>> {
-    // Benchmark clients send no Origin; the queue is sized so that a burst
-    // of S1 (2,000 × ~190 B) fits a subscriber that is momentarily behind.
-    let (ws, publisher) = WsLayer::builder().build()?;
+    // Defaults throughout (benchmark clients send no Origin), but for the
+    // connection limit: S3 opens as many as the file limit allows.
+    let (ws, publisher) = WsLayer::builder().max_connections(100_000).build()?;
     let service = ServiceBuilder::new()
         .layer(ws)
         .service_fn(move |req| handle(publisher.clone(), req));

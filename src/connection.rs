@@ -11,7 +11,7 @@
 
 use std::collections::HashSet;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,6 +28,7 @@ use crate::message::Message;
 use crate::outbox::{Outbox, Status, Take};
 use crate::pending::Pending;
 use crate::protocol::{self, error_code, ClientMessage, ServerMessage};
+use crate::rate_limit::{RateLimit, Verdict};
 use crate::reader::{FrameReader, OpCode, ReadError};
 use crate::shutdown::TaskGuard;
 use crate::stats::Counters;
@@ -113,6 +114,7 @@ pub(crate) async fn serve(
         outbox: &outbox,
         epoch: Instant::now(),
         last_seen_ms: AtomicU64::new(0),
+        engaged: AtomicBool::new(false),
     };
     let mut topics = HashSet::new();
     let reason = conn.run(&mut reader, &mut write_half, &mut topics).await;
@@ -219,6 +221,9 @@ struct Conn<'a> {
     epoch: Instant,
     /// When a frame last arrived, in milliseconds since `epoch`.
     last_seen_ms: AtomicU64,
+    /// Whether the client ever subscribed (or sent a message the
+    /// `on_message` hook handled): it met the subscribe deadline.
+    engaged: AtomicBool,
 }
 
 impl Conn<'_> {
@@ -319,6 +324,8 @@ impl Conn<'_> {
         topics: &mut HashSet<Arc<str>>,
     ) -> ReadEnd {
         let max = self.shared.config.max_message_size;
+        let (per_second, burst) = self.shared.config.limits.message_rate;
+        let mut rate = RateLimit::new(per_second, burst, Instant::now());
         let mut partial: Option<Partial> = None;
         loop {
             let frame = match reader.next().await {
@@ -327,6 +334,27 @@ impl Conn<'_> {
                 Err(ReadError::Violation { code, reason }) => return violation(code, reason),
             };
             self.touch();
+            // Whole messages and pings count against the rate; fragments
+            // count once, with their last frame.
+            let counted = frame.fin && !matches!(frame.opcode, OpCode::Close | OpCode::Pong);
+            if counted {
+                match rate.check(Instant::now()) {
+                    Verdict::Allowed => {}
+                    Verdict::Limited => {
+                        if frame.opcode != OpCode::Continuation {
+                            self.send_error(
+                                protocol::UNKNOWN_REQUEST_ID,
+                                error_code::RATE_LIMITED,
+                                "too many messages; this one was not processed",
+                            );
+                            continue;
+                        }
+                    }
+                    Verdict::Exceeded => {
+                        return violation(close_code::POLICY_VIOLATION, "message rate exceeded")
+                    }
+                }
+            }
             match frame.opcode {
                 OpCode::Text | OpCode::Binary => {
                     if partial.is_some() {
@@ -402,6 +430,7 @@ impl Conn<'_> {
                 None => Inbound::Binary(payload),
             };
             if hook.call(inbound, &Reply::new(&self.shared.hub, self.outbox)) == Handled::Yes {
+                self.engaged.store(true, Relaxed);
                 return Ok(());
             }
         }
@@ -426,8 +455,31 @@ impl Conn<'_> {
         };
         let client_id = self.outbox.client_id();
         let hub = &self.shared.hub;
+        let limits = &self.shared.config.limits;
+        if message.request_id().len() > limits.max_topic_len {
+            self.send_error(
+                protocol::UNKNOWN_REQUEST_ID,
+                error_code::TOPIC_TOO_LONG,
+                &format!("requestId is longer than {} bytes", limits.max_topic_len),
+            );
+            return Ok(());
+        }
         match message {
+            ClientMessage::Subscribe { request_id, .. }
+                if topics.len() >= limits.max_subscriptions
+                    && !topics.contains(request_id.as_str()) =>
+            {
+                self.send_error(
+                    &request_id,
+                    error_code::TOO_MANY_SUBSCRIPTIONS,
+                    &format!(
+                        "at most {} subscriptions per connection",
+                        limits.max_subscriptions
+                    ),
+                );
+            }
             ClientMessage::Subscribe { request_id, since } => {
+                self.engaged.store(true, Relaxed);
                 let gap = |first_seq| protocol::history_gap(&request_id, first_seq);
                 if let Subscribed::New {
                     replayed,
@@ -510,6 +562,13 @@ impl Conn<'_> {
         // Set once the connection starts closing: the last frames must be
         // written by then.
         let mut deadline: Option<Instant> = None;
+        // When a client that never subscribed is closed.
+        let subscribe_by = self
+            .shared
+            .config
+            .limits
+            .subscribe_deadline
+            .map(|d| self.epoch + d);
         loop {
             if pending.at_boundary() && close_code.is_none() {
                 self.outbox.take_control(&mut control);
@@ -536,6 +595,8 @@ impl Conn<'_> {
                     }
                     Take::Stop => return WriteEnd::Stopped,
                     Take::Idle => {
+                        let subscribe_by = subscribe_by.filter(|_| !self.engaged.load(Relaxed));
+                        let far = Instant::now() + interval;
                         tokio::select! {
                             biased;
                             _ = self.outbox.woken() => {}
@@ -544,6 +605,14 @@ impl Conn<'_> {
                                     return WriteEnd::HeartbeatTimeout;
                                 }
                                 ping_due = true;
+                            }
+                            _ = tokio::time::sleep_until(subscribe_by.unwrap_or(far)), if subscribe_by.is_some() => {
+                                // It may have subscribed while this waited.
+                                if !self.engaged.load(Relaxed) {
+                                    tracing::info!(client_id = %self.outbox.client_id(), "websocket_subscribe_deadline");
+                                    let close = frame::close(close_code::POLICY_VIOLATION, "no subscription in time");
+                                    self.outbox.close(Some(close), true);
+                                }
                             }
                         }
                         continue;
@@ -712,6 +781,7 @@ mod tests {
             outbox: &outbox,
             epoch: Instant::now(),
             last_seen_ms: AtomicU64::new(0),
+            engaged: AtomicBool::new(false),
         };
         let reason = conn
             .run(&mut reader, &mut write_half, &mut HashSet::new())
@@ -734,7 +804,8 @@ mod tests {
         let start = Instant::now();
         let builder = crate::WsLayer::builder()
             .heartbeat(Duration::from_secs(10))
-            .heartbeat_timeout(Duration::from_secs(25));
+            .heartbeat_timeout(Duration::from_secs(25))
+            .subscribe_deadline(None);
         let (reason, received) = run_against(builder, silent).await;
         assert_eq!(reason, Reason::HeartbeatTimeout);
         // Checked at every tick: at 10 s and 20 s it pings; at 30 s the
@@ -747,7 +818,8 @@ mod tests {
     async fn a_peer_that_pongs_is_kept_until_it_closes() {
         let builder = crate::WsLayer::builder()
             .heartbeat(Duration::from_secs(10))
-            .heartbeat_timeout(Duration::from_secs(15));
+            .heartbeat_timeout(Duration::from_secs(15))
+            .subscribe_deadline(None);
         let (reason, received) = run_against(builder, |mut io| {
             tokio::spawn(async move {
                 use tokio::io::AsyncReadExt;

@@ -37,6 +37,18 @@ pub const DEFAULT_HISTORY_BYTES: usize = 256 << 10;
 pub const DEFAULT_HISTORY_AGE: Duration = Duration::from_secs(300);
 /// The default time a finished stream's history is kept, 30 seconds.
 pub const DEFAULT_COMPLETED_GRACE: Duration = Duration::from_secs(30);
+/// The default limit on open connections, 10,000.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// The default limit on one connection's subscriptions, 128.
+pub const DEFAULT_MAX_SUBSCRIPTIONS: usize = 128;
+/// The default limit on a `requestId`'s length, 256 bytes.
+pub const DEFAULT_MAX_TOPIC_LEN: usize = 256;
+/// The default inbound message rate per connection: 100 per second, in
+/// bursts of up to 200.
+pub const DEFAULT_MESSAGE_RATE: (u32, u32) = (100, 200);
+/// The default time a connection has to make its first subscription, 30
+/// seconds.
+pub const DEFAULT_SUBSCRIBE_DEADLINE: Duration = Duration::from_secs(30);
 
 /// A [`Layer`] that upgrades WebSocket requests on one path and passes
 /// every other request to the service it wraps.
@@ -100,6 +112,7 @@ pub struct WsLayerBuilder {
     slow_client_policy: SlowClientPolicy,
     history: HistoryLimits,
     on_message: Option<Hook>,
+    limits: ConnectionLimits,
 }
 
 impl Default for WsLayerBuilder {
@@ -121,6 +134,13 @@ impl Default for WsLayerBuilder {
                 completed_grace: DEFAULT_COMPLETED_GRACE,
             },
             on_message: None,
+            limits: ConnectionLimits {
+                max_connections: DEFAULT_MAX_CONNECTIONS,
+                max_subscriptions: DEFAULT_MAX_SUBSCRIPTIONS,
+                max_topic_len: DEFAULT_MAX_TOPIC_LEN,
+                message_rate: DEFAULT_MESSAGE_RATE,
+                subscribe_deadline: Some(DEFAULT_SUBSCRIBE_DEADLINE),
+            },
         }
     }
 }
@@ -256,6 +276,57 @@ impl WsLayerBuilder {
         self
     }
 
+    /// The most connections open at once, counting handshakes under way.
+    /// A handshake beyond it gets `503 Service Unavailable` with
+    /// `Retry-After`, before any upgrade.
+    ///
+    /// Defaults to 10,000.
+    pub fn max_connections(mut self, connections: usize) -> Self {
+        self.limits.max_connections = connections;
+        self
+    }
+
+    /// The most topics one connection may subscribe to; a `subscribe` past
+    /// it gets an `error` `too_many_subscriptions` and the connection stays
+    /// open.
+    ///
+    /// Defaults to 128.
+    pub fn max_subscriptions(mut self, subscriptions: usize) -> Self {
+        self.limits.max_subscriptions = subscriptions;
+        self
+    }
+
+    /// The longest `requestId`, in bytes; a message with a longer one gets
+    /// an `error` `topic_too_long` and the connection stays open.
+    ///
+    /// Defaults to 256.
+    pub fn max_topic_len(mut self, bytes: usize) -> Self {
+        self.limits.max_topic_len = bytes;
+        self
+    }
+
+    /// How many messages (and pings) a connection may send: `per_second` on
+    /// average, in bursts of up to `burst` (a token bucket). A message past
+    /// the rate is not processed and gets an `error` `rate_limited`; a
+    /// client that sends `burst` more while over it is closed with 1008.
+    ///
+    /// Defaults to 100 per second, bursts of 200.
+    pub fn message_rate(mut self, per_second: u32, burst: u32) -> Self {
+        self.limits.message_rate = (per_second, burst);
+        self
+    }
+
+    /// How long a connection may stay open without subscribing to anything
+    /// (or sending a message the [`on_message`](Self::on_message) hook
+    /// handles) before it is closed with 1008, so idle sockets cannot be
+    /// hoarded. `None` turns the deadline off.
+    ///
+    /// Defaults to 30 seconds.
+    pub fn subscribe_deadline(mut self, deadline: Option<Duration>) -> Self {
+        self.limits.subscribe_deadline = deadline;
+        self
+    }
+
     /// A hook that sees every complete client message before the default
     /// protocol, and may answer it and keep it from the protocol (see
     /// [`Handled`]). Use it for messages of your own, or to speak another
@@ -318,6 +389,12 @@ impl WsLayerBuilder {
             ("max message size", self.max_message_size == 0),
             ("event capacity", self.event_capacity == 0),
             ("history age", self.history.age.is_zero()),
+            ("max connections", self.limits.max_connections == 0),
+            ("max topic length", self.limits.max_topic_len == 0),
+            (
+                "message rate",
+                self.limits.message_rate.0 == 0 || self.limits.message_rate.1 == 0,
+            ),
         ] {
             if zero {
                 return Err(BuildError::Zero(what));
@@ -337,6 +414,7 @@ impl WsLayerBuilder {
             max_message_size: self.max_message_size,
             slow_client_policy: self.slow_client_policy,
             on_message: self.on_message,
+            limits: self.limits,
             sweep_interval: (self.history.completed_grace.min(self.history.age) / 2)
                 .clamp(Duration::from_millis(10), Duration::from_secs(1)),
         };
@@ -369,7 +447,18 @@ pub(crate) struct Config {
     pub(crate) max_message_size: usize,
     pub(crate) slow_client_policy: SlowClientPolicy,
     pub(crate) on_message: Option<Hook>,
+    pub(crate) limits: ConnectionLimits,
     pub(crate) sweep_interval: Duration,
+}
+
+/// Per-connection and global limits.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ConnectionLimits {
+    pub(crate) max_connections: usize,
+    pub(crate) max_subscriptions: usize,
+    pub(crate) max_topic_len: usize,
+    pub(crate) message_rate: (u32, u32),
+    pub(crate) subscribe_deadline: Option<Duration>,
 }
 
 /// What the layer, its services, its connections and its publishers share.

@@ -76,6 +76,7 @@ mod outbox;
 mod pending;
 pub mod protocol;
 mod publisher;
+mod rate_limit;
 mod reader;
 mod service;
 mod shutdown;
@@ -91,7 +92,9 @@ pub use inbound::{Handled, Inbound, Reply};
 pub use layer::{
     WsLayer, WsLayerBuilder, DEFAULT_COMPLETED_GRACE, DEFAULT_EVENT_CAPACITY,
     DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_HISTORY_AGE, DEFAULT_HISTORY_BYTES,
-    DEFAULT_HISTORY_MESSAGES, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_MAX_QUEUED_BYTES, DEFAULT_PATH,
+    DEFAULT_HISTORY_MESSAGES, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_MESSAGE_SIZE,
+    DEFAULT_MAX_QUEUED_BYTES, DEFAULT_MAX_SUBSCRIPTIONS, DEFAULT_MAX_TOPIC_LEN,
+    DEFAULT_MESSAGE_RATE, DEFAULT_PATH, DEFAULT_SUBSCRIBE_DEADLINE,
 };
 pub use outbox::SlowClientPolicy;
 pub use publisher::Publisher;

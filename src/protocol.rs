@@ -171,6 +171,18 @@ pub mod error_code {
     /// longer reaches back to what the client asked for; the error's
     /// `firstSeq` is the first sequence number it will receive.
     pub const HISTORY_GAP: &str = "history_gap";
+    /// A `subscribe` beyond the connection's limit of subscriptions
+    /// ([`max_subscriptions`](crate::WsLayerBuilder::max_subscriptions)).
+    /// The connection stays open.
+    pub const TOO_MANY_SUBSCRIPTIONS: &str = "too_many_subscriptions";
+    /// A `requestId` longer than
+    /// [`max_topic_len`](crate::WsLayerBuilder::max_topic_len). The
+    /// connection stays open.
+    pub const TOPIC_TOO_LONG: &str = "topic_too_long";
+    /// A message beyond the connection's rate
+    /// ([`message_rate`](crate::WsLayerBuilder::message_rate)); it was not
+    /// processed. A client that keeps going is closed with 1008.
+    pub const RATE_LIMITED: &str = "rate_limited";
 }
 
 /// The `requestId` used in an `error` when the client's own could not be read.

@@ -8,7 +8,7 @@
 //! | not a WebSocket handshake (not `GET`, no `Connection: upgrade` or `Upgrade: websocket`) | `426 Upgrade Required` |
 //! | `Sec-WebSocket-Version` other than 13 | `426 Upgrade Required` with `Sec-WebSocket-Version: 13` |
 //! | no `Sec-WebSocket-Key` | `400 Bad Request` |
-//! | after shutdown began | `503 Service Unavailable` |
+//! | after shutdown began, or at the connection limit | `503 Service Unavailable` with `Retry-After` |
 //! | an `Origin` the policy refuses | `403 Forbidden` |
 //!
 //! Every other request goes to the inner service untouched.
@@ -175,12 +175,16 @@ fn handshake<B, ResBody>(shared: &Arc<Shared>, mut req: Request<B>) -> Response<
         origin,
         user_agent: text(req.headers(), header::USER_AGENT),
     };
+    let max_connections = shared.config.limits.max_connections;
+    let Some(task) = shared.tasks.try_start(max_connections) else {
+        tracing::warn!(max_connections, "websocket_connection_limit_reached");
+        return reject(StatusCode::SERVICE_UNAVAILABLE, "too many connections\n");
+    };
     let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(parts) => parts,
         Err(_) => return reject(StatusCode::BAD_REQUEST, "invalid WebSocket handshake\n"),
     };
     shared.ensure_sweeper();
-    let task = shared.tasks.start();
     tokio::spawn(connection::serve(shared.clone(), upgrade, peer, task));
     response.map(|_| WsBody::own(bytes::Bytes::new()))
 }

@@ -34,9 +34,14 @@ pub(crate) struct Tasks {
 pub(crate) struct TaskGuard(Arc<Tasks>);
 
 impl Tasks {
-    pub(crate) fn start(self: &Arc<Self>) -> TaskGuard {
-        self.live.fetch_add(1, Ordering::SeqCst);
-        TaskGuard(self.clone())
+    /// Starts a task unless `max` are live already.
+    pub(crate) fn try_start(self: &Arc<Self>, max: usize) -> Option<TaskGuard> {
+        self.live
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| TaskGuard(self.clone()))
     }
 
     /// Resolves once no task is live.
@@ -99,8 +104,9 @@ mod tests {
     async fn idle_waits_for_every_guard() {
         let tasks = Arc::new(Tasks::default());
         tasks.idle().await;
-        let a = tasks.start();
-        let b = tasks.start();
+        let a = tasks.try_start(2).unwrap();
+        let b = tasks.try_start(2).unwrap();
+        assert!(tasks.try_start(2).is_none());
         let waiter = tokio::spawn({
             let tasks = tasks.clone();
             async move { tasks.idle().await }

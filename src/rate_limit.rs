@@ -1,0 +1,76 @@
+//! A token bucket for one connection's inbound messages.
+
+use tokio::time::Instant;
+
+/// What the bucket says about one message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// Within the rate.
+    Allowed,
+    /// Over the rate: not processed, the client is told.
+    Limited,
+    /// Over the rate for `burst` messages in a row: close the connection.
+    Exceeded,
+}
+
+pub(crate) struct RateLimit {
+    per_second: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+    /// Messages refused since the last one allowed.
+    strikes: u32,
+}
+
+impl RateLimit {
+    /// `per_second` on average, bursts of up to `burst`; starts full.
+    pub(crate) fn new(per_second: u32, burst: u32, now: Instant) -> Self {
+        Self {
+            per_second: f64::from(per_second),
+            burst: f64::from(burst),
+            tokens: f64::from(burst),
+            last: now,
+            strikes: 0,
+        }
+    }
+
+    pub(crate) fn check(&mut self, now: Instant) -> Verdict {
+        let refill = now.saturating_duration_since(self.last).as_secs_f64() * self.per_second;
+        self.tokens = (self.tokens + refill).min(self.burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            self.strikes = 0;
+            return Verdict::Allowed;
+        }
+        self.strikes += 1;
+        if f64::from(self.strikes) > self.burst {
+            Verdict::Exceeded
+        } else {
+            Verdict::Limited
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn bursts_then_the_rate_then_closing_when_it_persists() {
+        let start = Instant::now();
+        let mut limit = RateLimit::new(10, 5, start);
+        for _ in 0..5 {
+            assert_eq!(limit.check(start), Verdict::Allowed);
+        }
+        assert_eq!(limit.check(start), Verdict::Limited);
+        // 100 ms later one token is back.
+        let later = start + Duration::from_millis(100);
+        assert_eq!(limit.check(later), Verdict::Allowed);
+        for _ in 0..5 {
+            assert_eq!(limit.check(later), Verdict::Limited);
+        }
+        assert_eq!(limit.check(later), Verdict::Exceeded);
+    }
+}

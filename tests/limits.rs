@@ -1,0 +1,104 @@
+//! Limits with safe defaults: connections, subscriptions per connection,
+//! topic length, message rate, and the deadline to subscribe.
+
+mod support;
+
+use std::time::Duration;
+
+use futures_util::SinkExt;
+use serde_json::json;
+use support::*;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
+
+#[tokio::test]
+async fn connections_past_the_limit_get_503_before_any_upgrade() {
+    let server = axum_server(builder().max_connections(2)).await;
+    let _a = Client::connect(&server).await;
+    let _b = Client::connect(&server).await;
+    assert_eq!(
+        Client::connect_with_origin(&server, None).await.err(),
+        Some(503)
+    );
+    let (status, text) = raw_http(server.addr, &handshake_request("/ws", "")).await;
+    assert_eq!(status, 503);
+    assert!(text.to_ascii_lowercase().contains("retry-after"), "{text}");
+    drop(_a);
+    eventually("a slot frees up", || {
+        server.publisher.stats().connections == 1
+    })
+    .await;
+    assert!(Client::connect_with_origin(&server, None).await.is_ok());
+}
+
+#[tokio::test]
+async fn subscriptions_past_the_limit_get_an_error_and_the_connection_stays() {
+    let server = axum_server(builder().max_subscriptions(2)).await;
+    let mut client = Client::connect(&server).await;
+    for topic in ["a", "b", "c"] {
+        client.subscribe(topic).await;
+    }
+    let error = client.recv_json().await;
+    assert_eq!(
+        (error["error"].as_str(), error["requestId"].as_str()),
+        (Some("too_many_subscriptions"), Some("c"))
+    );
+    // Subscribing again to one it has is not a new subscription.
+    client.subscribe("a").await;
+    client.subscribe("b").await;
+    assert_eq!(server.publisher.stats().subscriptions, 2);
+    server.publisher.stream_delta("a", "still here");
+    assert_eq!(client.recv_json().await["text"], "still here");
+}
+
+#[tokio::test]
+async fn long_topics_get_an_error_and_the_connection_stays() {
+    let server = axum_server(builder()).await;
+    let mut client = Client::connect(&server).await;
+    client.subscribe(&"x".repeat(257)).await;
+    let error = client.recv_json().await;
+    assert_eq!(
+        (error["error"].as_str(), error["requestId"].as_str()),
+        (Some("topic_too_long"), Some("unknown"))
+    );
+    client.subscribe(&"x".repeat(256)).await;
+    subscribers(&server.publisher, &"x".repeat(256), 1).await;
+}
+
+#[tokio::test]
+async fn a_flood_is_refused_then_closed_with_1008() {
+    let server = axum_server(builder().message_rate(5, 5)).await;
+    let mut client = Client::connect(&server).await;
+    let hello = json!({"type":"unsubscribe","requestId":"none"}).to_string();
+    // Five pass, the next five are refused with an error each, then 1008.
+    for _ in 0..11 {
+        client.ws.send(Message::text(hello.clone())).await.unwrap();
+    }
+    for _ in 0..5 {
+        assert_eq!(client.recv_json().await["error"], "rate_limited");
+    }
+    assert_eq!(client.recv_close().await, Some(CloseCode::Policy));
+}
+
+#[tokio::test]
+async fn a_connection_that_never_subscribes_is_closed_with_1008() {
+    let server = axum_server(builder().subscribe_deadline(Some(Duration::from_millis(200)))).await;
+    let mut idle = Client::connect(&server).await;
+    let mut active = Client::connect(&server).await;
+    active.subscribe("t").await;
+    assert_eq!(idle.recv_close().await, Some(CloseCode::Policy));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.publisher.stream_delta("t", "kept");
+    assert_eq!(active.recv_json().await["text"], "kept");
+}
+
+#[tokio::test]
+async fn deeply_nested_json_is_an_invalid_message() {
+    let server = axum_server(builder()).await;
+    let mut client = Client::connect(&server).await;
+    let nested = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+    client.send_text(&nested).await;
+    assert_eq!(client.recv_json().await["error"], "invalid_message");
+    client.subscribe("t").await;
+    subscribers(&server.publisher, "t", 1).await;
+}
