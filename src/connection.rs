@@ -19,6 +19,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, MissedTickBehavior};
 
+use crate::auth::Principal;
 use crate::events::{ClientEvent, ClientEventKind};
 use crate::frame::{self, close_code, MAX_CONTROL_PAYLOAD};
 use crate::hub::Subscribed;
@@ -71,6 +72,7 @@ impl fmt::Debug for ClientId {
 pub(crate) struct Peer {
     pub(crate) origin: Option<String>,
     pub(crate) user_agent: Option<String>,
+    pub(crate) principal: Option<Principal>,
 }
 
 /// Runs one connection from the completed upgrade to the end of cleanup.
@@ -106,6 +108,7 @@ pub(crate) async fn serve(
         %client_id,
         origin = peer.origin.as_deref(),
         user_agent = peer.user_agent.as_deref(),
+        principal = peer.principal.as_ref().map(Principal::id),
         "websocket_connected"
     );
 
@@ -115,6 +118,7 @@ pub(crate) async fn serve(
         epoch: Instant::now(),
         last_seen_ms: AtomicU64::new(0),
         engaged: AtomicBool::new(false),
+        principal: peer.principal.as_ref(),
     };
     let mut topics = HashSet::new();
     let reason = conn.run(&mut reader, &mut write_half, &mut topics).await;
@@ -224,6 +228,8 @@ struct Conn<'a> {
     /// Whether the client ever subscribed (or sent a message the
     /// `on_message` hook handled): it met the subscribe deadline.
     engaged: AtomicBool,
+    /// Who the `authorize` hook said the client is.
+    principal: Option<&'a Principal>,
 }
 
 impl Conn<'_> {
@@ -476,6 +482,25 @@ impl Conn<'_> {
                         "at most {} subscriptions per connection",
                         limits.max_subscriptions
                     ),
+                );
+            }
+            ClientMessage::Subscribe { request_id, .. }
+                if !self
+                    .shared
+                    .config
+                    .auth
+                    .may_subscribe(self.principal, &request_id) =>
+            {
+                tracing::warn!(
+                    %client_id,
+                    %request_id,
+                    principal = self.principal.map(Principal::id),
+                    "websocket_subscribe_forbidden"
+                );
+                self.send_error(
+                    &request_id,
+                    error_code::FORBIDDEN,
+                    "not allowed to subscribe to this topic",
                 );
             }
             ClientMessage::Subscribe { request_id, since } => {
@@ -782,6 +807,7 @@ mod tests {
             epoch: Instant::now(),
             last_seen_ms: AtomicU64::new(0),
             engaged: AtomicBool::new(false),
+            principal: None,
         };
         let reason = conn
             .run(&mut reader, &mut write_half, &mut HashSet::new())

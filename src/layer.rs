@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tower::Layer;
 
+use crate::auth::{AuthHooks, Principal, Rejection, UpgradeRequest};
 use crate::error::BuildError;
 use crate::events::{ClientEvent, ClientEvents};
 use crate::hub::Hub;
@@ -113,6 +114,7 @@ pub struct WsLayerBuilder {
     history: HistoryLimits,
     on_message: Option<Hook>,
     limits: ConnectionLimits,
+    auth: AuthHooks,
 }
 
 impl Default for WsLayerBuilder {
@@ -141,6 +143,7 @@ impl Default for WsLayerBuilder {
                 message_rate: DEFAULT_MESSAGE_RATE,
                 subscribe_deadline: Some(DEFAULT_SUBSCRIBE_DEADLINE),
             },
+            auth: AuthHooks::default(),
         }
     }
 }
@@ -327,6 +330,35 @@ impl WsLayerBuilder {
         self
     }
 
+    /// Authorizes each handshake, after the `Origin` check and before the
+    /// upgrade: return the connection's [`Principal`], or a [`Rejection`]
+    /// that becomes `401` or `403` (logged with its reason as
+    /// `websocket_unauthorized`). See [`crate::auth`].
+    ///
+    /// Defaults to none: every handshake that passes the `Origin` check is
+    /// accepted, without a principal.
+    pub fn authorize<F>(mut self, hook: F) -> Self
+    where
+        F: Fn(&UpgradeRequest<'_>) -> Result<Principal, Rejection> + Send + Sync + 'static,
+    {
+        self.auth.authorize = Some(Arc::new(hook));
+        self
+    }
+
+    /// Decides each `subscribe`: called with the connection's principal
+    /// (`None` without an [`authorize`](Self::authorize) hook) and the
+    /// topic. A refused subscribe gets an `error` with code `forbidden` and
+    /// no data from the topic; the connection stays open.
+    ///
+    /// Defaults to none: every subscribe is allowed.
+    pub fn authorize_subscribe<F>(mut self, hook: F) -> Self
+    where
+        F: Fn(Option<&Principal>, &str) -> bool + Send + Sync + 'static,
+    {
+        self.auth.subscribe = Some(Arc::new(hook));
+        self
+    }
+
     /// A hook that sees every complete client message before the default
     /// protocol, and may answer it and keep it from the protocol (see
     /// [`Handled`]). Use it for messages of your own, or to speak another
@@ -415,6 +447,7 @@ impl WsLayerBuilder {
             slow_client_policy: self.slow_client_policy,
             on_message: self.on_message,
             limits: self.limits,
+            auth: self.auth,
             sweep_interval: (self.history.completed_grace.min(self.history.age) / 2)
                 .clamp(Duration::from_millis(10), Duration::from_secs(1)),
         };
@@ -448,6 +481,7 @@ pub(crate) struct Config {
     pub(crate) slow_client_policy: SlowClientPolicy,
     pub(crate) on_message: Option<Hook>,
     pub(crate) limits: ConnectionLimits,
+    pub(crate) auth: AuthHooks,
     pub(crate) sweep_interval: Duration,
 }
 

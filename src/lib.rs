@@ -62,6 +62,7 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
+pub mod auth;
 mod body;
 mod connection;
 mod error;
@@ -83,6 +84,7 @@ mod shutdown;
 mod stats;
 mod topic;
 
+pub use auth::{Principal, Rejection, UpgradeRequest};
 pub use body::WsBody;
 pub use connection::ClientId;
 pub use error::{BuildError, PublishError, SerializeError};

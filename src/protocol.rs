@@ -183,6 +183,10 @@ pub mod error_code {
     /// ([`message_rate`](crate::WsLayerBuilder::message_rate)); it was not
     /// processed. A client that keeps going is closed with 1008.
     pub const RATE_LIMITED: &str = "rate_limited";
+    /// A `subscribe` the
+    /// [`authorize_subscribe`](crate::WsLayerBuilder::authorize_subscribe)
+    /// hook refused. The connection stays open.
+    pub const FORBIDDEN: &str = "forbidden";
 }
 
 /// The `requestId` used in an `error` when the client's own could not be read.

@@ -10,11 +10,13 @@
 //! | no `Sec-WebSocket-Key` | `400 Bad Request` |
 //! | after shutdown began, or at the connection limit | `503 Service Unavailable` with `Retry-After` |
 //! | an `Origin` the policy refuses | `403 Forbidden` |
+//! | a [`Rejection`](crate::Rejection) from the `authorize` hook | `401 Unauthorized` or `403 Forbidden` |
 //!
 //! Every other request goes to the inner service untouched.
 
 use std::fmt;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -24,6 +26,7 @@ use hyper::{Method, Request, Response, StatusCode, Version};
 use pin_project_lite::pin_project;
 use tower::Service;
 
+use crate::auth::UpgradeRequest;
 use crate::body::WsBody;
 use crate::connection::{self, Peer};
 use crate::layer::Shared;
@@ -167,13 +170,58 @@ fn handshake<B, ResBody>(shared: &Arc<Shared>, mut req: Request<B>) -> Response<
         );
         return reject(StatusCode::FORBIDDEN, "origin not allowed\n");
     }
+    let principal = match &shared.config.auth.authorize {
+        None => None,
+        Some(authorize) => {
+            let request = UpgradeRequest {
+                uri: req.uri(),
+                headers: req.headers(),
+                peer: req.extensions().get::<SocketAddr>().copied(),
+            };
+            match authorize(&request) {
+                Ok(principal) => {
+                    if let Some(protocol) = principal.protocol() {
+                        if !request.protocols().any(|p| p == protocol) {
+                            tracing::error!(
+                                protocol,
+                                "websocket_unauthorized: the principal's protocol was not offered"
+                            );
+                            return reject(
+                                StatusCode::INTERNAL_SERVER_ERROR,
+                                "server misconfigured\n",
+                            );
+                        }
+                    }
+                    Some(principal)
+                }
+                Err(rejection) => {
+                    tracing::warn!(
+                        status = rejection.status,
+                        reason = %rejection.reason,
+                        origin = origin.as_deref(),
+                        peer = ?request.peer,
+                        "websocket_unauthorized"
+                    );
+                    return match rejection.status {
+                        401 => reject(StatusCode::UNAUTHORIZED, "unauthorized\n"),
+                        _ => reject(StatusCode::FORBIDDEN, "forbidden\n"),
+                    };
+                }
+            }
+        }
+    };
     if tokio::runtime::Handle::try_current().is_err() {
         tracing::error!("websocket_upgrade_failed: the layer must run inside a Tokio runtime");
         return reject(StatusCode::INTERNAL_SERVER_ERROR, "server misconfigured\n");
     }
+    let protocol = principal
+        .as_ref()
+        .and_then(|p| p.protocol())
+        .map(str::to_owned);
     let peer = Peer {
         origin,
         user_agent: text(req.headers(), header::USER_AGENT),
+        principal,
     };
     let max_connections = shared.config.limits.max_connections;
     let Some(task) = shared.tasks.try_start(max_connections) else {
@@ -186,7 +234,13 @@ fn handshake<B, ResBody>(shared: &Arc<Shared>, mut req: Request<B>) -> Response<
     };
     shared.ensure_sweeper();
     tokio::spawn(connection::serve(shared.clone(), upgrade, peer, task));
-    response.map(|_| WsBody::own(bytes::Bytes::new()))
+    let mut response = response.map(|_| WsBody::own(bytes::Bytes::new()));
+    if let Some(value) = protocol.and_then(|p| HeaderValue::from_str(&p).ok()) {
+        response
+            .headers_mut()
+            .insert(header::SEC_WEBSOCKET_PROTOCOL, value);
+    }
+    response
 }
 
 fn reject<B>(status: StatusCode, body: &'static str) -> Response<WsBody<B>> {

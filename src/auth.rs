@@ -1,0 +1,195 @@
+//! Who may connect, and who may read which stream.
+//!
+//! Two optional hooks. [`WsLayerBuilder::authorize`] runs at the
+//! handshake, after the `Origin` check and before the upgrade: it sees the
+//! request ([`UpgradeRequest`]) and returns a [`Principal`] or a
+//! [`Rejection`] (`401` or `403`). [`WsLayerBuilder::authorize_subscribe`]
+//! runs on every `subscribe` with the connection's principal and the topic;
+//! a denied subscribe gets an `error` with code `forbidden` and no data.
+//!
+//! Browsers cannot set headers on a WebSocket handshake, but they can offer
+//! subprotocols: a token sent as one of them (`new WebSocket(url, ["bearer",
+//! token])`) is in [`UpgradeRequest::protocols`], and the principal names
+//! the protocol to accept ([`Principal::with_protocol`]), which the `101`
+//! then carries in `Sec-WebSocket-Protocol` as browsers require.
+//!
+//! Without hooks, anyone who passes the `Origin` check may connect and
+//! subscribe to any topic: a `requestId` is then a bearer secret and must be
+//! unguessable.
+//!
+//! [`WsLayerBuilder::authorize`]: crate::WsLayerBuilder::authorize
+//! [`WsLayerBuilder::authorize_subscribe`]: crate::WsLayerBuilder::authorize_subscribe
+
+use std::any::Any;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use hyper::header::{self, HeaderMap};
+use hyper::Uri;
+
+/// The handshake request, as the [`authorize`](crate::WsLayerBuilder::authorize)
+/// hook sees it.
+pub struct UpgradeRequest<'a> {
+    pub(crate) uri: &'a Uri,
+    pub(crate) headers: &'a HeaderMap,
+    pub(crate) peer: Option<SocketAddr>,
+}
+
+impl<'a> UpgradeRequest<'a> {
+    /// The request's headers (cookies included).
+    pub fn headers(&self) -> &'a HeaderMap {
+        self.headers
+    }
+
+    /// The request URI, with its query.
+    pub fn uri(&self) -> &'a Uri {
+        self.uri
+    }
+
+    /// The client's address, when the server put a [`SocketAddr`] in the
+    /// request's extensions (`None` otherwise).
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        self.peer
+    }
+
+    /// The subprotocols the client offered in `Sec-WebSocket-Protocol`, in
+    /// order.
+    pub fn protocols(&self) -> impl Iterator<Item = &'a str> {
+        self.headers
+            .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+    }
+}
+
+impl fmt::Debug for UpgradeRequest<'_> {
+    // Headers may hold credentials: show only the path and the peer.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpgradeRequest")
+            .field("path", &self.uri.path())
+            .field("peer", &self.peer)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Who a connection belongs to, as the `authorize` hook decided.
+#[derive(Clone)]
+pub struct Principal {
+    id: String,
+    protocol: Option<String>,
+    data: Option<Arc<dyn Any + Send + Sync>>,
+}
+
+impl Principal {
+    /// A principal with this id (a user id, say), logged with the
+    /// connection.
+    pub fn new(id: impl Into<String>) -> Self {
+        Self {
+            id: id.into(),
+            protocol: None,
+            data: None,
+        }
+    }
+
+    /// Accepts this subprotocol: the `101` names it in
+    /// `Sec-WebSocket-Protocol`. It must be one the client offered.
+    pub fn with_protocol(mut self, protocol: impl Into<String>) -> Self {
+        self.protocol = Some(protocol.into());
+        self
+    }
+
+    /// Attaches application data (roles, tenant, …) for the subscribe hook.
+    pub fn with_data<T: Any + Send + Sync>(mut self, data: T) -> Self {
+        self.data = Some(Arc::new(data));
+        self
+    }
+
+    /// The id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The accepted subprotocol, if any.
+    pub fn protocol(&self) -> Option<&str> {
+        self.protocol.as_deref()
+    }
+
+    /// The attached data, if it is a `T`.
+    pub fn data<T: Any>(&self) -> Option<&T> {
+        self.data.as_deref()?.downcast_ref()
+    }
+}
+
+impl fmt::Debug for Principal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Principal")
+            .field("id", &self.id)
+            .field("protocol", &self.protocol)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why the `authorize` hook refused a handshake.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub(crate) status: u16,
+    pub(crate) reason: String,
+}
+
+impl Rejection {
+    /// `401 Unauthorized`: no or invalid credentials. `reason` is logged,
+    /// not sent; keep secrets out of it.
+    pub fn unauthorized(reason: impl Into<String>) -> Self {
+        Self {
+            status: 401,
+            reason: reason.into(),
+        }
+    }
+
+    /// `403 Forbidden`: valid credentials that may not connect. `reason` is
+    /// logged, not sent.
+    pub fn forbidden(reason: impl Into<String>) -> Self {
+        Self {
+            status: 403,
+            reason: reason.into(),
+        }
+    }
+}
+
+impl fmt::Debug for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Rejection({}: {})", self.status, self.reason)
+    }
+}
+
+type AuthorizeFn = dyn Fn(&UpgradeRequest<'_>) -> Result<Principal, Rejection> + Send + Sync;
+type SubscribeFn = dyn Fn(Option<&Principal>, &str) -> bool + Send + Sync;
+
+/// The configured hooks; `Debug` does not show the closures.
+#[derive(Clone, Default)]
+pub(crate) struct AuthHooks {
+    pub(crate) authorize: Option<Arc<AuthorizeFn>>,
+    pub(crate) subscribe: Option<Arc<SubscribeFn>>,
+}
+
+impl AuthHooks {
+    /// Whether `principal` may subscribe to `topic`.
+    pub(crate) fn may_subscribe(&self, principal: Option<&Principal>, topic: &str) -> bool {
+        self.subscribe
+            .as_ref()
+            .map_or(true, |f| f(principal, topic))
+    }
+}
+
+impl fmt::Debug for AuthHooks {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuthHooks")
+            .field("authorize", &self.authorize.is_some())
+            .field("subscribe", &self.subscribe.is_some())
+            .finish()
+    }
+}

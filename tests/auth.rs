@@ -1,0 +1,103 @@
+//! Authorization: the handshake hook (principal or 401/403, a token in
+//! `Sec-WebSocket-Protocol`) and the subscribe hook (`forbidden`).
+
+mod support;
+
+use support::*;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tower_ws::{Principal, Rejection, WsLayerBuilder};
+
+/// Accepts `?token=alice-token` or a `bearer, <token>` subprotocol pair;
+/// alice may read only topics starting with "alice-".
+fn with_auth() -> WsLayerBuilder {
+    builder()
+        .authorize(|req| {
+            let from_query = req.uri().query().and_then(|q| q.strip_prefix("token="));
+            let mut protocols = req.protocols();
+            let from_protocol = match (protocols.next(), protocols.next()) {
+                (Some("bearer"), Some(token)) => Some(token),
+                _ => None,
+            };
+            match from_query.or(from_protocol) {
+                None => Err(Rejection::unauthorized("no token")),
+                Some("alice-token") => {
+                    let principal = Principal::new("alice").with_data(vec!["alice-".to_owned()]);
+                    Ok(match from_protocol {
+                        Some(_) => principal.with_protocol("bearer"),
+                        None => principal,
+                    })
+                }
+                Some(_) => Err(Rejection::forbidden("unknown token")),
+            }
+        })
+        .authorize_subscribe(|principal, topic| {
+            principal
+                .and_then(|p| p.data::<Vec<String>>())
+                .is_some_and(|prefixes| prefixes.iter().any(|p| topic.starts_with(p.as_str())))
+        })
+}
+
+async fn connect(server: &Server, query: &str, protocols: Option<&str>) -> Result<Client, u16> {
+    let mut request = format!("{}{query}", server.ws_url())
+        .into_client_request()
+        .unwrap();
+    if let Some(protocols) = protocols {
+        request
+            .headers_mut()
+            .insert("Sec-WebSocket-Protocol", protocols.parse().unwrap());
+    }
+    match tokio_tungstenite::connect_async(request).await {
+        Ok((ws, response)) => {
+            if protocols.is_some() {
+                assert_eq!(response.headers()["sec-websocket-protocol"], "bearer");
+            }
+            Ok(Client { ws })
+        }
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            Err(response.status().as_u16())
+        }
+        Err(e) => panic!("{e}"),
+    }
+}
+
+#[tokio::test]
+async fn the_handshake_hook_admits_or_refuses_before_the_upgrade() {
+    let server = axum_server(with_auth()).await;
+    assert_eq!(connect(&server, "", None).await.err(), Some(401));
+    assert_eq!(
+        connect(&server, "?token=mallory", None).await.err(),
+        Some(403)
+    );
+    assert!(connect(&server, "?token=alice-token", None).await.is_ok());
+    assert_eq!(server.publisher.stats().connections, 1);
+}
+
+#[tokio::test]
+async fn a_token_in_the_subprotocol_header_works_and_is_echoed() {
+    let server = axum_server(with_auth()).await;
+    assert!(connect(&server, "", Some("bearer, alice-token"))
+        .await
+        .is_ok());
+    assert_eq!(
+        connect(&server, "", Some("bearer, wrong")).await.err(),
+        Some(403)
+    );
+}
+
+#[tokio::test]
+async fn a_forbidden_subscribe_gets_an_error_and_no_data() {
+    let server = axum_server(with_auth()).await;
+    let mut alice = connect(&server, "?token=alice-token", None).await.unwrap();
+    server.publisher.stream_delta("bob-1", "secret");
+    alice.subscribe("bob-1").await;
+    let error = alice.recv_json().await;
+    assert_eq!(
+        (error["error"].as_str(), error["requestId"].as_str()),
+        (Some("forbidden"), Some("bob-1"))
+    );
+    assert_eq!(server.publisher.subscriber_count("bob-1"), 0);
+    alice.subscribe("alice-1").await;
+    subscribers(&server.publisher, "alice-1", 1).await;
+    server.publisher.stream_delta("alice-1", "mine");
+    assert_eq!(alice.recv_json().await["text"], "mine");
+}
