@@ -1,0 +1,35 @@
+// Node's `ws` against the running narration example: post a search,
+// subscribe, receive the whole narration, close cleanly.
+//
+// Usage: node narration.mjs http://127.0.0.1:PORT
+import WebSocket from "ws";
+
+const base = process.argv[2];
+const { requestId } = await (await fetch(`${base}/api/search`, {
+  method: "POST",
+  headers: { "content-type": "application/json" },
+  body: JSON.stringify({ query: "ramen" }),
+})).json();
+
+const ws = new WebSocket(base.replace("http", "ws") + "/ws");
+const result = await new Promise((resolve, reject) => {
+  const timer = setTimeout(() => reject(new Error("timed out")), 20000);
+  let text = "";
+  let fullText = null;
+  ws.on("open", () => ws.send(JSON.stringify({ type: "subscribe", requestId })));
+  ws.on("message", (data) => {
+    const msg = JSON.parse(data.toString());
+    if (msg.type === "stream.delta") text += msg.text;
+    if (msg.type === "stream.done") fullText = msg.fullText;
+    if (msg.type === "status" && msg.status === "done") {
+      clearTimeout(timer);
+      ws.close(1000, "done");
+    }
+  });
+  ws.on("close", (code) => resolve({ code, text, fullText }));
+  ws.on("error", reject);
+});
+const ok = result.code === 1000 && result.fullText !== null && result.text === result.fullText;
+console.log(`node ws: close ${result.code}, ${result.text.length} chars streamed, matches fullText: ${result.text === result.fullText}`);
+console.log(ok ? "node ws check: ok" : "node ws check: FAILED");
+process.exit(ok ? 0 : 1);
