@@ -19,7 +19,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use tower::ServiceBuilder;
+use tower::{ServiceBuilder, ServiceExt};
 use tower_http::trace::TraceLayer;
 use tower_ws::{Publisher, WsLayer};
 use tracing_subscriber::EnvFilter;
@@ -49,10 +49,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
+                let Ok((stream, peer)) = accepted else { continue };
+                // The layer finds the client's address here, for its
+                // per-address limit and its logs.
+                let app = app.clone().map_request(move |mut req: Request<Incoming>| {
+                    req.extensions_mut().insert(peer);
+                    req
+                });
                 let connection = server.serve_connection_with_upgrades(
                     TokioIo::new(stream),
-                    TowerToHyperService::new(app.clone()),
+                    TowerToHyperService::new(app),
                 );
                 let connection = graceful.watch(connection.into_owned());
                 tokio::spawn(async move {

@@ -11,6 +11,7 @@
 
 use std::collections::HashSet;
 use std::fmt;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +21,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::auth::Principal;
+use crate::client_ip::IpSlot;
 use crate::events::{ClientEvent, ClientEventKind};
 use crate::frame::{self, close_code, MAX_CONTROL_PAYLOAD};
 use crate::hub::Subscribed;
@@ -73,6 +75,7 @@ pub(crate) struct Peer {
     pub(crate) origin: Option<String>,
     pub(crate) user_agent: Option<String>,
     pub(crate) principal: Option<Principal>,
+    pub(crate) ip: Option<IpAddr>,
 }
 
 /// Runs one connection from the completed upgrade to the end of cleanup.
@@ -80,7 +83,8 @@ pub(crate) async fn serve(
     shared: Arc<Shared>,
     upgrade: fastwebsockets::upgrade::UpgradeFut,
     peer: Peer,
-    _task: TaskGuard,
+    // Held until the connection's cleanup is done.
+    _counted: (TaskGuard, Option<IpSlot>),
 ) {
     let io = match upgrade.await {
         Ok(ws) => ws.into_inner(),
@@ -109,6 +113,7 @@ pub(crate) async fn serve(
         origin = peer.origin.as_deref(),
         user_agent = peer.user_agent.as_deref(),
         principal = peer.principal.as_ref().map(Principal::id),
+        ip = ?peer.ip,
         "websocket_connected"
     );
 

@@ -17,6 +17,8 @@ pub enum BuildError {
     WildcardOrigin,
     /// A duration or size that must be positive is zero.
     Zero(&'static str),
+    /// The trusted proxy header is not a valid header name.
+    InvalidHeaderName(String),
     /// `history_bytes` is larger than `max_queued_bytes`: replaying a full
     /// history would overflow a new subscriber's queue.
     HistoryExceedsQueue,
@@ -36,6 +38,7 @@ impl fmt::Display for BuildError {
                 f.write_str("\"*\" is not an origin; call allow_any_origin() to allow every origin")
             }
             Self::Zero(what) => write!(f, "{what} must be greater than zero"),
+            Self::InvalidHeaderName(name) => write!(f, "{name:?} is not a valid header name"),
             Self::HistoryExceedsQueue => {
                 f.write_str("history bytes must not exceed max queued bytes")
             }

@@ -5,10 +5,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
+use hyper::header::HeaderName;
 use tokio::sync::mpsc;
 use tower::Layer;
 
 use crate::auth::{AuthHooks, Principal, Rejection, UpgradeRequest};
+use crate::client_ip::PerIp;
 use crate::error::BuildError;
 use crate::events::{ClientEvent, ClientEvents};
 use crate::hub::Hub;
@@ -40,6 +42,8 @@ pub const DEFAULT_HISTORY_AGE: Duration = Duration::from_secs(300);
 pub const DEFAULT_COMPLETED_GRACE: Duration = Duration::from_secs(30);
 /// The default limit on open connections, 10,000.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// The default limit on connections from one client address, 256.
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 256;
 /// The default limit on one connection's subscriptions, 128.
 pub const DEFAULT_MAX_SUBSCRIPTIONS: usize = 128;
 /// The default limit on a `requestId`'s length, 256 bytes.
@@ -115,6 +119,7 @@ pub struct WsLayerBuilder {
     on_message: Option<Hook>,
     limits: ConnectionLimits,
     auth: AuthHooks,
+    trusted_proxy_header: Option<String>,
 }
 
 impl Default for WsLayerBuilder {
@@ -138,12 +143,14 @@ impl Default for WsLayerBuilder {
             on_message: None,
             limits: ConnectionLimits {
                 max_connections: DEFAULT_MAX_CONNECTIONS,
+                max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
                 max_subscriptions: DEFAULT_MAX_SUBSCRIPTIONS,
                 max_topic_len: DEFAULT_MAX_TOPIC_LEN,
                 message_rate: DEFAULT_MESSAGE_RATE,
                 subscribe_deadline: Some(DEFAULT_SUBSCRIBE_DEADLINE),
             },
             auth: AuthHooks::default(),
+            trusted_proxy_header: None,
         }
     }
 }
@@ -289,6 +296,30 @@ impl WsLayerBuilder {
         self
     }
 
+    /// The most connections open at once from one client address; past it,
+    /// `503` with `Retry-After`. The address is the trusted proxy header's
+    /// (see [`trusted_proxy_header`](Self::trusted_proxy_header)) or the
+    /// [`SocketAddr`](std::net::SocketAddr) the server put in the request's
+    /// extensions; when neither is there, only
+    /// [`max_connections`](Self::max_connections) applies.
+    ///
+    /// Defaults to 256.
+    pub fn max_connections_per_ip(mut self, connections: usize) -> Self {
+        self.limits.max_connections_per_ip = connections;
+        self
+    }
+
+    /// A header set by a proxy you trust in front of the server (e.g.
+    /// `X-Forwarded-For`) whose last entry is the client's address, for the
+    /// per-address limit and the logs. Only set it behind such a proxy:
+    /// otherwise clients choose their own address.
+    ///
+    /// Defaults to none: the peer address from the request's extensions.
+    pub fn trusted_proxy_header(mut self, name: impl Into<String>) -> Self {
+        self.trusted_proxy_header = Some(name.into());
+        self
+    }
+
     /// The most topics one connection may subscribe to; a `subscribe` past
     /// it gets an `error` `too_many_subscriptions` and the connection stays
     /// open.
@@ -422,6 +453,10 @@ impl WsLayerBuilder {
             ("event capacity", self.event_capacity == 0),
             ("history age", self.history.age.is_zero()),
             ("max connections", self.limits.max_connections == 0),
+            (
+                "max connections per ip",
+                self.limits.max_connections_per_ip == 0,
+            ),
             ("max topic length", self.limits.max_topic_len == 0),
             (
                 "message rate",
@@ -432,6 +467,13 @@ impl WsLayerBuilder {
                 return Err(BuildError::Zero(what));
             }
         }
+        let trusted_proxy_header = match self.trusted_proxy_header {
+            None => None,
+            Some(name) => Some(
+                HeaderName::from_bytes(name.trim().as_bytes())
+                    .map_err(|_| BuildError::InvalidHeaderName(name))?,
+            ),
+        };
         if self.history.messages > 0 && self.history.bytes > self.max_queued_bytes {
             return Err(BuildError::HistoryExceedsQueue);
         }
@@ -448,6 +490,7 @@ impl WsLayerBuilder {
             on_message: self.on_message,
             limits: self.limits,
             auth: self.auth,
+            trusted_proxy_header,
             sweep_interval: (self.history.completed_grace.min(self.history.age) / 2)
                 .clamp(Duration::from_millis(10), Duration::from_secs(1)),
         };
@@ -457,6 +500,7 @@ impl WsLayerBuilder {
             hub: Hub::new(self.history),
             sweeping: AtomicBool::new(false),
             tasks: Arc::default(),
+            per_ip: Arc::default(),
             events,
             receiver: Mutex::new(Some(receiver)),
         });
@@ -482,6 +526,7 @@ pub(crate) struct Config {
     pub(crate) on_message: Option<Hook>,
     pub(crate) limits: ConnectionLimits,
     pub(crate) auth: AuthHooks,
+    pub(crate) trusted_proxy_header: Option<HeaderName>,
     pub(crate) sweep_interval: Duration,
 }
 
@@ -489,6 +534,7 @@ pub(crate) struct Config {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ConnectionLimits {
     pub(crate) max_connections: usize,
+    pub(crate) max_connections_per_ip: usize,
     pub(crate) max_subscriptions: usize,
     pub(crate) max_topic_len: usize,
     pub(crate) message_rate: (u32, u32),
@@ -500,6 +546,7 @@ pub(crate) struct Shared {
     pub(crate) config: Config,
     pub(crate) hub: Hub,
     pub(crate) tasks: Arc<Tasks>,
+    pub(crate) per_ip: Arc<PerIp>,
     pub(crate) events: mpsc::Sender<ClientEvent>,
     pub(crate) receiver: Mutex<Option<ClientEvents>>,
     sweeping: AtomicBool,

@@ -28,6 +28,7 @@ use tower::Service;
 
 use crate::auth::UpgradeRequest;
 use crate::body::WsBody;
+use crate::client_ip::client_ip;
 use crate::connection::{self, Peer};
 use crate::layer::Shared;
 
@@ -156,6 +157,11 @@ fn handshake<B, ResBody>(shared: &Arc<Shared>, mut req: Request<B>) -> Response<
     if !shared.hub.is_accepting() {
         return reject(StatusCode::SERVICE_UNAVAILABLE, "server is shutting down\n");
     }
+    let ip = client_ip(
+        headers,
+        req.extensions(),
+        shared.config.trusted_proxy_header.as_ref(),
+    );
     let origin = text(headers, header::ORIGIN);
     let host = text(headers, header::HOST).or_else(|| req.uri().authority().map(|a| a.to_string()));
     if !shared
@@ -166,6 +172,7 @@ fn handshake<B, ResBody>(shared: &Arc<Shared>, mut req: Request<B>) -> Response<
         tracing::warn!(
             origin = origin.as_deref(),
             host = host.as_deref(),
+            ip = ?ip,
             "websocket_origin_rejected"
         );
         return reject(StatusCode::FORBIDDEN, "origin not allowed\n");
@@ -199,7 +206,7 @@ fn handshake<B, ResBody>(shared: &Arc<Shared>, mut req: Request<B>) -> Response<
                         status = rejection.status,
                         reason = %rejection.reason,
                         origin = origin.as_deref(),
-                        peer = ?request.peer,
+                        ip = ?ip,
                         "websocket_unauthorized"
                     );
                     return match rejection.status {
@@ -222,18 +229,38 @@ fn handshake<B, ResBody>(shared: &Arc<Shared>, mut req: Request<B>) -> Response<
         origin,
         user_agent: text(req.headers(), header::USER_AGENT),
         principal,
+        ip,
     };
     let max_connections = shared.config.limits.max_connections;
     let Some(task) = shared.tasks.try_start(max_connections) else {
-        tracing::warn!(max_connections, "websocket_connection_limit_reached");
+        tracing::warn!(max_connections, ip = ?ip, "websocket_connection_limit_reached");
         return reject(StatusCode::SERVICE_UNAVAILABLE, "too many connections\n");
+    };
+    let max_per_ip = shared.config.limits.max_connections_per_ip;
+    let ip_slot = match ip {
+        None => None,
+        Some(ip) => match shared.per_ip.try_take(ip, max_per_ip) {
+            Some(slot) => Some(slot),
+            None => {
+                tracing::warn!(max_per_ip, %ip, "websocket_connection_limit_reached");
+                return reject(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "too many connections from your address\n",
+                );
+            }
+        },
     };
     let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(parts) => parts,
         Err(_) => return reject(StatusCode::BAD_REQUEST, "invalid WebSocket handshake\n"),
     };
     shared.ensure_sweeper();
-    tokio::spawn(connection::serve(shared.clone(), upgrade, peer, task));
+    tokio::spawn(connection::serve(
+        shared.clone(),
+        upgrade,
+        peer,
+        (task, ip_slot),
+    ));
     let mut response = response.map(|_| WsBody::own(bytes::Bytes::new()));
     if let Some(value) = protocol.and_then(|p| HeaderValue::from_str(&p).ok()) {
         response

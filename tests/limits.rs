@@ -102,3 +102,37 @@ async fn deeply_nested_json_is_an_invalid_message() {
     client.subscribe("t").await;
     subscribers(&server.publisher, "t", 1).await;
 }
+
+#[tokio::test]
+async fn connections_from_one_address_past_its_limit_get_503() {
+    // The hyper test server puts the peer address in the request.
+    let server = hyper_server(builder().max_connections_per_ip(2)).await;
+    let _a = Client::connect(&server).await;
+    let b = Client::connect(&server).await;
+    assert_eq!(
+        Client::connect_with_origin(&server, None).await.err(),
+        Some(503)
+    );
+    drop(b);
+    eventually("a slot frees up", || {
+        server.publisher.stats().connections == 1
+    })
+    .await;
+    assert!(Client::connect_with_origin(&server, None).await.is_ok());
+}
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_its_header_names_the_address() {
+    let server = axum_server(
+        builder()
+            .max_connections_per_ip(1)
+            .trusted_proxy_header("x-forwarded-for"),
+    )
+    .await;
+    let from = |ip: &str| handshake_request("/ws", &format!("X-Forwarded-For: 6.6.6.6, {ip}\r\n"));
+    // Raw sockets that completed the handshake stay open.
+    let (status, _first) = raw_handshake(server.addr, &from("10.0.0.1")).await;
+    assert_eq!(status, 101);
+    assert_eq!(raw_handshake(server.addr, &from("10.0.0.1")).await.0, 503);
+    assert_eq!(raw_handshake(server.addr, &from("10.0.0.2")).await.0, 101);
+}

@@ -13,7 +13,8 @@ const MESSAGES: usize = 100;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_clients_each_receive_every_message_in_order() {
-    let server = hyper_server(builder()).await;
+    // All from 127.0.0.1, which the hyper test server reports.
+    let server = hyper_server(builder().max_connections_per_ip(CLIENTS)).await;
     let mut readers = Vec::with_capacity(CLIENTS);
     for i in 0..CLIENTS {
         let mut client = Client::connect(&server).await;
