@@ -205,8 +205,13 @@ impl fmt::Display for Reason {
 enum ReadEnd {
     /// The client sent Close; `reply` answers it.
     ClientClosed { code: Option<u16>, reply: Bytes },
-    /// The client broke the protocol; close with this code.
+    /// The client broke the protocol in a message; close with this code.
+    /// The stream still parses, so the client's later frames are read and
+    /// dropped until its Close.
     Violation { code: u16, reason: &'static str },
+    /// The client sent a frame that does not parse, or a bad Close: close
+    /// with this code and hang up.
+    Broken { code: u16, reason: &'static str },
     /// The socket ended or failed.
     Gone,
 }
@@ -256,9 +261,9 @@ impl Conn<'_> {
                             self.discarded(self.outbox.close(Some(reply), false));
                             Reason::ClientClosed(code)
                         }
-                        ReadEnd::Violation { code, reason } => {
+                        ReadEnd::Violation { code, .. } => Reason::ServerClosed(code),
+                        ReadEnd::Broken { code, reason } => {
                             tracing::debug!(client_id = %self.outbox.client_id(), code, reason, "websocket_protocol_violation");
-                            // What was queued before the violation still goes out first.
                             self.discarded(self.outbox.close(Some(frame::close(code, reason)), true));
                             Reason::ServerClosed(code)
                         }
@@ -329,7 +334,27 @@ impl Conn<'_> {
         silent > self.shared.config.heartbeat_timeout.as_millis() as u64
     }
 
+    /// Reads and handles frames until the connection ends. After a
+    /// violation it starts the close and keeps reading, discarding, until
+    /// the client hangs up (bounded by the close timeout): closing a socket
+    /// with unread input makes the kernel reset it, and the client would
+    /// lose the Close frame that says why.
     async fn read_loop(
+        &self,
+        reader: &mut FrameReader<impl AsyncRead + Unpin>,
+        topics: &mut HashSet<Arc<str>>,
+    ) -> ReadEnd {
+        let end = self.read_frames(reader, topics).await;
+        if let ReadEnd::Violation { code, reason } = end {
+            tracing::debug!(client_id = %self.outbox.client_id(), code, reason, "websocket_protocol_violation");
+            // What was queued before the violation still goes out first.
+            self.discarded(self.outbox.close(Some(frame::close(code, reason)), true));
+            reader.drain().await;
+        }
+        end
+    }
+
+    async fn read_frames(
         &self,
         reader: &mut FrameReader<impl AsyncRead + Unpin>,
         topics: &mut HashSet<Arc<str>>,
@@ -342,7 +367,9 @@ impl Conn<'_> {
             let frame = match reader.next().await {
                 Ok(frame) => frame,
                 Err(ReadError::Gone) => return ReadEnd::Gone,
-                Err(ReadError::Violation { code, reason }) => return violation(code, reason),
+                Err(ReadError::Violation { code, reason }) => {
+                    return ReadEnd::Broken { code, reason }
+                }
             };
             self.touch();
             // Whole messages and pings count against the rate; fragments
@@ -695,6 +722,10 @@ fn violation(code: u16, reason: &'static str) -> ReadEnd {
     ReadEnd::Violation { code, reason }
 }
 
+fn broken(code: u16, reason: &'static str) -> ReadEnd {
+    ReadEnd::Broken { code, reason }
+}
+
 /// The answer to a client's Close frame (RFC 6455 §5.5.1, §7.4).
 fn close_reply(payload: &[u8]) -> ReadEnd {
     match payload.len() {
@@ -702,19 +733,19 @@ fn close_reply(payload: &[u8]) -> ReadEnd {
             code: None,
             reply: frame::close_empty(),
         },
-        1 => violation(
+        1 => broken(
             close_code::PROTOCOL_ERROR,
             "close frame with a 1-byte payload",
         ),
         n if n > MAX_CONTROL_PAYLOAD => {
-            violation(close_code::PROTOCOL_ERROR, "control frame too long")
+            broken(close_code::PROTOCOL_ERROR, "control frame too long")
         }
         _ => {
             let code = u16::from_be_bytes([payload[0], payload[1]]);
             if !close_code::may_be_sent(code) {
-                violation(close_code::PROTOCOL_ERROR, "invalid close code")
+                broken(close_code::PROTOCOL_ERROR, "invalid close code")
             } else if std::str::from_utf8(&payload[2..]).is_err() {
-                violation(
+                broken(
                     close_code::INVALID_PAYLOAD,
                     "close reason is not valid UTF-8",
                 )
@@ -746,19 +777,19 @@ mod tests {
         ));
         assert!(matches!(
             close_reply(&[3]),
-            ReadEnd::Violation { code: 1002, .. }
+            ReadEnd::Broken { code: 1002, .. }
         ));
         assert!(matches!(
             close_reply(&[0x03, 0xEC]),
-            ReadEnd::Violation { code: 1002, .. }
+            ReadEnd::Broken { code: 1002, .. }
         )); // 1004
         assert!(matches!(
             close_reply(&[0x03, 0xE8, 0xFF]),
-            ReadEnd::Violation { code: 1007, .. }
+            ReadEnd::Broken { code: 1007, .. }
         ));
         assert!(matches!(
             close_reply(&[0x03, 0xE8].repeat(63)),
-            ReadEnd::Violation { code: 1002, .. }
+            ReadEnd::Broken { code: 1002, .. }
         ));
         match close_reply(b"\x03\xe8bye") {
             ReadEnd::ClientClosed { code, reply } => {

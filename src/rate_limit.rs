@@ -9,7 +9,8 @@ pub(crate) enum Verdict {
     Allowed,
     /// Over the rate: not processed, the client is told.
     Limited,
-    /// Over the rate for `burst` messages in a row: close the connection.
+    /// Over the rate for more than `burst` messages (net of those allowed
+    /// since): close the connection.
     Exceeded,
 }
 
@@ -18,7 +19,9 @@ pub(crate) struct RateLimit {
     burst: f64,
     tokens: f64,
     last: Instant,
-    /// Messages refused since the last one allowed.
+    /// Messages refused, less one for each allowed since: a client that
+    /// keeps sending well over the rate piles them up, one that is only
+    /// briefly over does not.
     strikes: u32,
 }
 
@@ -40,7 +43,7 @@ impl RateLimit {
         self.last = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
-            self.strikes = 0;
+            self.strikes = self.strikes.saturating_sub(1);
             return Verdict::Allowed;
         }
         self.strikes += 1;

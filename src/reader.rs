@@ -98,6 +98,30 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
+    /// Reads and discards frames until the client's Close frame, or the
+    /// end of the stream. Input that no longer parses is discarded
+    /// wholesale until the end.
+    pub(crate) async fn drain(&mut self) {
+        loop {
+            match self.next().await {
+                Ok(frame) if frame.opcode == OpCode::Close => return,
+                Ok(_) => {}
+                Err(ReadError::Gone) => return,
+                Err(ReadError::Violation { .. }) => break,
+            }
+        }
+        self.start = 0;
+        self.end = 0;
+        if self.buf.len() < INITIAL {
+            self.buf.resize(INITIAL, 0);
+        }
+        while let Ok(n) = self.io.read(&mut self.buf).await {
+            if n == 0 {
+                return;
+            }
+        }
+    }
+
     /// Checks the header of the buffered frame; returns its header and
     /// payload lengths once the whole frame is buffered.
     fn parse(&self) -> Result<Option<(usize, usize)>, ReadError> {
