@@ -85,6 +85,33 @@ mod shutdown;
 mod stats;
 mod topic;
 
+/// Entry points for `cargo fuzz` (`fuzz/`), built only with
+/// `--cfg fuzzing`: the inbound decoder, frames to client messages.
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub mod fuzzing {
+    use std::future::Future;
+    use std::pin::pin;
+    use std::task::{Context, Poll, Waker};
+
+    /// Reads `data` as client frames, parsing every text frame as a client
+    /// message, and then parses all of `data` as one message.
+    pub fn inbound(data: &[u8]) {
+        let mut reader = crate::reader::FrameReader::new(data, 1 << 16);
+        // Reading from a slice never waits, so one poll finishes each read.
+        while let Poll::Ready(Ok(frame)) = poll_once(reader.next()) {
+            if frame.opcode == crate::reader::OpCode::Text {
+                let _ = crate::protocol::parse_client_message(frame.payload);
+            }
+        }
+        let _ = crate::protocol::parse_client_message(data);
+    }
+
+    fn poll_once<F: Future>(future: F) -> Poll<F::Output> {
+        pin!(future).poll(&mut Context::from_waker(Waker::noop()))
+    }
+}
+
 pub use auth::{Principal, Rejection, UpgradeRequest};
 pub use body::WsBody;
 pub use connection::ClientId;
