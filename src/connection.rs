@@ -591,7 +591,20 @@ impl Conn<'_> {
         }
     }
 
+    /// Tells the client a message of its was refused, and logs it (the
+    /// requestId cut short: it is the client's text).
     fn send_error(&self, request_id: &str, error: &str, message: &str) {
+        let mut shown = request_id.len().min(64);
+        while !request_id.is_char_boundary(shown) {
+            shown -= 1;
+        }
+        tracing::debug!(
+            client_id = %self.outbox.client_id(),
+            request_id = &request_id[..shown],
+            error,
+            message,
+            "websocket_message_rejected"
+        );
         let message = ServerMessage::Error {
             request_id: request_id.into(),
             error: error.into(),
