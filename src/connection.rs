@@ -117,14 +117,7 @@ pub(crate) async fn serve(
         "websocket_connected"
     );
 
-    let conn = Conn {
-        shared: &shared,
-        outbox: &outbox,
-        epoch: Instant::now(),
-        last_seen_ms: AtomicU64::new(0),
-        engaged: AtomicBool::new(false),
-        principal: peer.principal.as_ref(),
-    };
+    let conn = Conn::new(&shared, &outbox, peer.principal.as_ref());
     let mut topics = HashSet::new();
     let reason = conn.run(&mut reader, &mut write_half, &mut topics).await;
 
@@ -242,7 +235,18 @@ struct Conn<'a> {
     principal: Option<&'a Principal>,
 }
 
-impl Conn<'_> {
+impl<'a> Conn<'a> {
+    fn new(shared: &'a Shared, outbox: &'a Arc<Outbox>, principal: Option<&'a Principal>) -> Self {
+        Self {
+            shared,
+            outbox,
+            epoch: Instant::now(),
+            last_seen_ms: AtomicU64::new(0),
+            engaged: AtomicBool::new(false),
+            principal,
+        }
+    }
+
     async fn run(
         &self,
         reader: &mut FrameReader<impl AsyncRead + Unpin>,
@@ -850,14 +854,7 @@ mod tests {
             1 << 20,
             SlowClientPolicy::Close,
         ));
-        let conn = Conn {
-            shared: &shared,
-            outbox: &outbox,
-            epoch: Instant::now(),
-            last_seen_ms: AtomicU64::new(0),
-            engaged: AtomicBool::new(false),
-            principal: None,
-        };
+        let conn = Conn::new(&shared, &outbox, None);
         let reason = conn
             .run(&mut reader, &mut write_half, &mut HashSet::new())
             .await;
