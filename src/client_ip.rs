@@ -13,6 +13,8 @@ use std::sync::{Arc, Mutex};
 use hyper::header::{HeaderMap, HeaderName};
 use hyper::http::Extensions;
 
+use crate::lock::lock;
+
 /// The client's address for a handshake, if it can be told.
 pub(crate) fn client_ip(
     headers: &HeaderMap,
@@ -56,7 +58,7 @@ pub(crate) struct IpSlot {
 impl PerIp {
     /// Takes a place for `ip` unless it holds `max` already.
     pub(crate) fn try_take(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<IpSlot> {
-        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let mut counts = lock(&self.counts);
         let count = counts.entry(ip).or_insert(0);
         if *count >= max {
             if *count == 0 {
@@ -74,7 +76,7 @@ impl PerIp {
 
 impl Drop for IpSlot {
     fn drop(&mut self) {
-        let mut counts = self.per_ip.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let mut counts = lock(&self.per_ip.counts);
         if let Some(count) = counts.get_mut(&self.ip) {
             *count -= 1;
             if *count == 0 {

@@ -15,11 +15,12 @@
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::hash::BuildHasher;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use tokio::time::Instant;
 
+use crate::lock::lock;
 use crate::message::{Draft, Message};
 use crate::outbox::{Outbox, Push};
 use crate::stats::Counters;
@@ -271,13 +272,6 @@ impl Hub {
         let i = self.hasher.hash_one(topic) as usize % SHARDS;
         &self.shards[i]
     }
-}
-
-/// Locks `m`, ignoring poisoning: no code here panics while holding one of
-/// these locks, and every state they guard stays consistent between
-/// statements.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

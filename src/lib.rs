@@ -72,6 +72,7 @@ mod frame;
 mod hub;
 mod inbound;
 mod layer;
+mod lock;
 mod message;
 mod origin;
 mod outbox;

@@ -190,15 +190,9 @@ impl Outbox {
                 if self.policy == SlowClientPolicy::DropNewest {
                     return Push::Dropped;
                 }
-                let discarded = state.data.len() + 1;
-                state.data.clear();
-                state.data_bytes = 0;
-                state.closing = Some(Closing {
-                    frame: Some(crate::frame::close(
-                        crate::close_code::TRY_AGAIN_LATER,
-                        "outbound queue full",
-                    )),
-                });
+                let close =
+                    crate::frame::close(crate::close_code::TRY_AGAIN_LATER, "outbound queue full");
+                let discarded = state.begin_close(Some(close), false) + 1;
                 drop(state);
                 self.wake.notify_one();
                 return Push::Overflowed { discarded };
@@ -247,13 +241,7 @@ impl Outbox {
         if state.closing.is_some() {
             return 0;
         }
-        let discarded = if flush {
-            0
-        } else {
-            state.data_bytes = 0;
-            std::mem::take(&mut state.data).len()
-        };
-        state.closing = Some(Closing { frame });
+        let discarded = state.begin_close(frame, flush);
         drop(state);
         self.wake.notify_one();
         discarded
@@ -264,8 +252,7 @@ impl Outbox {
     pub(crate) fn kill(&self) -> usize {
         let mut state = self.lock();
         state.killed = true;
-        state.data_bytes = 0;
-        let discarded = std::mem::take(&mut state.data).len();
+        let discarded = state.discard_data();
         drop(state);
         self.wake.notify_one();
         discarded
@@ -286,10 +273,9 @@ impl Outbox {
         if state.killed || state.close_sent {
             return Take::Stop;
         }
-        let limit = MAX_BATCH_BYTES;
         let mut data_frames = 0;
         let mut taken = 0;
-        while taken < limit {
+        while taken < MAX_BATCH_BYTES {
             let Some(entry) = state.data.pop_front() else {
                 break;
             };
@@ -338,13 +324,28 @@ impl Outbox {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        // No code panics while holding this lock, and every state it can hold
-        // is consistent, so a poisoned lock is still safe to use.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        crate::lock::lock(&self.state)
     }
 }
 
 impl State {
+    /// Starts closing with `frame` last, discarding the queued data unless
+    /// `flush`; returns how many messages were discarded.
+    fn begin_close(&mut self, frame: Option<Bytes>, flush: bool) -> usize {
+        self.closing = Some(Closing { frame });
+        if flush {
+            0
+        } else {
+            self.discard_data()
+        }
+    }
+
+    /// Empties the data queue; returns how many messages it held.
+    fn discard_data(&mut self) -> usize {
+        self.data_bytes = 0;
+        std::mem::take(&mut self.data).len()
+    }
+
     /// Merges `message` into the last queued entry if both are deltas of
     /// one topic.
     fn merge_into_last(&mut self, message: Message) -> Result<(), Message> {

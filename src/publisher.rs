@@ -169,11 +169,7 @@ impl Publisher {
     /// event that finds the buffer full, or finds the receiver dropped, is
     /// refused, and its client gets an `error` with code `event_dropped`.
     pub fn take_client_events(&self) -> Option<ClientEvents> {
-        self.shared
-            .receiver
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
+        crate::lock::lock(&self.shared.receiver).take()
     }
 
     /// Shuts the layer down gracefully.

@@ -70,9 +70,7 @@ impl Default for TopicState {
 
 impl Topic {
     pub(crate) fn lock(&self) -> MutexGuard<'_, TopicState> {
-        // Nothing panics while this lock is held, and the state stays
-        // consistent between statements, so poisoning is ignored.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        crate::lock::lock(&self.state)
     }
 }
 
