@@ -541,14 +541,19 @@ impl<'a> Conn<'a> {
             }
             ClientMessage::Subscribe { request_id, since } => {
                 self.engaged.store(true, Relaxed);
-                let gap = |first_seq| protocol::history_gap(&request_id, first_seq);
-                if let Subscribed::New {
-                    replayed,
-                    gap_first_seq,
-                } = hub.subscribe(&request_id, self.outbox, since, gap)
-                {
-                    tracing::info!(%client_id, %request_id, since, replayed, gap_first_seq, "websocket_subscribed");
-                    topics.insert(request_id.into());
+                match hub.subscribe(&request_id, self.outbox, since) {
+                    Subscribed::New {
+                        replayed,
+                        gap_first_seq,
+                    } => {
+                        tracing::info!(%client_id, %request_id, since, replayed, gap_first_seq, "websocket_subscribed");
+                        topics.insert(request_id.into());
+                    }
+                    Subscribed::Waiting => {
+                        tracing::info!(%client_id, %request_id, since, "websocket_subscribed");
+                        topics.insert(request_id.into());
+                    }
+                    Subscribed::Already => {}
                 }
             }
             ClientMessage::Unsubscribe { request_id } => {

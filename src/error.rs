@@ -22,6 +22,9 @@ pub enum BuildError {
     /// `history_bytes` is larger than `max_queued_bytes`: replaying a full
     /// history would overflow a new subscriber's queue.
     HistoryExceedsQueue,
+    /// The backplane is already in use by another layer; each layer needs
+    /// its own.
+    BackplaneInUse,
 }
 
 impl fmt::Display for BuildError {
@@ -39,6 +42,7 @@ impl fmt::Display for BuildError {
             }
             Self::Zero(what) => write!(f, "{what} must be greater than zero"),
             Self::InvalidHeaderName(name) => write!(f, "{name:?} is not a valid header name"),
+            Self::BackplaneInUse => f.write_str("backplane is already used by another layer"),
             Self::HistoryExceedsQueue => {
                 f.write_str("history bytes must not exceed max queued bytes")
             }
@@ -58,6 +62,9 @@ pub enum PublishError {
     /// The message is not a JSON object. Topic messages must be objects:
     /// each one gets a `"seq"` field.
     NotAnObject,
+    /// The layer's backplane did not take the message, or could not
+    /// confirm it (see [`BackplaneError`]).
+    Backplane(BackplaneError),
 }
 
 impl fmt::Display for PublishError {
@@ -65,6 +72,9 @@ impl fmt::Display for PublishError {
         match self {
             Self::Serialize(_) => f.write_str("message could not be serialized as JSON"),
             Self::NotAnObject => f.write_str("message is not a JSON object"),
+            Self::Backplane(_) => {
+                f.write_str("message could not be published through the backplane")
+            }
         }
     }
 }
@@ -74,7 +84,55 @@ impl Error for PublishError {
         match self {
             Self::Serialize(e) => Some(e),
             Self::NotAnObject => None,
+            Self::Backplane(e) => Some(e),
         }
+    }
+}
+
+/// What went wrong between this instance and its backplane.
+///
+/// For a publish, [`Unavailable`](Self::Unavailable) and
+/// [`Overloaded`](Self::Overloaded) mean nothing was published.
+/// [`Failed`](Self::Failed) after a publish was sent means its outcome is
+/// unknown: the backplane may have numbered and broadcast it before the
+/// connection broke.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum BackplaneError {
+    /// The connection to the backplane is down; it is being re-established.
+    Unavailable,
+    /// More publishes are waiting for the backplane than its queue holds.
+    Overloaded,
+    /// The backplane refused a command, or the connection broke while one
+    /// was under way.
+    Failed(Box<dyn Error + Send + Sync>),
+    /// The backplane's address or settings are not usable.
+    InvalidConfig(String),
+}
+
+impl fmt::Display for BackplaneError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Unavailable => f.write_str("backplane is unavailable"),
+            Self::Overloaded => f.write_str("backplane queue is full"),
+            Self::Failed(_) => f.write_str("backplane command failed"),
+            Self::InvalidConfig(why) => write!(f, "invalid backplane configuration: {why}"),
+        }
+    }
+}
+
+impl Error for BackplaneError {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        match self {
+            Self::Failed(e) => Some(&**e),
+            _ => None,
+        }
+    }
+}
+
+impl From<BackplaneError> for PublishError {
+    fn from(e: BackplaneError) -> Self {
+        Self::Backplane(e)
     }
 }
 

@@ -15,14 +15,17 @@
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::hash::BuildHasher;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
 use tokio::time::Instant;
 
+use crate::backplane::{Fetched, Numbered, Relay};
 use crate::lock::lock;
 use crate::message::{Draft, Message};
 use crate::outbox::{Outbox, Push};
+use crate::protocol;
+use crate::replica::{Arrival, Replica};
 use crate::stats::Counters;
 use crate::topic::{HistoryLimits, Topic, TopicState};
 use crate::ClientId;
@@ -36,6 +39,7 @@ pub(crate) struct Hub {
     hasher: RandomState,
     clients: Mutex<Clients>,
     limits: HistoryLimits,
+    relay: OnceLock<Arc<dyn Relay>>,
     pub(crate) counters: Counters,
 }
 
@@ -53,6 +57,9 @@ pub(crate) enum Subscribed {
         replayed: usize,
         gap_first_seq: Option<u64>,
     },
+    /// Subscribed; the replay follows once the backplane's history has
+    /// been fetched.
+    Waiting,
     /// The connection already was a subscriber; nothing changed.
     Already,
 }
@@ -67,8 +74,22 @@ impl Hub {
                 accepting: true,
             }),
             limits,
+            relay: OnceLock::new(),
             counters: Counters::default(),
         }
+    }
+
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    /// Hands numbering and history to a backplane. Called once, before
+    /// any topic exists.
+    pub(crate) fn attach(&self, relay: Arc<dyn Relay>) {
+        if self.relay.set(relay).is_err() {
+            unreachable!("a hub is given one backplane, when it is built");
+        }
+    }
+
+    pub(crate) fn relay(&self) -> Option<&Arc<dyn Relay>> {
+        self.relay.get()
     }
 
     /// Adds a connection; `false` once shutdown has begun.
@@ -105,11 +126,13 @@ impl Hub {
     }
 
     /// Numbers `draft` as the topic's next message, keeps it in the
-    /// history, and queues it for every subscriber; returns how many queued
-    /// it. With `complete`, the topic's stream is finished with it.
-    pub(crate) fn publish(&self, topic: &str, draft: Draft, complete: bool) -> usize {
+    /// history, and queues it for every subscriber; returns its `seq` and
+    /// how many queued it. With `complete`, the topic's stream is finished
+    /// with it.
+    pub(crate) fn publish(&self, topic: &str, draft: Draft, complete: bool) -> (u64, usize) {
         let now = Instant::now();
         self.with_topic(topic, |state| {
+            let seq = state.next_seq();
             let (message, history_delta) = state.append(draft, now, &self.limits);
             self.counters.add_history_bytes(history_delta);
             if complete {
@@ -121,44 +144,83 @@ impl Hub {
                     queued += 1;
                 }
             }
-            queued
+            (seq, queued)
         })
     }
 
     /// Marks a topic's stream finished (see [`TopicState::complete`]).
     pub(crate) fn complete(&self, topic: &str) {
-        self.with_topic(topic, |state| state.complete(Instant::now()));
+        match self.relay() {
+            Some(relay) => {
+                relay.complete(topic);
+                if let Some(entry) = self.existing(topic) {
+                    entry.lock().complete(Instant::now());
+                }
+            }
+            None => self.with_topic(topic, |state| state.complete(Instant::now())),
+        }
     }
 
     /// Subscribes `outbox` to `topic`, first queueing the history after
-    /// `since` (or all of it), preceded by `gap_error(first_seq)` when the
+    /// `since` (or all of it), preceded by a `history_gap` error when the
     /// history no longer reaches back that far.
+    ///
+    /// With a backplane, the first local subscriber of a topic makes this
+    /// instance listen to it; subscribers wait until its history has been
+    /// fetched.
     pub(crate) fn subscribe(
         &self,
         topic: &str,
         outbox: &Arc<Outbox>,
         since: Option<u64>,
-        gap_error: impl FnOnce(u64) -> Bytes,
     ) -> Subscribed {
         self.with_topic(topic, |state| {
-            if state.subscribers.iter().any(|s| Arc::ptr_eq(s, outbox)) {
+            let waiting = state.replica.as_ref().map_or(&[][..], |r| &r.waiting[..]);
+            if state
+                .subscribers
+                .iter()
+                .chain(waiting.iter().map(|(s, _)| s))
+                .any(|s| Arc::ptr_eq(s, outbox))
+            {
                 return Subscribed::Already;
             }
-            let replay = state.replay(since);
-            if let Some(first) = replay.gap_first_seq {
-                self.push(outbox, Message::plain(gap_error(first)));
-            }
-            for message in &replay.messages {
-                self.push(outbox, (*message).clone());
-            }
-            let outcome = Subscribed::New {
-                replayed: replay.messages.len(),
-                gap_first_seq: replay.gap_first_seq,
-            };
-            state.subscribers.push(outbox.clone());
             Counters::add(&self.counters.subscriptions, 1);
-            outcome
+            if let Some(relay) = self.relay() {
+                let replica = state.replica.get_or_insert_with(|| {
+                    relay.listen(topic);
+                    Box::new(Replica::new())
+                });
+                if !replica.synced {
+                    replica.waiting.push((outbox.clone(), since));
+                    return Subscribed::Waiting;
+                }
+            }
+            self.join(topic, state, outbox.clone(), since)
         })
+    }
+
+    /// Replays the history after `since` to `outbox`, then makes it a
+    /// subscriber.
+    fn join(
+        &self,
+        topic: &str,
+        state: &mut TopicState,
+        outbox: Arc<Outbox>,
+        since: Option<u64>,
+    ) -> Subscribed {
+        let replay = state.replay(since);
+        if let Some(first) = replay.gap_first_seq {
+            self.push(&outbox, Message::plain(protocol::history_gap(topic, first)));
+        }
+        for message in &replay.messages {
+            self.push(&outbox, (*message).clone());
+        }
+        let outcome = Subscribed::New {
+            replayed: replay.messages.len(),
+            gap_first_seq: replay.gap_first_seq,
+        };
+        state.subscribers.push(outbox);
+        outcome
     }
 
     /// Unsubscribes `client_id` from `topic`; `false` if it was not
@@ -169,21 +231,200 @@ impl Hub {
             return false;
         };
         let mut state = entry.lock();
-        let Some(i) = state
-            .subscribers
-            .iter()
-            .position(|s| s.client_id() == client_id)
-        else {
+        let is_it = |s: &Arc<Outbox>| s.client_id() == client_id;
+        if let Some(i) = state.subscribers.iter().position(is_it) {
+            state.subscribers.swap_remove(i);
+        } else if let Some(i) = state
+            .replica
+            .as_ref()
+            .and_then(|r| r.waiting.iter().position(|(s, _)| is_it(s)))
+        {
+            if let Some(r) = state.replica.as_mut() {
+                r.waiting.swap_remove(i);
+            }
+        } else {
             return false;
-        };
-        state.subscribers.swap_remove(i);
+        }
         Counters::sub(&self.counters.subscriptions, 1);
         if state.is_idle() {
-            state.removed = true;
+            self.forget(topic, &mut state);
             shard.remove(topic);
             Counters::sub(&self.counters.topics, 1);
         }
         true
+    }
+
+    /// Marks an idle topic removed; a replicated one drops its copy of the
+    /// history and stops being listened to.
+    fn forget(&self, topic: &str, state: &mut TopicState) {
+        state.removed = true;
+        if state.replica.is_some() {
+            let freed = state.restart(1);
+            self.counters.add_history_bytes(-(freed as isize));
+            if let Some(relay) = self.relay() {
+                relay.unlisten(topic);
+            }
+        }
+    }
+
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    /// Takes a message numbered by the backplane, for the topic's local
+    /// copy if there is one.
+    pub(crate) fn deliver(&self, topic: &str, message: Numbered) {
+        let Some(entry) = self.existing(topic) else {
+            return;
+        };
+        let mut state = entry.lock();
+        let next_seq = state.next_seq();
+        let removed = state.removed;
+        let Some(replica) = state.replica.as_mut().filter(|_| !removed) else {
+            return;
+        };
+        match replica.classify(next_seq, message.epoch, message.seq) {
+            Arrival::Stale => return,
+            Arrival::Early => replica.hold(message),
+            Arrival::Next | Arrival::Begin => self.apply(topic, &mut state, message, true),
+        }
+        self.catch_up(topic, &mut state, true);
+    }
+
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    /// Where a fetch for `topic` should start: the epoch of its copy and
+    /// the last `seq` applied. `None` if there is no copy any more.
+    pub(crate) fn fetch_cursor(&self, topic: &str) -> Option<(Option<u64>, u64)> {
+        let entry = self.existing(topic)?;
+        let state = entry.lock();
+        let replica = state.replica.as_ref().filter(|_| !state.removed)?;
+        Some((replica.epoch, state.next_seq() - 1))
+    }
+
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    /// Applies what a fetch brought, then serves the waiting subscribers.
+    ///
+    /// What was fetched joins what was held, so a copy that is syncing for
+    /// the first time starts from the oldest message either holds: the
+    /// broadcasts since this instance started listening are often older
+    /// than the history Redis still keeps of a busy topic. Until the
+    /// waiting subscribers have their replay, the copy's history is not
+    /// trimmed, so they get all of it.
+    pub(crate) fn fetched(&self, topic: &str, fetched: Fetched) {
+        let Some(entry) = self.existing(topic) else {
+            return;
+        };
+        let mut state = entry.lock();
+        let removed = state.removed;
+        let next_seq = state.next_seq();
+        let Some(replica) = state.replica.as_mut().filter(|_| !removed) else {
+            return;
+        };
+        replica.synced = true;
+        let known = replica.epoch;
+        if let Some(epoch) = fetched.epoch {
+            for message in fetched.entries {
+                replica.hold(message);
+            }
+            replica.prune(next_seq);
+            let first = replica.first_held(epoch);
+            match first {
+                Some(first) if known != Some(epoch) => self.begin(topic, &mut state, epoch, first),
+                // Gone from the backplane's history before this copy got it.
+                Some(first) if first > next_seq => self.skip_to(topic, &mut state, first),
+                _ => {}
+            }
+        }
+        let waiting = state
+            .replica
+            .as_mut()
+            .map(|r| std::mem::take(&mut r.waiting))
+            .unwrap_or_default();
+        self.catch_up(topic, &mut state, waiting.is_empty());
+        for (outbox, since) in waiting {
+            self.join(topic, &mut state, outbox, since);
+        }
+        let freed = state.trim(&self.limits);
+        self.counters.add_history_bytes(-(freed as isize));
+    }
+
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    /// The replicated topics: the backplane reconnected, listens to them
+    /// again, and fetches what it missed meanwhile.
+    pub(crate) fn refetch_all(&self) -> Vec<Arc<str>> {
+        let mut topics = Vec::new();
+        for shard in self.shards.iter() {
+            for (name, topic) in lock(shard).iter() {
+                if topic.lock().replica.is_some() {
+                    topics.push(name.clone());
+                }
+            }
+        }
+        topics
+    }
+
+    /// Applies the held messages that have become next.
+    fn catch_up(&self, topic: &str, state: &mut TopicState, trim: bool) {
+        loop {
+            let next_seq = state.next_seq();
+            let Some(message) = state
+                .replica
+                .as_mut()
+                .and_then(|replica| replica.take_next(next_seq))
+            else {
+                return;
+            };
+            self.apply(topic, state, message, trim);
+        }
+    }
+
+    /// Appends a message to the copy and queues it for its subscribers.
+    fn apply(&self, topic: &str, state: &mut TopicState, message: Numbered, trim: bool) {
+        let epoch = state.replica.as_ref().and_then(|r| r.epoch);
+        if epoch != Some(message.epoch) {
+            self.begin(topic, state, message.epoch, message.seq);
+        }
+        let now = Instant::now();
+        let Some(draft) = message.draft else {
+            tracing::warn!(
+                request_id = topic,
+                seq = message.seq,
+                "websocket_backplane_message_unreadable"
+            );
+            state.advance_to(message.seq + 1);
+            return;
+        };
+        let (frame, history_delta) =
+            state.append_numbered(message.seq, draft, now, &self.limits, trim);
+        self.counters.add_history_bytes(history_delta);
+        if message.done {
+            state.complete(now);
+        }
+        for outbox in &state.subscribers {
+            self.push(outbox, frame.clone());
+        }
+    }
+
+    /// Adopts a numbering. A copy that had applied messages of another one
+    /// forgets them and tells its subscribers where the new one starts.
+    fn begin(&self, topic: &str, state: &mut TopicState, epoch: u64, first_seq: u64) {
+        let had_messages = state.next_seq() > 1;
+        if let Some(replica) = state.replica.as_mut() {
+            replica.epoch = Some(epoch);
+        }
+        if had_messages {
+            self.skip_to(topic, state, first_seq);
+        } else {
+            state.advance_to(first_seq);
+        }
+    }
+
+    /// Jumps over messages that will never come: the copy's history is
+    /// dropped (it would have a hole) and its subscribers are told.
+    fn skip_to(&self, topic: &str, state: &mut TopicState, first_seq: u64) {
+        let freed = state.restart(first_seq);
+        self.counters.add_history_bytes(-(freed as isize));
+        let gap = Message::plain(protocol::history_gap(topic, first_seq));
+        for outbox in &state.subscribers {
+            self.push(outbox, gap.clone());
+        }
     }
 
     /// Queues a frame for one connection; `false` if it is not open here.
@@ -193,8 +434,10 @@ impl Hub {
     }
 
     pub(crate) fn subscriber_count(&self, topic: &str) -> usize {
-        let entry = lock(self.shard(topic)).get(topic).cloned();
-        entry.map_or(0, |t| t.lock().subscribers.len())
+        self.existing(topic).map_or(0, |t| {
+            let state = t.lock();
+            state.subscribers.len() + state.replica.as_ref().map_or(0, |r| r.waiting.len())
+        })
     }
 
     /// Drops history past its age or its stream's grace period, then every
@@ -204,12 +447,12 @@ impl Hub {
         for shard in self.shards.iter() {
             let mut shard = lock(shard);
             let before = shard.len();
-            shard.retain(|_, topic| {
+            shard.retain(|name, topic| {
                 let mut state = topic.lock();
                 let freed = state.expire(now, &self.limits);
                 self.counters.add_history_bytes(-(freed as isize));
                 if state.is_idle() {
-                    state.removed = true;
+                    self.forget(name, &mut state);
                     return false;
                 }
                 true
@@ -268,6 +511,11 @@ impl Hub {
         }
     }
 
+    /// The topic, if it exists; never creates it.
+    fn existing(&self, topic: &str) -> Option<Arc<Topic>> {
+        lock(self.shard(topic)).get(topic).cloned()
+    }
+
     fn shard(&self, topic: &str) -> &Mutex<Shard> {
         let i = self.hasher.hash_one(topic) as usize % SHARDS;
         &self.shards[i]
@@ -297,10 +545,6 @@ mod tests {
         outbox
     }
 
-    fn no_gap(_: u64) -> Bytes {
-        panic!("no gap expected")
-    }
-
     #[test]
     fn publish_reaches_each_subscriber_once_and_cleanup_empties_the_maps() {
         let hub = Hub::new(HistoryLimits {
@@ -309,16 +553,19 @@ mod tests {
         });
         let (a, b) = (conn(&hub), conn(&hub));
         assert!(matches!(
-            hub.subscribe("t", &a, None, no_gap),
+            hub.subscribe("t", &a, None),
             Subscribed::New { .. }
         ));
-        assert_eq!(hub.subscribe("t", &a, None, no_gap), Subscribed::Already);
+        assert_eq!(hub.subscribe("t", &a, None), Subscribed::Already);
         assert!(matches!(
-            hub.subscribe("t", &b, None, no_gap),
+            hub.subscribe("t", &b, None),
             Subscribed::New { .. }
         ));
-        assert_eq!(hub.publish("t", Draft::delta("t", "x"), false), 2);
-        assert_eq!(hub.publish("other", Draft::delta("other", "x"), false), 0);
+        assert_eq!(hub.publish("t", Draft::delta("t", "x"), false), (1, 2));
+        assert_eq!(
+            hub.publish("other", Draft::delta("other", "x"), false),
+            (1, 0)
+        );
         let mut batch = Vec::new();
         assert_eq!(a.take(&mut batch), Take::Frames { data_frames: 1 });
 
@@ -343,7 +590,7 @@ mod tests {
         hub.publish("t", Draft::delta("t", "b"), true);
         let late = conn(&hub);
         assert_eq!(
-            hub.subscribe("t", &late, None, no_gap),
+            hub.subscribe("t", &late, None),
             Subscribed::New {
                 replayed: 2,
                 gap_first_seq: None

@@ -120,6 +120,8 @@ pub struct WsLayerBuilder {
     limits: ConnectionLimits,
     auth: AuthHooks,
     trusted_proxy_header: Option<String>,
+    #[cfg(feature = "redis")]
+    backplane: Option<crate::RedisBackplane>,
 }
 
 impl Default for WsLayerBuilder {
@@ -151,6 +153,8 @@ impl Default for WsLayerBuilder {
             },
             auth: AuthHooks::default(),
             trusted_proxy_header: None,
+            #[cfg(feature = "redis")]
+            backplane: None,
         }
     }
 }
@@ -283,6 +287,21 @@ impl WsLayerBuilder {
     /// Defaults to 30 seconds.
     pub fn completed_grace(mut self, grace: Duration) -> Self {
         self.history.completed_grace = grace;
+        self
+    }
+
+    /// Shares topics with other instances through Redis (feature `redis`):
+    /// a publish on any instance reaches the topic's subscribers on all of
+    /// them, and `seq` and history are shared. See [`RedisBackplane`] for
+    /// what it guarantees and what clients see while Redis is away.
+    ///
+    /// Defaults to none: topics live in this process only.
+    ///
+    /// [`RedisBackplane`]: crate::RedisBackplane
+    #[cfg(feature = "redis")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+    pub fn backplane(mut self, backplane: crate::RedisBackplane) -> Self {
+        self.backplane = Some(backplane);
         self
     }
 
@@ -494,10 +513,15 @@ impl WsLayerBuilder {
             sweep_interval: (self.history.completed_grace.min(self.history.age) / 2)
                 .clamp(Duration::from_millis(10), Duration::from_secs(1)),
         };
+        let hub = Arc::new(Hub::new(self.history));
+        #[cfg(feature = "redis")]
+        if let Some(backplane) = &self.backplane {
+            backplane.attach(&hub, self.history)?;
+        }
         let (events, receiver) = ClientEvents::channel(self.event_capacity);
         let shared = Arc::new(Shared {
             config,
-            hub: Hub::new(self.history),
+            hub,
             sweeping: AtomicBool::new(false),
             tasks: Arc::default(),
             per_ip: Arc::default(),
@@ -544,7 +568,7 @@ pub(crate) struct ConnectionLimits {
 /// What the layer, its services, its connections and its publishers share.
 pub(crate) struct Shared {
     pub(crate) config: Config,
-    pub(crate) hub: Hub,
+    pub(crate) hub: Arc<Hub>,
     pub(crate) tasks: Arc<Tasks>,
     pub(crate) per_ip: Arc<PerIp>,
     pub(crate) events: mpsc::Sender<ClientEvent>,

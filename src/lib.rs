@@ -54,6 +54,10 @@
 //!   nothing arrived within the
 //!   [`heartbeat_timeout`](WsLayerBuilder::heartbeat_timeout) is dropped.
 //! - **Shutdown**: [`Publisher::shutdown`].
+//! - **Several instances**: with the `redis` feature, a
+//!   [`RedisBackplane`](https://docs.rs/tower-ws/latest/tower_ws/struct.RedisBackplane.html)
+//!   given to `WsLayerBuilder::backplane` shares topics, `seq` and history
+//!   between instances.
 //!
 //! The layer spawns one Tokio task per connection, so it must run inside a
 //! Tokio runtime, behind a server that supports HTTP/1.1 upgrades (hyper,
@@ -61,8 +65,10 @@
 
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod auth;
+mod backplane;
 mod body;
 mod client_ip;
 mod connection;
@@ -81,6 +87,7 @@ pub mod protocol;
 mod publisher;
 mod rate_limit;
 mod reader;
+mod replica;
 mod service;
 mod shutdown;
 mod stats;
@@ -114,9 +121,12 @@ pub mod fuzzing {
 }
 
 pub use auth::{Principal, Rejection, UpgradeRequest};
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use backplane::{RedisBackplane, RedisBackplaneBuilder};
 pub use body::WsBody;
 pub use connection::ClientId;
-pub use error::{BuildError, PublishError, SerializeError};
+pub use error::{BackplaneError, BuildError, PublishError, SerializeError};
 pub use events::{ClientEvent, ClientEventKind, ClientEvents};
 pub use frame::close_code;
 pub use inbound::{Handled, Inbound, Reply};

@@ -69,6 +69,28 @@ impl Draft {
         }
     }
 
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    /// A JSON object serialized elsewhere (another instance, through a
+    /// backplane), copied behind the headroom; a `stream.delta` laid out
+    /// as [`Draft::delta`] writes it keeps its layout, so it can still be
+    /// merged. `None` if `body` does not look like an object.
+    pub(crate) fn from_body(body: &[u8]) -> Option<Self> {
+        if body.first() != Some(&b'{') || body.last() != Some(&b'}') {
+            return None;
+        }
+        let mut buf = Vec::with_capacity(HEADROOM + body.len());
+        buf.resize(HEADROOM, 0);
+        buf.extend_from_slice(body);
+        let delta = delta_spans(&buf, HEADROOM);
+        Some(Self { buf, delta })
+    }
+
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    /// The JSON object, as serialized (without `seq`).
+    pub(crate) fn body(&self) -> &[u8] {
+        &self.buf[HEADROOM..]
+    }
+
     /// Stamps `seq` and frames the message.
     pub(crate) fn seal(mut self, seq: u64) -> Message {
         let mut prefix = [0u8; HEADROOM];
@@ -211,6 +233,38 @@ impl MergedDelta {
     }
 }
 
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+/// Finds the layout of a delta written by [`Draft::delta`] in `buf` from
+/// `start` on; `None` for anything else.
+fn delta_spans(buf: &[u8], start: usize) -> Option<Spans> {
+    const HEAD: &[u8] = br#"{"type":"stream.delta","requestId":""#;
+    const MIDDLE: &[u8] = br#"","text":""#;
+    let rest = buf.get(start..)?.strip_prefix(HEAD)?;
+    let request_id_start = start + HEAD.len();
+    let request_id_end = request_id_start + string_len(rest)?;
+    let rest = buf[request_id_end..].strip_prefix(MIDDLE)?;
+    let text_start = request_id_end + MIDDLE.len();
+    let text_end = text_start + string_len(rest)?;
+    (&buf[text_end..] == br#""}"#).then_some(Spans {
+        request_id: (request_id_start as u32, request_id_end as u32),
+        text: (text_start as u32, text_end as u32),
+    })
+}
+
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+/// The length of a JSON string's contents, up to its closing quote.
+fn string_len(s: &[u8]) -> Option<usize> {
+    let mut i = 0;
+    while i < s.len() {
+        match s[i] {
+            b'"' => return Some(i),
+            b'\\' => i += 2,
+            _ => i += 1,
+        }
+    }
+    None
+}
+
 /// Writes `s` as a JSON string; returns the range of its contents.
 fn write_string(buf: &mut Vec<u8>, s: &str) -> (u32, u32) {
     let start = buf.len() + 1;
@@ -270,6 +324,19 @@ mod tests {
             payload(&frame),
             json!({"seq":6,"type":"stream.delta","requestId":"req-1","text":texts.concat(),"seqStart":4})
         );
+    }
+
+    #[test]
+    fn bodies_from_elsewhere_keep_a_deltas_layout() {
+        let written = Draft::delta("r\"1", "a \\ \"b\"");
+        let copied = Draft::from_body(written.body()).unwrap();
+        assert_eq!(copied.delta, written.delta);
+        let other =
+            Draft::from_body(br#"{"type":"stream.delta","requestId":"r","text":"x","more":1}"#);
+        assert_eq!(other.unwrap().delta, None);
+        assert!(Draft::from_body(b"[1]").is_none());
+        let m = Draft::from_body(br#"{"type":"status"}"#).unwrap().seal(3);
+        assert_eq!(payload(&m.frame), json!({"seq":3,"type":"status"}));
     }
 
     #[test]

@@ -8,7 +8,11 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::error::PublishError;
+use std::future::Future;
+
+use tokio::sync::oneshot;
+
+use crate::error::{BackplaneError, PublishError};
 use crate::events::ClientEvents;
 use crate::frame;
 use crate::layer::Shared;
@@ -30,18 +34,31 @@ use crate::ClientId;
 /// and queues those same bytes for every subscriber of the topic on this
 /// instance. It never waits for a client: each connection has a bounded
 /// queue ([`max_queued_bytes`](crate::WsLayerBuilder::max_queued_bytes)),
-/// and a client whose queue is full is closed with 1013 and counted in
-/// [`Stats::slow_clients_closed`]; nobody else waits for it.
+/// and what happens when it is full is the layer's
+/// [`SlowClientPolicy`](crate::SlowClientPolicy); nobody else waits for
+/// that client.
 ///
 /// Every subscriber of a topic receives that topic's messages in the order
-/// they were published. A message published to a topic that has no
-/// subscriber at that moment is not kept: a client that subscribes later
-/// does not receive it.
+/// they were published, each with the topic's next `seq`. The message is
+/// also kept in the topic's history, so a client that subscribes later (or
+/// resumes with `since`) still receives it while the history holds it.
 ///
-/// The returned count is how many subscribers the message was *queued*
-/// for, not how many have received it: a queued message is lost if its
-/// connection drops before it is written (counted in
-/// [`Stats::messages_dropped`]).
+/// The count the publishing methods return is how many subscribers the
+/// message was *queued* for, not how many have received it: a queued
+/// message is lost if its connection drops before it is written (counted
+/// in [`Stats::messages_dropped`]).
+///
+/// # With a backplane
+///
+/// With a backplane (`WsLayerBuilder::backplane`, feature `redis`), a publish is
+/// handed to it and returns at once; the backplane numbers it, and it is
+/// queued for subscribers here and on other instances when that is done.
+/// The count returned is then always 0. A publish the backplane does not
+/// take (Redis unreachable, queue full) is an error from
+/// [`publish`](Self::publish), and is counted in
+/// [`Stats::backplane_publish_failures`] and logged by every method; use
+/// [`publish_confirmed`](Self::publish_confirmed) to learn the outcome of
+/// each message.
 #[derive(Clone)]
 pub struct Publisher {
     shared: Arc<Shared>,
@@ -59,14 +76,54 @@ impl Publisher {
     /// # Errors
     ///
     /// [`PublishError::Serialize`] if `message` cannot be serialized as
-    /// JSON, [`PublishError::NotAnObject`] if it is not a JSON object;
+    /// JSON, [`PublishError::NotAnObject`] if it is not a JSON object,
+    /// [`PublishError::Backplane`] if the backplane did not take it;
     /// nothing is published then.
     pub fn publish<T: Serialize + ?Sized>(
         &self,
         topic: &str,
         message: &T,
     ) -> Result<usize, PublishError> {
-        Ok(self.publish_draft(topic, Draft::json(message)?, false))
+        self.publish_draft(topic, Draft::json(message)?, false)
+    }
+
+    /// Publishes as [`publish`](Self::publish) does, and resolves with the
+    /// message's `seq` once it is numbered: at once without a backplane,
+    /// when the backplane has stored and broadcast it with one.
+    ///
+    /// The message is serialized before this returns; the future does not
+    /// borrow `message` and need not be awaited for the message to go out.
+    ///
+    /// # Errors
+    ///
+    /// As [`publish`](Self::publish); and [`PublishError::Backplane`] with
+    /// [`BackplaneError::Failed`](crate::BackplaneError::Failed) when the
+    /// connection to the backplane broke while the message was under way:
+    /// then it may or may not have been published.
+    pub fn publish_confirmed<T: Serialize + ?Sized>(
+        &self,
+        topic: &str,
+        message: &T,
+    ) -> impl Future<Output = Result<u64, PublishError>> + Send + 'static {
+        let outcome = Draft::json(message).and_then(|draft| {
+            self.shared.ensure_sweeper();
+            match self.shared.hub.relay() {
+                Some(relay) => {
+                    let (ack, confirmed) = oneshot::channel();
+                    relay.publish(topic, draft, false, Some(ack))?;
+                    Ok(Err(confirmed))
+                }
+                None => Ok(Ok(self.shared.hub.publish(topic, draft, false).0)),
+            }
+        });
+        async move {
+            match outcome? {
+                Ok(seq) => Ok(seq),
+                Err(confirmed) => confirmed.await.unwrap_or_else(|_| {
+                    Err(BackplaneError::Failed("the backplane stopped".into()).into())
+                }),
+            }
+        }
     }
 
     /// Marks `topic`'s stream finished, as `stream_done` and `error` do:
@@ -93,6 +150,7 @@ impl Publisher {
     /// Publishes `{"type":"stream.delta","requestId":topic,"text":text}`.
     pub fn stream_delta(&self, topic: &str, text: &str) -> usize {
         self.publish_draft(topic, Draft::delta(topic, text), false)
+            .unwrap_or(0)
     }
 
     /// Publishes `{"type":"stream.done","requestId":topic,"fullText":full_text}`
@@ -195,21 +253,32 @@ impl Publisher {
 
     fn publish_message(&self, topic: &str, complete: bool, message: &ServerMessage<'_>) -> usize {
         match Draft::json(message) {
-            Ok(draft) => self.publish_draft(topic, draft, complete),
+            Ok(draft) => self.publish_draft(topic, draft, complete).unwrap_or(0),
             // A ServerMessage is an object of strings: it always serializes.
             Err(_) => 0,
         }
     }
 
-    fn publish_draft(&self, topic: &str, draft: Draft, complete: bool) -> usize {
+    fn publish_draft(
+        &self,
+        topic: &str,
+        draft: Draft,
+        complete: bool,
+    ) -> Result<usize, PublishError> {
         self.shared.ensure_sweeper();
-        let queued = self.shared.hub.publish(topic, draft, complete);
+        let queued = match self.shared.hub.relay() {
+            Some(relay) => {
+                relay.publish(topic, draft, complete, None)?;
+                0
+            }
+            None => self.shared.hub.publish(topic, draft, complete).1,
+        };
         tracing::debug!(
             request_id = topic,
             subscriber_count = queued,
             "websocket_message_sent"
         );
-        queued
+        Ok(queued)
     }
 }
 

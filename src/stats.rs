@@ -38,6 +38,11 @@ pub struct Stats {
     /// `action_clicked` and `ui_state_changed` messages the application
     /// could not take (each one answered with an `event_dropped` error).
     pub events_dropped: u64,
+    /// Publishes a backplane did not take or could not confirm; each one
+    /// was also returned as an error (see
+    /// [`Publisher::publish_confirmed`](crate::Publisher::publish_confirmed))
+    /// or logged. Always 0 without a backplane.
+    pub backplane_publish_failures: u64,
 }
 
 /// The live counters behind [`Stats`].
@@ -53,6 +58,7 @@ pub(crate) struct Counters {
     pub(crate) slow_clients_closed: AtomicU64,
     pub(crate) heartbeat_timeouts: AtomicU64,
     pub(crate) events_dropped: AtomicU64,
+    pub(crate) backplane_publish_failures: AtomicU64,
 }
 
 impl Counters {
@@ -86,6 +92,7 @@ impl Counters {
             messages_sent: self.messages_sent.load(Relaxed),
             messages_dropped: self.messages_dropped.load(Relaxed),
             slow_clients_closed: self.slow_clients_closed.load(Relaxed),
+            backplane_publish_failures: self.backplane_publish_failures.load(Relaxed),
             heartbeat_timeouts: self.heartbeat_timeouts.load(Relaxed),
             events_dropped: self.events_dropped.load(Relaxed),
         }

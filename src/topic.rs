@@ -15,6 +15,7 @@ use tokio::time::Instant;
 
 use crate::message::{Draft, Message};
 use crate::outbox::Outbox;
+use crate::replica::Replica;
 
 /// How much history a topic keeps.
 #[derive(Debug, Clone, Copy)]
@@ -36,6 +37,9 @@ pub(crate) struct TopicState {
     history: VecDeque<Held>,
     history_bytes: usize,
     completed_at: Option<Instant>,
+    /// With a backplane: how this copy of the topic keeps in step with the
+    /// backplane's numbering.
+    pub(crate) replica: Option<Box<Replica>>,
     /// Set when the hub dropped the topic; whoever still holds it must look
     /// the topic up again.
     pub(crate) removed: bool,
@@ -63,6 +67,7 @@ impl Default for TopicState {
             history: VecDeque::new(),
             history_bytes: 0,
             completed_at: None,
+            replica: None,
             removed: false,
         }
     }
@@ -83,24 +88,48 @@ impl TopicState {
         now: Instant,
         limits: &HistoryLimits,
     ) -> (Message, isize) {
-        let seq = self.next_seq;
-        self.next_seq += 1;
+        self.append_numbered(self.next_seq, draft, now, limits, true)
+    }
+
+    /// As [`append`](Self::append), with a sequence number given by a
+    /// backplane; numbering goes on from it. Without `trim`, the history
+    /// may exceed its limits until [`trim`](Self::trim) is called.
+    pub(crate) fn append_numbered(
+        &mut self,
+        seq: u64,
+        draft: Draft,
+        now: Instant,
+        limits: &HistoryLimits,
+        trim: bool,
+    ) -> (Message, isize) {
+        self.next_seq = seq + 1;
         let message = draft.seal(seq);
-        let before = self.history_bytes as isize;
+        let mut delta = 0;
         if limits.messages > 0 {
             self.history_bytes += message.len();
+            delta = message.len() as isize;
             self.history.push_back(Held {
                 seq,
                 at: now,
                 message: message.clone(),
             });
-            while self.history.len() > limits.messages || self.history_bytes > limits.bytes {
-                self.pop_oldest();
+            if trim {
+                delta -= self.trim(limits) as isize;
             }
         }
         // Age and completion are left to the sweep: checking them here would
         // touch the oldest entry, cold in cache, on every publish.
-        (message, self.history_bytes as isize - before)
+        (message, delta)
+    }
+
+    /// Drops the oldest messages until the history is within its count and
+    /// byte limits. Returns the bytes freed.
+    pub(crate) fn trim(&mut self, limits: &HistoryLimits) -> usize {
+        let before = self.history_bytes;
+        while self.history.len() > limits.messages || self.history_bytes > limits.bytes {
+            self.pop_oldest();
+        }
+        before - self.history_bytes
     }
 
     /// Marks the stream finished: its history is dropped `completed_grace`
@@ -155,9 +184,37 @@ impl TopicState {
         before - self.history_bytes
     }
 
+    /// The sequence number the next message gets.
+    pub(crate) fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Forgets the history: the topic's numbering begins again at
+    /// `first_seq`. Returns the bytes freed.
+    pub(crate) fn restart(&mut self, first_seq: u64) -> usize {
+        let before = self.history_bytes;
+        while !self.history.is_empty() {
+            self.pop_oldest();
+        }
+        self.next_seq = first_seq;
+        before
+    }
+
+    /// Skips numbers: the next message gets `next_seq`.
+    pub(crate) fn advance_to(&mut self, next_seq: u64) {
+        self.next_seq = next_seq;
+    }
+
     /// Whether nothing would be lost by dropping the topic.
+    ///
+    /// A copy of a replicated topic is dropped with its last subscriber:
+    /// the backplane keeps the history.
     pub(crate) fn is_idle(&self) -> bool {
-        self.subscribers.is_empty() && self.history.is_empty()
+        self.subscribers.is_empty()
+            && match &self.replica {
+                Some(replica) => replica.waiting.is_empty(),
+                None => self.history.is_empty(),
+            }
     }
 
     fn pop_oldest(&mut self) {

@@ -3,6 +3,9 @@
 //! raw HTTP, and waiting without fixed sleeps.
 #![allow(dead_code)] // each test binary uses its own subset
 
+#[cfg(feature = "redis")]
+pub mod redis_server;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;

@@ -1,0 +1,222 @@
+//! What the Redis backplane stores and sends: key and channel names, the
+//! two Lua scripts, and how their replies and broadcasts are read.
+//!
+//! A topic `T` under prefix `P` has one key, the stream `P:history:T`,
+//! and one channel, `P:T`. Each stream entry's id is `0-<seq>`; its fields
+//! are `e` (the epoch), `d` (`1` once the stream is finished) and `b` (the
+//! JSON object, without `seq`). A broadcast on the channel is
+//! `<epoch>:<seq>:<d>:` followed by the JSON object.
+
+use redis::Value;
+
+use super::{Fetched, Numbered};
+use crate::message::Draft;
+
+/// Numbers and stores one message, then broadcasts it.
+///
+/// `KEYS[1]`: the stream. `ARGV`: channel, JSON object, most messages
+/// kept, history age (ms), grace of a finished stream (ms), `1` if this
+/// message finishes the stream. Returns `{epoch, seq}`.
+///
+/// The `seq` is the last entry's plus one, so the stream must keep at least
+/// one entry; a stream that is gone (expired, or lost by a Redis restart)
+/// begins again at 1 under a new epoch taken from the server's clock.
+pub(super) const PUBLISH: &str = r"
+local key = KEYS[1]
+local epoch, seq, was_done = nil, 1, false
+local last = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
+if #last > 0 then
+  seq = tonumber(string.sub(last[1][1], 3)) + 1
+  local fields = last[1][2]
+  for i = 1, #fields, 2 do
+    if fields[i] == 'e' then epoch = fields[i + 1]
+    elseif fields[i] == 'd' then was_done = fields[i + 1] == '1' end
+  end
+end
+if not epoch then
+  local t = redis.call('TIME')
+  epoch = t[1] .. string.format('%06d', tonumber(t[2]))
+end
+local done = was_done or ARGV[6] == '1'
+local d = done and '1' or '0'
+local s = string.format('%d', seq)
+redis.call('XADD', key, 'MAXLEN', ARGV[3], '0-' .. s, 'e', epoch, 'd', d, 'b', ARGV[2])
+if not done then
+  redis.call('PEXPIRE', key, ARGV[4])
+elseif not was_done then
+  redis.call('PEXPIRE', key, ARGV[5])
+end
+redis.call('PUBLISH', ARGV[1], epoch .. ':' .. s .. ':' .. d .. ':' .. ARGV[2])
+return {epoch, seq}
+";
+
+/// Reads a topic's history.
+///
+/// `KEYS[1]`: the stream. `ARGV`: the epoch the reader has (or empty),
+/// the last `seq` it has. Returns `{}` if nothing is held, else `{epoch,
+/// entries}`: the entries after that `seq` if the epoch is the reader's,
+/// else all of them.
+pub(super) const READ: &str = r"
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+if #last == 0 then return {} end
+local epoch = ''
+local fields = last[1][2]
+for i = 1, #fields, 2 do
+  if fields[i] == 'e' then epoch = fields[i + 1] end
+end
+local from = '-'
+if epoch == ARGV[1] then from = '(0-' .. ARGV[2] end
+return {epoch, redis.call('XRANGE', KEYS[1], from, '+')}
+";
+
+pub(super) fn stream_key(prefix: &str, topic: &str) -> String {
+    format!("{prefix}:history:{topic}")
+}
+
+pub(super) fn channel(prefix: &str, topic: &str) -> String {
+    format!("{prefix}:{topic}")
+}
+
+/// The topic a channel belongs to, if it is under `prefix`.
+pub(super) fn topic_of<'a>(prefix: &str, channel: &'a str) -> Option<&'a str> {
+    channel.strip_prefix(prefix)?.strip_prefix(':')
+}
+
+/// Reads a broadcast: `<epoch>:<seq>:<d>:<json>`.
+pub(super) fn parse_broadcast(payload: &[u8]) -> Option<Numbered> {
+    let mut parts = payload.splitn(4, |&b| b == b':');
+    let epoch = number(parts.next()?)?;
+    let seq = number(parts.next()?)?;
+    let done = parts.next()? == b"1";
+    let body = parts.next()?;
+    Some(Numbered {
+        epoch,
+        seq,
+        done,
+        draft: Draft::from_body(body),
+    })
+}
+
+/// Reads the publish script's `{epoch, seq}`.
+pub(super) fn parse_published(value: &Value) -> Option<(u64, u64)> {
+    match value {
+        Value::Array(items) => match items.as_slice() {
+            [epoch, Value::Int(seq)] => Some((number(bulk(epoch)?)?, u64::try_from(*seq).ok()?)),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// Reads the read script's reply.
+pub(super) fn parse_fetched(value: &Value) -> Option<Fetched> {
+    let Value::Array(items) = value else {
+        return None;
+    };
+    let [epoch, Value::Array(entries)] = items.as_slice() else {
+        return items.is_empty().then_some(Fetched {
+            epoch: None,
+            entries: Vec::new(),
+        });
+    };
+    let epoch = number(bulk(epoch)?)?;
+    let entries = entries
+        .iter()
+        .map(|entry| parse_entry(entry, epoch))
+        .collect::<Option<Vec<_>>>()?;
+    Some(Fetched {
+        epoch: Some(epoch),
+        entries,
+    })
+}
+
+fn parse_entry(entry: &Value, epoch: u64) -> Option<Numbered> {
+    let Value::Array(parts) = entry else {
+        return None;
+    };
+    let [id, Value::Array(fields)] = parts.as_slice() else {
+        return None;
+    };
+    let seq = number(bulk(id)?.strip_prefix(b"0-")?)?;
+    let (mut done, mut draft) = (false, None);
+    for pair in fields.chunks(2) {
+        match (bulk(&pair[0])?, pair.get(1).and_then(bulk)) {
+            (b"d", Some(d)) => done = d == b"1",
+            (b"b", Some(body)) => draft = Draft::from_body(body),
+            _ => {}
+        }
+    }
+    Some(Numbered {
+        epoch,
+        seq,
+        done,
+        draft,
+    })
+}
+
+fn bulk(value: &Value) -> Option<&[u8]> {
+    match value {
+        Value::BulkString(bytes) => Some(bytes),
+        Value::SimpleString(s) => Some(s.as_bytes()),
+        _ => None,
+    }
+}
+
+fn number(digits: &[u8]) -> Option<u64> {
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bulk(s: &str) -> Value {
+        Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn broadcasts_are_read_back() {
+        let m = parse_broadcast(br#"1764100000123456:42:1:{"type":"a:b"}"#).unwrap();
+        assert_eq!((m.epoch, m.seq, m.done), (1_764_100_000_123_456, 42, true));
+        assert_eq!(m.draft.unwrap().body(), br#"{"type":"a:b"}"#);
+        assert!(parse_broadcast(b"x:1:0:{}").is_none());
+        assert!(parse_broadcast(b"1:2:0:[]").unwrap().draft.is_none());
+    }
+
+    #[test]
+    fn replies_are_read() {
+        let published = Value::Array(vec![bulk("17"), Value::Int(3)]);
+        assert_eq!(parse_published(&published), Some((17, 3)));
+
+        let entry = |seq: &str, body: &str| {
+            Value::Array(vec![
+                bulk(seq),
+                Value::Array(vec![
+                    bulk("e"),
+                    bulk("17"),
+                    bulk("d"),
+                    bulk("0"),
+                    bulk("b"),
+                    bulk(body),
+                ]),
+            ])
+        };
+        let fetched = Value::Array(vec![
+            bulk("17"),
+            Value::Array(vec![entry("0-4", "{}"), entry("0-5", r#"{"a":1}"#)]),
+        ]);
+        let f = parse_fetched(&fetched).unwrap();
+        assert_eq!(f.epoch, Some(17));
+        let seqs: Vec<u64> = f.entries.iter().map(|m| m.seq).collect();
+        assert_eq!(seqs, [4, 5]);
+        let empty = parse_fetched(&Value::Array(vec![])).unwrap();
+        assert!(empty.epoch.is_none() && empty.entries.is_empty());
+    }
+
+    #[test]
+    fn channels_map_to_topics() {
+        assert_eq!(topic_of("p", &channel("p", "req:1")), Some("req:1"));
+        assert_eq!(topic_of("p", "q:req"), None);
+        assert_eq!(stream_key("p", "t"), "p:history:t");
+    }
+}

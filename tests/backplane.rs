@@ -1,0 +1,292 @@
+//! The Redis backplane, against a real `redis-server` started by each test
+//! on a free port: two layers on two ports share topics, history and
+//! sequence numbers; an instance listens only to its clients' topics; and
+//! Redis dying mid-stream loses nothing without a word.
+#![cfg(feature = "redis")]
+
+mod support;
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use support::redis_server::RedisServer;
+use support::*;
+use tower_ws::{PublishError, RedisBackplane};
+
+const CHANNEL: &str = "tower-ws:req-1";
+
+/// One instance: a layer with its own backplane connection, on its own port.
+async fn instance(redis: &RedisServer) -> Server {
+    let backplane = RedisBackplane::builder(redis.url())
+        .reconnect_backoff(Duration::from_millis(20), Duration::from_millis(200))
+        .connect()
+        .await
+        .expect("redis is up");
+    axum_server(builder().backplane(backplane)).await
+}
+
+fn seq(v: &Value) -> u64 {
+    v["seq"].as_u64().unwrap_or_else(|| panic!("no seq in {v}"))
+}
+
+/// Waits until `redis` counts `n` instances listening to `channel`.
+async fn listeners(redis: &RedisServer, channel: &str, n: i64) {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while redis.subscribers(channel).await != n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{n} listeners on {channel}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Receives `count` topic messages and checks they are numbered `first`,
+/// `first + 1`, … with `n` fields that `expected_n` gives per seq.
+async fn receive_in_order(client: &mut Client, first: u64, count: u64) -> Vec<Value> {
+    let mut messages = Vec::new();
+    for expected in first..first + count {
+        let m = client.recv_json().await;
+        assert_eq!(seq(&m), expected, "in order, once each: {m}");
+        messages.push(m);
+    }
+    messages
+}
+
+#[tokio::test]
+async fn publishes_on_either_instance_reach_every_subscriber_once_in_one_order() {
+    within(async {
+        let redis = RedisServer::start().await;
+        let (a, b) = (instance(&redis).await, instance(&redis).await);
+        let mut on_a = Client::connect(&a).await;
+        let mut on_b = Client::connect(&b).await;
+        let mut also_on_b = Client::connect(&b).await;
+        for client in [&mut on_a, &mut on_b, &mut also_on_b] {
+            client.subscribe("req-1").await;
+        }
+        listeners(&redis, CHANNEL, 2).await;
+
+        // 1,000 from A alone: A's own subscriber gets each once.
+        for n in 0..1000 {
+            a.publisher
+                .publish("req-1", &json!({"type": "tick", "n": n}))
+                .unwrap();
+        }
+        for client in [&mut on_a, &mut on_b, &mut also_on_b] {
+            let got = receive_in_order(client, 1, 1000).await;
+            assert!(got.iter().enumerate().all(|(i, m)| m["n"] == i));
+        }
+
+        // Then both at once: every subscriber sees the same order.
+        let publish = |server: &Server, name: &'static str| {
+            let publisher = server.publisher.clone();
+            tokio::spawn(async move {
+                for n in 0..500 {
+                    publisher
+                        .publish("req-1", &json!({"type": "tick", "from": name, "n": n}))
+                        .unwrap();
+                    if n % 50 == 0 {
+                        tokio::task::yield_now().await;
+                    }
+                }
+            })
+        };
+        let (ta, tb) = (publish(&a, "a"), publish(&b, "b"));
+        ta.await.unwrap();
+        tb.await.unwrap();
+        let mut orders = Vec::new();
+        for client in [&mut on_a, &mut on_b, &mut also_on_b] {
+            let got = receive_in_order(client, 1001, 1000).await;
+            // Each publisher's own messages keep its order.
+            for name in ["a", "b"] {
+                let ns: Vec<u64> = got
+                    .iter()
+                    .filter(|m| m["from"] == name)
+                    .map(|m| m["n"].as_u64().unwrap())
+                    .collect();
+                assert_eq!(ns, (0..500).collect::<Vec<_>>());
+            }
+            orders.push(got);
+        }
+        assert!(orders.windows(2).all(|w| w[0] == w[1]), "one order for all");
+        assert_eq!(a.publisher.stats().backplane_publish_failures, 0);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_instance_listens_only_while_it_has_subscribers() {
+    within(async {
+        let redis = RedisServer::start().await;
+        let (a, b) = (instance(&redis).await, instance(&redis).await);
+        a.publisher.stream_delta("req-1", "nobody listens yet");
+        assert_eq!(redis.subscribers(CHANNEL).await, 0);
+
+        let mut on_a = Client::connect(&a).await;
+        on_a.subscribe("req-1").await;
+        listeners(&redis, CHANNEL, 1).await;
+        let mut on_b = Client::connect(&b).await;
+        on_b.subscribe("req-1").await;
+        let mut second_on_b = Client::connect(&b).await;
+        second_on_b.subscribe("req-1").await;
+        listeners(&redis, CHANNEL, 2).await;
+        assert_eq!(redis.subscribers("tower-ws:other").await, 0);
+
+        on_a.send_json(json!({"type": "unsubscribe", "requestId": "req-1"}))
+            .await;
+        listeners(&redis, CHANNEL, 1).await;
+        drop(on_b);
+        subscribers(&b.publisher, "req-1", 1).await;
+        assert_eq!(
+            redis.subscribers(CHANNEL).await,
+            1,
+            "one subscriber left on B"
+        );
+        drop(second_on_b);
+        listeners(&redis, CHANNEL, 0).await;
+        assert_eq!(a.publisher.stats().topics, 0);
+        assert_eq!(b.publisher.stats().topics, 0);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_client_resumes_on_another_instance_with_exactly_what_it_missed() {
+    within(async {
+        let redis = RedisServer::start().await;
+        let (a, b) = (instance(&redis).await, instance(&redis).await);
+        let mut client = Client::connect(&a).await;
+        client.subscribe("req-1").await;
+        listeners(&redis, CHANNEL, 1).await;
+        for i in 1..=10 {
+            a.publisher.stream_delta("req-1", &format!("{i} "));
+        }
+        let seen = receive_in_order(&mut client, 1, 10).await;
+        drop(client);
+        listeners(&redis, CHANNEL, 0).await;
+
+        // Published while the client is away, from the instance it left.
+        for i in 11..=20 {
+            a.publisher.stream_delta("req-1", &format!("{i} "));
+        }
+        let mut back = Client::connect(&b).await;
+        back.send_json(json!({"type": "subscribe", "requestId": "req-1", "since": seq(&seen[9])}))
+            .await;
+        let missed = receive_in_order(&mut back, 11, 10).await;
+        assert_eq!(missed[0]["text"], "11 ");
+        listeners(&redis, CHANNEL, 1).await;
+        a.publisher.stream_done("req-1", "done");
+        let done = back.recv_json().await;
+        assert_eq!(
+            (seq(&done), done["type"].as_str()),
+            (21, Some("stream.done"))
+        );
+
+        // A late subscriber with no `since` gets the whole stream.
+        let mut late = Client::connect(&a).await;
+        late.subscribe("req-1").await;
+        let all = receive_in_order(&mut late, 1, 21).await;
+        assert_eq!(all[20]["type"], "stream.done");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn redis_dying_mid_stream_loses_nothing_without_a_word() {
+    within(async {
+        let mut redis = RedisServer::start().await;
+        let (a, b) = (instance(&redis).await, instance(&redis).await);
+        let mut client = Client::connect(&b).await;
+        client.subscribe("req-1").await;
+        listeners(&redis, CHANNEL, 1).await;
+
+        // A publishes n = 0, 1, 2, … one every millisecond or so, and
+        // records what each publish was told.
+        let publisher = a.publisher.clone();
+        let (stop_tx, mut stop) = tokio::sync::watch::channel(false);
+        let publishing = tokio::spawn(async move {
+            let mut outcomes = BTreeMap::new();
+            let mut n = 0u64;
+            while !*stop.borrow_and_update() {
+                let outcome = publisher
+                    .publish_confirmed("req-1", &json!({"type": "tick", "n": n}))
+                    .await;
+                outcomes.insert(n, outcome);
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            outcomes
+        });
+        let confirmed = |outcomes: &BTreeMap<u64, Result<u64, PublishError>>| {
+            outcomes.values().filter(|o| o.is_ok()).count()
+        };
+
+        let mut received = HashSet::new();
+        let mut gaps = 0;
+        // Let some go through, then kill Redis while A publishes.
+        while received.len() < 200 {
+            let m = client.recv_json().await;
+            assert!(received.insert(m["n"].as_u64().unwrap()), "no duplicate");
+        }
+        redis.kill();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        redis.restart().await;
+
+        // After Redis is back, delivery resumes without restarting anything.
+        let resumed_from = received.len();
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        while received.len() < resumed_from + 200 {
+            assert!(tokio::time::Instant::now() < deadline, "delivery resumed");
+            let m = client.recv_json().await;
+            if m["type"] == "error" {
+                // Redis came back empty: numbering began again.
+                assert_eq!(m["error"], "history_gap");
+                gaps += 1;
+                continue;
+            }
+            assert!(
+                received.insert(m["n"].as_u64().unwrap()),
+                "no duplicate: {m}"
+            );
+        }
+        stop_tx.send(true).unwrap();
+        let outcomes = publishing.await.unwrap();
+
+        // Every publish was either confirmed and delivered, or reported.
+        let failed: Vec<u64> = outcomes
+            .iter()
+            .filter(|(_, o)| o.is_err())
+            .map(|(n, _)| *n)
+            .collect();
+        assert!(!failed.is_empty(), "publishes while Redis was down failed");
+        let last = *outcomes.keys().last().unwrap();
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        loop {
+            let missing: Vec<u64> = outcomes
+                .iter()
+                .filter(|(n, o)| o.is_ok() && !received.contains(n))
+                .map(|(n, _)| *n)
+                .collect();
+            if missing.is_empty() {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "confirmed but never delivered: {missing:?} (last {last})"
+            );
+            let m = client.recv_json().await;
+            if let Some(n) = m["n"].as_u64() {
+                assert!(received.insert(n), "no duplicate: {m}");
+            }
+        }
+        assert_eq!(gaps, 1, "one history_gap when Redis came back empty");
+        assert_eq!(
+            a.publisher.stats().backplane_publish_failures,
+            failed.len() as u64
+        );
+        assert!(confirmed(&outcomes) >= 400);
+        drop(b);
+    })
+    .await;
+}
