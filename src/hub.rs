@@ -628,4 +628,140 @@ mod tests {
         ))));
         assert!(!hub.is_accepting());
     }
+
+    /// Records what the hub asks of a backplane; numbering is done by the
+    /// tests, as the backplane would.
+    #[derive(Default)]
+    struct Recorder {
+        listening: Mutex<Vec<String>>,
+    }
+
+    impl Relay for Recorder {
+        fn publish(
+            &self,
+            _: &str,
+            _: Draft,
+            _: bool,
+            _: Option<crate::backplane::Ack>,
+        ) -> Result<(), crate::PublishError> {
+            Ok(())
+        }
+        fn complete(&self, _: &str) {}
+        fn listen(&self, topic: &str) {
+            lock(&self.listening).push(topic.to_owned());
+        }
+        fn unlisten(&self, topic: &str) {
+            lock(&self.listening).retain(|t| t != topic);
+        }
+    }
+
+    fn replicated_hub() -> (Hub, Arc<Recorder>) {
+        let hub = Hub::new(LIMITS);
+        let recorder = Arc::new(Recorder::default());
+        hub.attach(recorder.clone());
+        (hub, recorder)
+    }
+
+    fn numbered(epoch: u64, seq: u64) -> Numbered {
+        Numbered {
+            epoch,
+            seq,
+            done: false,
+            draft: Some(Draft::delta("t", &seq.to_string())),
+        }
+    }
+
+    /// Everything queued for `outbox`, as (seq, or the error's firstSeq).
+    fn received(outbox: &Outbox) -> Vec<Result<u64, u64>> {
+        let mut batch = Vec::new();
+        while let Take::Frames { .. } = outbox.take(&mut batch) {}
+        batch
+            .iter()
+            .map(|frame| {
+                let v: serde_json::Value =
+                    serde_json::from_slice(crate::frame::payload_of(frame)).unwrap();
+                match v["seq"].as_u64() {
+                    Some(seq) => Ok(seq),
+                    None => Err(v["firstSeq"].as_u64().unwrap()),
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_first_subscriber_waits_for_the_fetch_and_gets_broadcasts_older_than_it() {
+        let (hub, recorder) = replicated_hub();
+        let client = conn(&hub);
+        assert_eq!(hub.subscribe("t", &client, None), Subscribed::Waiting);
+        assert_eq!(*lock(&recorder.listening), ["t"]);
+        // Broadcasts since listening began: 1..=300. The backplane's
+        // history keeps only the last 256 of them by the time it is read.
+        for seq in 1..=300 {
+            hub.deliver("t", numbered(9, seq));
+        }
+        assert!(received(&client).is_empty(), "nothing before the replay");
+        hub.fetched(
+            "t",
+            Fetched {
+                epoch: Some(9),
+                entries: (45..=300).map(|seq| numbered(9, seq)).collect(),
+            },
+        );
+        let all: Vec<_> = (1..=300).map(Ok).collect();
+        assert_eq!(received(&client), all);
+        assert_eq!(hub.fetch_cursor("t"), Some((Some(9), 300)));
+
+        assert!(hub.unsubscribe("t", client.client_id()));
+        assert!(lock(&recorder.listening).is_empty());
+        let stats = hub.counters.snapshot();
+        assert_eq!((stats.topics, stats.history_bytes), (0, 0));
+    }
+
+    #[test]
+    fn replies_and_broadcasts_apply_once_in_order() {
+        let (hub, _) = replicated_hub();
+        let client = conn(&hub);
+        hub.subscribe("t", &client, None);
+        hub.fetched(
+            "t",
+            Fetched {
+                epoch: None,
+                entries: Vec::new(),
+            },
+        );
+        hub.deliver("t", numbered(9, 2)); // this instance's reply came first
+        hub.deliver("t", numbered(9, 1));
+        hub.deliver("t", numbered(9, 2)); // its broadcast
+        hub.deliver("t", numbered(9, 1));
+        hub.deliver("t", numbered(9, 3));
+        assert_eq!(received(&client), [Ok(1), Ok(2), Ok(3)]);
+    }
+
+    #[test]
+    fn a_topic_begun_again_is_announced_with_a_gap() {
+        let (hub, _) = replicated_hub();
+        let client = conn(&hub);
+        hub.subscribe("t", &client, None);
+        hub.fetched(
+            "t",
+            Fetched {
+                epoch: Some(9),
+                entries: vec![numbered(9, 1), numbered(9, 2)],
+            },
+        );
+        hub.deliver("t", numbered(12, 2)); // early: its seq 1 is missing
+        hub.deliver("t", numbered(12, 1));
+        hub.deliver("t", numbered(9, 3)); // of the old numbering: dropped
+        assert_eq!(received(&client), [Ok(1), Ok(2), Err(1), Ok(1), Ok(2)]);
+
+        // After a reconnect, what the history no longer holds is a gap.
+        hub.fetched(
+            "t",
+            Fetched {
+                epoch: Some(12),
+                entries: vec![numbered(12, 7), numbered(12, 8)],
+            },
+        );
+        assert_eq!(received(&client), [Err(7), Ok(7), Ok(8)]);
+    }
 }

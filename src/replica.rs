@@ -72,7 +72,10 @@ impl Replica {
             return Arrival::Early;
         }
         match self.epoch {
-            None => Arrival::Begin,
+            // The backplane held nothing when the copy synced: the topic's
+            // numbering begins at 1, and the broadcast brings 1 first.
+            None if seq == 1 => Arrival::Begin,
+            None => Arrival::Early,
             Some(current) if epoch == current => match seq.cmp(&next_seq) {
                 std::cmp::Ordering::Less => Arrival::Stale,
                 std::cmp::Ordering::Equal => Arrival::Next,
@@ -145,7 +148,8 @@ mod tests {
         let mut r = Replica::new();
         assert_eq!(r.classify(1, 5, 1), Arrival::Early);
         r.synced = true;
-        assert_eq!(r.classify(1, 5, 3), Arrival::Begin);
+        assert_eq!(r.classify(1, 5, 3), Arrival::Early);
+        assert_eq!(r.classify(1, 5, 1), Arrival::Begin);
         r.epoch = Some(5);
         assert_eq!(r.classify(4, 5, 3), Arrival::Stale);
         assert_eq!(r.classify(4, 5, 4), Arrival::Next);
