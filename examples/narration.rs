@@ -15,7 +15,19 @@
 //! `since`.
 //!
 //! Environment: `PORT` (default 3000), `WS_ALLOWED_ORIGINS` (comma-separated
-//! origins besides same-origin; `*` allows any), `RUST_LOG`.
+//! origins besides same-origin; `*` allows any), `RUST_LOG`, and
+//! `REDIS_URL` (built with `--features redis`) to share topics with other
+//! instances through Redis:
+//!
+//! ```text
+//! REDIS_URL=redis://127.0.0.1:6379 PORT=3001 cargo run --features redis --example narration
+//! REDIS_URL=redis://127.0.0.1:6379 PORT=3002 WS_ALLOWED_ORIGINS=http://127.0.0.1:3001 \
+//!     cargo run --features redis --example narration
+//! # then open http://127.0.0.1:3001/?ws=ws://127.0.0.1:3002/ws
+//! ```
+//!
+//! The page posts its search to 3001 and streams it over a WebSocket to
+//! 3002 (`?ws=` picks the WebSocket address).
 
 use std::io::Read;
 use std::net::SocketAddr;
@@ -50,6 +62,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         } else {
             builder.allowed_origins(origins)
         };
+    }
+    if let Ok(url) = std::env::var("REDIS_URL") {
+        builder = with_redis(builder, &url).await?;
     }
     let (ws, publisher) = builder.build()?;
 
@@ -89,6 +104,24 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         })
         .await?;
     Ok(())
+}
+
+#[cfg(feature = "redis")]
+async fn with_redis(
+    builder: tower_ws::WsLayerBuilder,
+    url: &str,
+) -> Result<tower_ws::WsLayerBuilder, Box<dyn std::error::Error>> {
+    let backplane = tower_ws::RedisBackplane::connect(url).await?;
+    tracing::info!("sharing topics with other instances through Redis");
+    Ok(builder.backplane(backplane))
+}
+
+#[cfg(not(feature = "redis"))]
+async fn with_redis(
+    _: tower_ws::WsLayerBuilder,
+    _: &str,
+) -> Result<tower_ws::WsLayerBuilder, Box<dyn std::error::Error>> {
+    Err("REDIS_URL is set: build with `--features redis`".into())
 }
 
 #[derive(Deserialize)]

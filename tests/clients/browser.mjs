@@ -3,16 +3,18 @@
 // included, adding up to stream.done's fullText, then the actions. Then a
 // page from another origin tries to open the socket: refused by the server
 // at BASE, accepted by the one at ALLOWED (started with that origin on its
-// allowlist).
+// allowlist). With SEARCH and STREAM, two instances sharing topics through
+// Redis, the page is loaded from SEARCH and streams over a WebSocket to
+// STREAM (which allows SEARCH's origin).
 //
-// Usage: node browser.mjs BASE OTHER_ORIGIN ALLOWED
+// Usage: node browser.mjs BASE OTHER_ORIGIN ALLOWED [SEARCH STREAM]
 import { chromium } from "playwright-core";
 import http from "node:http";
 import { mkdtempSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 
-const [base, otherOrigin, allowed] = process.argv.slice(2);
+const [base, otherOrigin, allowed, search, stream] = process.argv.slice(2);
 
 // A page served from `otherOrigin` by a small server of this script's that
 // tries to open a WebSocket to `target` and writes what happened.
@@ -49,18 +51,26 @@ const browser = await chromium.launchPersistentContext(mkdtempSync(join(tmpdir()
 });
 let failed = false;
 try {
-  const page = await browser.newPage();
-  page.on("console", (m) => console.log("page:", m.text()));
-  await page.goto(`${base}/?q=pizza`);
-  await page.waitForSelector("#narration[data-done=true]", { timeout: 20000 });
-  await page.waitForSelector("#actions button", { timeout: 20000 });
-  const complete = await page.getAttribute("#narration", "data-complete");
-  const text = await page.textContent("#narration");
-  const status = await page.textContent("#status");
-  const buttons = await page.locator("#actions button").count();
-  console.log(`narration: ${JSON.stringify(text)}`);
-  console.log(`complete: ${complete}, status: ${status}, buttons: ${buttons}`);
-  if (complete !== "true" || !text.startsWith("Found 10 great places") || buttons !== 2) failed = true;
+  const narrate = async (url, label) => {
+    const page = await browser.newPage();
+    page.on("console", (m) => console.log("page:", m.text()));
+    await page.goto(url);
+    await page.waitForSelector("#narration[data-done=true]", { timeout: 20000 });
+    await page.waitForSelector("#actions button", { timeout: 20000 });
+    const complete = await page.getAttribute("#narration", "data-complete");
+    const text = await page.textContent("#narration");
+    const status = await page.textContent("#status");
+    const buttons = await page.locator("#actions button").count();
+    console.log(`${label}narration: ${JSON.stringify(text)}`);
+    console.log(`${label}complete: ${complete}, status: ${status}, buttons: ${buttons}`);
+    if (complete !== "true" || !text.startsWith("Found 10 great places") || buttons !== 2) failed = true;
+    return page;
+  };
+  const page = await narrate(`${base}/?q=pizza`, "");
+  if (search && stream) {
+    const ws = stream.replace("http", "ws") + "/ws";
+    await narrate(`${search}/?q=pizza&ws=${encodeURIComponent(ws)}`, "across instances: ");
+  }
   await page.click("#actions button >> nth=0");
   const refused = await crossOriginAttempt(browser, base);
   const accepted = await crossOriginAttempt(browser, allowed);

@@ -1,17 +1,21 @@
 // Node's `ws` against the running narration example: post a search,
-// subscribe, receive the whole narration, close cleanly.
+// subscribe, receive the whole narration, close cleanly. With a second
+// address, the search goes to the first instance and the WebSocket to the
+// second (instances sharing topics through Redis).
 //
-// Usage: node narration.mjs http://127.0.0.1:PORT
+// Usage: node narration.mjs http://127.0.0.1:PORT [http://127.0.0.1:OTHER]
 import WebSocket from "ws";
 
 const base = process.argv[2];
+const wsBase = process.argv[3] ?? base;
+const label = process.argv[3] ? "node ws across instances" : "node ws";
 const { requestId } = await (await fetch(`${base}/api/search`, {
   method: "POST",
   headers: { "content-type": "application/json" },
   body: JSON.stringify({ query: "ramen" }),
 })).json();
 
-const ws = new WebSocket(base.replace("http", "ws") + "/ws");
+const ws = new WebSocket(wsBase.replace("http", "ws") + "/ws");
 const result = await new Promise((resolve, reject) => {
   const timer = setTimeout(() => reject(new Error("timed out")), 20000);
   let text = "";
@@ -30,6 +34,6 @@ const result = await new Promise((resolve, reject) => {
   ws.on("error", reject);
 });
 const ok = result.code === 1000 && result.fullText !== null && result.text === result.fullText;
-console.log(`node ws: close ${result.code}, ${result.text.length} chars streamed, matches fullText: ${result.text === result.fullText}`);
-console.log(ok ? "node ws check: ok" : "node ws check: FAILED");
+console.log(`${label}: close ${result.code}, ${result.text.length} chars streamed, matches fullText: ${result.text === result.fullText}`);
+console.log(ok ? `${label} check: ok` : `${label} check: FAILED`);
 process.exit(ok ? 0 : 1);
