@@ -18,13 +18,22 @@
 //!   `start_unix_ns`, the wall-clock due time of message 0.
 //!
 //! `WORKERS` is the number of Tokio worker threads (default 1), so the
-//! comparison with single-threaded Node is per core. Publishing goes through
+//! comparison with single-threaded Node is per core. With `REDIS_URL` (and
+//! `--features redis`), topics go through a Redis backplane, as they would
+//! between instances: each publish is numbered by Redis and comes back to
+//! this instance's subscribers through it. It then publishes with
+//! [`Publisher::publish_confirmed`], keeping at most [`WINDOW`] publishes
+//! unconfirmed, as an application that must not outrun its backplane's
+//! queue would. Publishing goes through
 //! the public [`Publisher::stream_delta`], like any application's; the
 //! loops yield to the runtime every few messages so that, on one thread,
 //! connections write while a burst is still being published.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http_body_util::Full;
@@ -32,8 +41,9 @@ use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
+use serde::Serialize;
 use tower::ServiceBuilder;
-use tower_ws::{Publisher, WsLayer};
+use tower_ws::{PublishError, Publisher, WsLayer};
 
 /// A burst yields to the runtime, so that one thread also writes while it
 /// publishes, once it has queued this many deliveries (messages ×
@@ -41,6 +51,73 @@ use tower_ws::{Publisher, WsLayer};
 /// connection then has several frames for one write.
 const YIELD_EVERY: usize = 16384;
 const YIELD_MIN_MESSAGES: usize = 16;
+
+/// Through a backplane: publishes awaiting Redis's confirmation, at most.
+const WINDOW: usize = 4096;
+
+/// How messages are published: straight to this instance's hub, or
+/// through the backplane with a window of confirmations.
+struct Sender<'a> {
+    publisher: &'a Publisher,
+    backplane: bool,
+    unconfirmed: VecDeque<Pin<Box<dyn Future<Output = Result<u64, PublishError>> + Send>>>,
+    failed: usize,
+}
+
+#[derive(Serialize)]
+struct Delta<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    #[serde(rename = "requestId")]
+    request_id: &'a str,
+    text: &'a str,
+}
+
+impl<'a> Sender<'a> {
+    fn new(publisher: &'a Publisher) -> Self {
+        Self {
+            publisher,
+            backplane: std::env::var_os("REDIS_URL").is_some(),
+            unconfirmed: VecDeque::new(),
+            failed: 0,
+        }
+    }
+
+    /// Publishes one delta; returns how many local subscribers it was
+    /// queued for (through a backplane: 0, it is queued when confirmed).
+    async fn delta(&mut self, topic: &str, text: &str) -> usize {
+        if !self.backplane {
+            return self.publisher.stream_delta(topic, text);
+        }
+        let delta = Delta {
+            kind: "stream.delta",
+            request_id: topic,
+            text,
+        };
+        self.unconfirmed
+            .push_back(Box::pin(self.publisher.publish_confirmed(topic, &delta)));
+        if self.unconfirmed.len() >= WINDOW {
+            self.confirm_oldest().await;
+        }
+        0
+    }
+
+    async fn confirm_oldest(&mut self) {
+        if let Some(confirmation) = self.unconfirmed.pop_front() {
+            if confirmation.await.is_err() {
+                self.failed += 1;
+            }
+        }
+    }
+
+    /// Waits for every confirmation; returns how many publishes failed.
+    async fn finish(mut self) -> usize {
+        while !self.unconfirmed.is_empty() {
+            self.confirm_oldest().await;
+        }
+        self.failed
+    }
+}
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let workers: usize = std::env::var("WORKERS").map_or(Ok(1), |w| w.parse())?;
@@ -55,7 +132,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 async fn serve(port: u16) -> Result<(), Box<dyn std::error::Error>> {
     // Defaults throughout (benchmark clients send no Origin), but for the
     // connection limit: S3 opens as many as the file limit allows.
-    let (ws, publisher) = WsLayer::builder().max_connections(100_000).build()?;
+    let mut builder = WsLayer::builder().max_connections(100_000);
+    if let Ok(url) = std::env::var("REDIS_URL") {
+        builder = with_redis(builder, &url).await?;
+    }
+    let (ws, publisher) = builder.build()?;
     let service = ServiceBuilder::new()
         .layer(ws)
         .service_fn(move |req| handle(publisher.clone(), req));
@@ -74,6 +155,22 @@ async fn serve(port: u16) -> Result<(), Box<dyn std::error::Error>> {
             .with_upgrades();
         tokio::spawn(connection);
     }
+}
+
+#[cfg(feature = "redis")]
+async fn with_redis(
+    builder: tower_ws::WsLayerBuilder,
+    url: &str,
+) -> Result<tower_ws::WsLayerBuilder, Box<dyn std::error::Error>> {
+    Ok(builder.backplane(tower_ws::RedisBackplane::connect(url).await?))
+}
+
+#[cfg(not(feature = "redis"))]
+async fn with_redis(
+    _: tower_ws::WsLayerBuilder,
+    _: &str,
+) -> Result<tower_ws::WsLayerBuilder, Box<dyn std::error::Error>> {
+    Err("REDIS_URL is set: build with `--features redis`".into())
 }
 
 async fn handle(
@@ -112,12 +209,13 @@ async fn publish_rounds(
 ) -> String {
     let padding = "x".repeat(size);
     let mut text = String::with_capacity(size + 24);
+    let mut sender = Sender::new(publisher);
     let (mut deliveries, mut published) = (0, 0);
     let (mut queued_since_yield, mut published_since_yield) = (0, 0);
     for _ in 0..count {
         for topic in topics {
             timestamped(&mut text, &padding, size);
-            let queued = publisher.stream_delta(topic, &text);
+            let queued = sender.delta(topic, &text).await;
             deliveries += queued;
             published += 1;
             queued_since_yield += queued.max(1);
@@ -128,7 +226,8 @@ async fn publish_rounds(
             }
         }
     }
-    format!("{{\"published\":{published},\"deliveries\":{deliveries}}}")
+    let failed = sender.finish().await;
+    format!("{{\"published\":{published},\"deliveries\":{deliveries},\"failed\":{failed}}}")
 }
 
 async fn publish_paced(publisher: &Publisher, query: &Query) -> String {
@@ -144,6 +243,7 @@ async fn publish_paced(publisher: &Publisher, query: &Query) -> String {
     let mut text = String::with_capacity(size + 24);
     let start = tokio::time::Instant::now();
     let start_unix_ns = unix_ns();
+    let mut sender = Sender::new(publisher);
     let mut ticker = tokio::time::interval(Duration::from_millis(1));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let (mut sent, mut deliveries, mut lag_max_ns) = (0u64, 0usize, 0f64);
@@ -156,12 +256,13 @@ async fn publish_paced(publisher: &Publisher, query: &Query) -> String {
             lag_max_ns = lag_max_ns.max(lag);
             let topic = &topics[(sent % topics.len() as u64) as usize];
             timestamped(&mut text, &padding, size);
-            deliveries += publisher.stream_delta(topic, &text);
+            deliveries += sender.delta(topic, &text).await;
             sent += 1;
         }
     }
+    let failed = sender.finish().await;
     format!(
-        "{{\"published\":{sent},\"deliveries\":{deliveries},\"lag_max_us\":{},\"start_unix_ns\":{start_unix_ns}}}",
+        "{{\"published\":{sent},\"deliveries\":{deliveries},\"failed\":{failed},\"lag_max_us\":{},\"start_unix_ns\":{start_unix_ns}}}",
         (lag_max_ns / 1e3).round()
     )
 }

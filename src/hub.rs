@@ -271,6 +271,27 @@ impl Hub {
     /// Takes a message numbered by the backplane, for the topic's local
     /// copy if there is one.
     pub(crate) fn deliver(&self, topic: &str, message: Numbered) {
+        let Numbered {
+            epoch,
+            seq,
+            done,
+            draft,
+        } = message;
+        self.deliver_with(topic, epoch, seq, done, || draft);
+    }
+
+    /// As [`deliver`](Self::deliver), reading the message only if the copy
+    /// needs it: most broadcasts of this instance's own publishes are
+    /// already applied from their replies.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn deliver_with(
+        &self,
+        topic: &str,
+        epoch: u64,
+        seq: u64,
+        done: bool,
+        draft: impl FnOnce() -> Option<Draft>,
+    ) {
         let Some(entry) = self.existing(topic) else {
             return;
         };
@@ -280,10 +301,19 @@ impl Hub {
         let Some(replica) = state.replica.as_mut().filter(|_| !removed) else {
             return;
         };
-        match replica.classify(next_seq, message.epoch, message.seq) {
-            Arrival::Stale => return,
+        let arrival = replica.classify(next_seq, epoch, seq);
+        if arrival == Arrival::Stale {
+            return;
+        }
+        let message = Numbered {
+            epoch,
+            seq,
+            done,
+            draft: draft(),
+        };
+        match arrival {
             Arrival::Early => replica.hold(message),
-            Arrival::Next | Arrival::Begin => self.apply(topic, &mut state, message, true),
+            _ => self.apply(topic, &mut state, message, true),
         }
         self.catch_up(topic, &mut state, true);
     }

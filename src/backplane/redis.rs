@@ -27,7 +27,9 @@ const DEFAULT_QUEUE_CAPACITY: usize = 65_536;
 const DEFAULT_BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Commands sent to Redis in one pipeline, at most.
-const MAX_BATCH: usize = 512;
+const MAX_BATCH: usize = 4096;
+/// Publishes numbered by one call of the publish script, at most.
+const MAX_GROUP: usize = 64;
 /// How long a history read that Redis refused waits before it is tried again.
 const FETCH_RETRY: Duration = Duration::from_secs(1);
 
@@ -140,6 +142,10 @@ impl RedisBackplaneBuilder {
             settings: settings.clone(),
             requeue: commands.downgrade(),
             retry: HashSet::new(),
+            scripts: (
+                redis::Script::new(wire::PUBLISH).get_hash().to_owned(),
+                redis::Script::new(wire::READ).get_hash().to_owned(),
+            ),
         };
         tokio::spawn(worker.run(connection, command_rx));
         let listener = Listener {
@@ -449,18 +455,23 @@ struct CommandWorker {
     requeue: mpsc::WeakSender<Command>,
     /// Topics whose history read failed while Redis was away.
     retry: HashSet<Arc<str>>,
+    /// The SHA1s of the publish and read scripts, for `EVALSHA`.
+    scripts: (String, String),
 }
 
 /// Where the outcome of one command of a pipeline goes.
 enum Pending {
-    Publish {
-        topic: Arc<str>,
-        draft: Draft,
-        done: bool,
-        ack: Option<Ack>,
-    },
+    /// Publishes numbered by one call of the publish script.
+    Publishes(Vec<Publish>),
     Fetch(Arc<str>),
     Complete,
+}
+
+struct Publish {
+    topic: Arc<str>,
+    draft: Draft,
+    done: bool,
+    ack: Option<Ack>,
 }
 
 impl CommandWorker {
@@ -555,8 +566,7 @@ impl CommandWorker {
             return Ok(());
         };
         let prefix = &self.state.prefix;
-        let publish_sha = redis::Script::new(wire::PUBLISH).get_hash().to_owned();
-        let read_sha = redis::Script::new(wire::READ).get_hash().to_owned();
+        let (publish_sha, read_sha) = (&self.scripts.0, &self.scripts.1);
         let max_len = limits.messages.max(1);
         let age_ms = limits.age.as_millis() as u64;
         let grace_ms = limits.completed_grace.as_millis() as u64;
@@ -564,6 +574,25 @@ impl CommandWorker {
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
         let mut pending = Vec::with_capacity(batch.len());
+        let mut group: Vec<Publish> = Vec::new();
+        // Sends the publishes gathered so far as one call of the script.
+        let flush =
+            |group: &mut Vec<Publish>, pipe: &mut redis::Pipeline, pending: &mut Vec<Pending>| {
+                if group.is_empty() {
+                    return;
+                }
+                let call = pipe.cmd("EVALSHA").arg(publish_sha).arg(group.len());
+                for publish in group.iter() {
+                    call.arg(wire::stream_key(prefix, &publish.topic));
+                }
+                call.arg(max_len).arg(age_ms.max(1)).arg(grace_ms.max(1));
+                for publish in group.iter() {
+                    call.arg(wire::channel(prefix, &publish.topic))
+                        .arg(publish.draft.body())
+                        .arg(if publish.done { "1" } else { "0" });
+                }
+                pending.push(Pending::Publishes(std::mem::take(group)));
+            };
         for command in batch {
             match command {
                 Command::Publish {
@@ -572,29 +601,23 @@ impl CommandWorker {
                     done,
                     ack,
                 } => {
-                    pipe.cmd("EVALSHA")
-                        .arg(&publish_sha)
-                        .arg(1)
-                        .arg(wire::stream_key(prefix, &topic))
-                        .arg(wire::channel(prefix, &topic))
-                        .arg(draft.body())
-                        .arg(max_len)
-                        .arg(age_ms.max(1))
-                        .arg(grace_ms.max(1))
-                        .arg(if done { "1" } else { "0" });
-                    pending.push(Pending::Publish {
+                    group.push(Publish {
                         topic,
                         draft,
                         done,
                         ack,
                     });
+                    if group.len() == MAX_GROUP {
+                        flush(&mut group, &mut pipe, &mut pending);
+                    }
                 }
                 Command::Fetch { topic } => {
                     let Some((epoch, after)) = hub.fetch_cursor(&topic) else {
                         continue;
                     };
+                    flush(&mut group, &mut pipe, &mut pending);
                     pipe.cmd("EVALSHA")
-                        .arg(&read_sha)
+                        .arg(read_sha)
                         .arg(1)
                         .arg(wire::stream_key(prefix, &topic))
                         .arg(epoch.map(|e| e.to_string()).unwrap_or_default())
@@ -602,6 +625,7 @@ impl CommandWorker {
                     pending.push(Pending::Fetch(topic));
                 }
                 Command::Complete { topic } => {
+                    flush(&mut group, &mut pipe, &mut pending);
                     pipe.cmd("PEXPIRE")
                         .arg(wire::stream_key(prefix, &topic))
                         .arg(grace_ms.max(1))
@@ -610,6 +634,7 @@ impl CommandWorker {
                 }
             }
         }
+        flush(&mut group, &mut pipe, &mut pending);
         if pending.is_empty() {
             return Ok(());
         }
@@ -630,37 +655,32 @@ impl CommandWorker {
         let mut failures = 0;
         for (pending, reply) in pending.into_iter().zip(replies) {
             match (pending, reply) {
-                (
-                    Pending::Publish {
-                        topic,
-                        draft,
-                        done,
-                        ack,
-                    },
-                    Ok(reply),
-                ) => match wire::parse_published(&reply) {
-                    Some((epoch, seq)) => {
-                        hub.deliver(
-                            &topic,
-                            Numbered {
-                                epoch,
-                                seq,
-                                done,
-                                draft: Some(draft),
-                            },
-                        );
-                        if let Some(ack) = ack {
-                            let _ = ack.send(Ok(seq));
+                (Pending::Publishes(group), Ok(reply)) => {
+                    match wire::parse_published(&reply).filter(|n| n.len() == group.len()) {
+                        Some(numbers) => {
+                            for (publish, (epoch, seq)) in group.into_iter().zip(numbers) {
+                                hub.deliver(
+                                    &publish.topic,
+                                    Numbered {
+                                        epoch,
+                                        seq,
+                                        done: publish.done,
+                                        draft: Some(publish.draft),
+                                    },
+                                );
+                                if let Some(ack) = publish.ack {
+                                    let _ = ack.send(Ok(seq));
+                                }
+                            }
+                        }
+                        None => {
+                            tracing::warn!(?reply, "websocket_backplane_unexpected_reply");
+                            failures += self.fail(Pending::Publishes(group), || {
+                                BackplaneError::Failed("unexpected reply to a publish".into())
+                            });
                         }
                     }
-                    None => {
-                        failures += 1;
-                        let unexpected = format!("unexpected reply to a publish: {reply:?}");
-                        if let Some(ack) = ack {
-                            let _ = ack.send(Err(BackplaneError::Failed(unexpected.into()).into()));
-                        }
-                    }
-                },
+                }
                 (Pending::Fetch(topic), Ok(reply)) => match wire::parse_fetched(&reply) {
                     Some(fetched) => hub.fetched(&topic, fetched),
                     None => {
@@ -684,14 +704,18 @@ impl CommandWorker {
         Ok(())
     }
 
-    /// Fails one command; returns 1 for a publish, for the caller to count.
-    fn fail(&mut self, pending: Pending, error: impl FnOnce() -> BackplaneError) -> usize {
+    /// Fails one command; returns how many publishes failed, for the
+    /// caller to count.
+    fn fail(&mut self, pending: Pending, error: impl Fn() -> BackplaneError) -> usize {
         match pending {
-            Pending::Publish { ack, .. } => {
-                if let Some(ack) = ack {
-                    let _ = ack.send(Err(error().into()));
+            Pending::Publishes(group) => {
+                let failed = group.len();
+                for publish in group {
+                    if let Some(ack) = publish.ack {
+                        let _ = ack.send(Err(error().into()));
+                    }
                 }
-                1
+                failed
             }
             Pending::Fetch(topic) => {
                 self.retry_later(topic);
@@ -830,7 +854,9 @@ impl Listener {
                         continue;
                     };
                     match (wire::parse_broadcast(message.get_payload_bytes()), self.state.hub()) {
-                        (Some(numbered), Some((hub, _))) => hub.deliver(topic, numbered),
+                        (Some((h, body)), Some((hub, _))) => {
+                            hub.deliver_with(topic, h.epoch, h.seq, h.done, || Draft::from_body(body));
+                        }
                         (None, _) => tracing::warn!(request_id = topic, "websocket_backplane_message_unreadable"),
                         (_, None) => {}
                     }

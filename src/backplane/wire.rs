@@ -12,42 +12,50 @@ use redis::Value;
 use super::{Fetched, Numbered};
 use crate::message::Draft;
 
-/// Numbers and stores one message, then broadcasts it.
+/// Numbers and stores messages, then broadcasts each, in order: one call
+/// carries several, as a call costs more than the work of one message.
 ///
-/// `KEYS[1]`: the stream. `ARGV`: channel, JSON object, most messages
-/// kept, history age (ms), grace of a finished stream (ms), `1` if this
-/// message finishes the stream. Returns `{epoch, seq}`.
+/// `KEYS[i]`: the stream of message `i`. `ARGV`: most messages kept,
+/// history age (ms), grace of a finished stream (ms), then for each
+/// message its channel, its JSON object, and `1` if it finishes the
+/// stream. Returns `{epoch1, seq1, epoch2, seq2, …}`.
 ///
 /// The `seq` is the last entry's plus one, so the stream must keep at least
 /// one entry; a stream that is gone (expired, or lost by a Redis restart)
 /// begins again at 1 under a new epoch taken from the server's clock.
 pub(super) const PUBLISH: &str = r"
-local key = KEYS[1]
-local epoch, seq, was_done = nil, 1, false
-local last = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
-if #last > 0 then
-  seq = tonumber(string.sub(last[1][1], 3)) + 1
-  local fields = last[1][2]
-  for i = 1, #fields, 2 do
-    if fields[i] == 'e' then epoch = fields[i + 1]
-    elseif fields[i] == 'd' then was_done = fields[i + 1] == '1' end
+local out = {}
+for i = 1, #KEYS do
+  local key = KEYS[i]
+  local channel, body, finishes = ARGV[3 * i + 1], ARGV[3 * i + 2], ARGV[3 * i + 3]
+  local epoch, seq, was_done = nil, 1, false
+  local last = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
+  if #last > 0 then
+    seq = tonumber(string.sub(last[1][1], 3)) + 1
+    local fields = last[1][2]
+    for j = 1, #fields, 2 do
+      if fields[j] == 'e' then epoch = fields[j + 1]
+      elseif fields[j] == 'd' then was_done = fields[j + 1] == '1' end
+    end
   end
+  if not epoch then
+    local t = redis.call('TIME')
+    epoch = t[1] .. string.format('%06d', tonumber(t[2]))
+  end
+  local done = was_done or finishes == '1'
+  local d = done and '1' or '0'
+  local s = string.format('%d', seq)
+  redis.call('XADD', key, 'MAXLEN', ARGV[1], '0-' .. s, 'e', epoch, 'd', d, 'b', body)
+  if not done then
+    redis.call('PEXPIRE', key, ARGV[2])
+  elseif not was_done then
+    redis.call('PEXPIRE', key, ARGV[3])
+  end
+  redis.call('PUBLISH', channel, epoch .. ':' .. s .. ':' .. d .. ':' .. body)
+  out[2 * i - 1] = epoch
+  out[2 * i] = seq
 end
-if not epoch then
-  local t = redis.call('TIME')
-  epoch = t[1] .. string.format('%06d', tonumber(t[2]))
-end
-local done = was_done or ARGV[6] == '1'
-local d = done and '1' or '0'
-local s = string.format('%d', seq)
-redis.call('XADD', key, 'MAXLEN', ARGV[3], '0-' .. s, 'e', epoch, 'd', d, 'b', ARGV[2])
-if not done then
-  redis.call('PEXPIRE', key, ARGV[4])
-elseif not was_done then
-  redis.call('PEXPIRE', key, ARGV[5])
-end
-redis.call('PUBLISH', ARGV[1], epoch .. ':' .. s .. ':' .. d .. ':' .. ARGV[2])
-return {epoch, seq}
+return out
 ";
 
 /// Reads a topic's history.
@@ -82,30 +90,36 @@ pub(super) fn topic_of<'a>(prefix: &str, channel: &'a str) -> Option<&'a str> {
     channel.strip_prefix(prefix)?.strip_prefix(':')
 }
 
-/// Reads a broadcast: `<epoch>:<seq>:<d>:<json>`.
-pub(super) fn parse_broadcast(payload: &[u8]) -> Option<Numbered> {
+/// A broadcast's header: epoch, `seq`, whether the stream is finished.
+pub(super) struct Header {
+    pub(super) epoch: u64,
+    pub(super) seq: u64,
+    pub(super) done: bool,
+}
+
+/// Splits a broadcast, `<epoch>:<seq>:<d>:<json>`, into its header and the
+/// JSON object.
+pub(super) fn parse_broadcast(payload: &[u8]) -> Option<(Header, &[u8])> {
     let mut parts = payload.splitn(4, |&b| b == b':');
     let epoch = number(parts.next()?)?;
     let seq = number(parts.next()?)?;
     let done = parts.next()? == b"1";
     let body = parts.next()?;
-    Some(Numbered {
-        epoch,
-        seq,
-        done,
-        draft: Draft::from_body(body),
-    })
+    Some((Header { epoch, seq, done }, body))
 }
 
-/// Reads the publish script's `{epoch, seq}`.
-pub(super) fn parse_published(value: &Value) -> Option<(u64, u64)> {
-    match value {
-        Value::Array(items) => match items.as_slice() {
+/// Reads the publish script's `{epoch1, seq1, …}`: one pair per message.
+pub(super) fn parse_published(value: &Value) -> Option<Vec<(u64, u64)>> {
+    let Value::Array(items) = value else {
+        return None;
+    };
+    items
+        .chunks(2)
+        .map(|pair| match pair {
             [epoch, Value::Int(seq)] => Some((number(bulk(epoch)?)?, u64::try_from(*seq).ok()?)),
             _ => None,
-        },
-        _ => None,
-    }
+        })
+        .collect()
 }
 
 /// Reads the read script's reply.
@@ -176,17 +190,18 @@ mod tests {
 
     #[test]
     fn broadcasts_are_read_back() {
-        let m = parse_broadcast(br#"1764100000123456:42:1:{"type":"a:b"}"#).unwrap();
-        assert_eq!((m.epoch, m.seq, m.done), (1_764_100_000_123_456, 42, true));
-        assert_eq!(m.draft.unwrap().body(), br#"{"type":"a:b"}"#);
+        let (h, body) = parse_broadcast(br#"1764100000123456:42:1:{"type":"a:b"}"#).unwrap();
+        assert_eq!((h.epoch, h.seq, h.done), (1_764_100_000_123_456, 42, true));
+        assert_eq!(body, br#"{"type":"a:b"}"#);
         assert!(parse_broadcast(b"x:1:0:{}").is_none());
-        assert!(parse_broadcast(b"1:2:0:[]").unwrap().draft.is_none());
+        assert!(parse_broadcast(b"1:2:0").is_none());
     }
 
     #[test]
     fn replies_are_read() {
-        let published = Value::Array(vec![bulk("17"), Value::Int(3)]);
-        assert_eq!(parse_published(&published), Some((17, 3)));
+        let published = Value::Array(vec![bulk("17"), Value::Int(3), bulk("17"), Value::Int(4)]);
+        assert_eq!(parse_published(&published), Some(vec![(17, 3), (17, 4)]));
+        assert_eq!(parse_published(&Value::Array(vec![bulk("17")])), None);
 
         let entry = |seq: &str, body: &str| {
             Value::Array(vec![
