@@ -55,12 +55,14 @@ const YIELD_MIN_MESSAGES: usize = 16;
 /// Through a backplane: publishes awaiting Redis's confirmation, at most.
 const WINDOW: usize = 4096;
 
+type Confirmation = Pin<Box<dyn Future<Output = Result<u64, PublishError>> + Send>>;
+
 /// How messages are published: straight to this instance's hub, or
 /// through the backplane with a window of confirmations.
 struct Sender<'a> {
     publisher: &'a Publisher,
     backplane: bool,
-    unconfirmed: VecDeque<Pin<Box<dyn Future<Output = Result<u64, PublishError>> + Send>>>,
+    unconfirmed: VecDeque<Confirmation>,
     failed: usize,
 }
 
