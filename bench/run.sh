@@ -1,34 +1,55 @@
 #!/usr/bin/env bash
-# Runs the bench protocol's scenarios (../shared/bench/README.md) against
-# tower-ws's bench_server and the original Node.js system, alternating
-# which goes first, server on core 0 and load generator on core 1.
-# Prints one JSON line per run and writes them to target/bench/results.jsonl.
+# Runs the bench protocol's scenarios (../shared/bench/README.md) against two
+# servers, alternating which goes first, server on core 0 and load generator
+# on core 1. Prints one JSON line per run and writes them to
+# target/bench/<compare>.jsonl, then the medians.
 #
-#   bench/run.sh [runs=3] [scenario…]      e.g. bench/run.sh 3 s1 s2
+#   bench/run.sh [runs=3] [scenario…]                e.g. bench/run.sh 3 s1 s2
+#       tower-ws's bench_server against the original Node.js system
+#   COMPARE=backplane bench/run.sh [runs=3] [scenario…]
+#       bench_server in-process against the same with a Redis backplane (a
+#       redis-server of this script's own, no persistence, also on core 0)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-3}
 shift || true
-scenarios=("${@:-s1 s1x s2 s3 s4 s5 s5x}")
+compare=${COMPARE:-node}
+case $compare in
+  node) servers=(tower-ws node); default_scenarios="s1 s1x s2 s3 s4 s5 s5x" ;;
+  backplane) servers=(in-process redis); default_scenarios="s1 s2 s5" ;;
+  *) echo "COMPARE is node or backplane" >&2; exit 2 ;;
+esac
+scenarios=("${@:-$default_scenarios}")
 read -r -a scenarios <<<"${scenarios[*]}"
 
 shared=${SHARED:-../shared}
 node_dir=target/bench/node-ws-seed
-out=target/bench/results.jsonl
+out=target/bench/$compare.jsonl
 mkdir -p target/bench
 : >"$out"
 
-cargo build --release --example bench_server --example loadgen
-if [ ! -d "$node_dir/node_modules" ]; then
-  rm -rf "$node_dir" && cp -r "$shared/bench/node-ws-seed" "$node_dir" && chmod -R u+w "$node_dir"
-  (cd "$node_dir" && ./build.sh)
-fi
-
 free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+if [ "$compare" = node ]; then
+  cargo build --release --example bench_server --example loadgen
+  if [ ! -d "$node_dir/node_modules" ]; then
+    rm -rf "$node_dir" && cp -r "$shared/bench/node-ws-seed" "$node_dir" && chmod -R u+w "$node_dir"
+    (cd "$node_dir" && ./build.sh)
+  fi
+else
+  cargo build --release --features redis --example bench_server --example loadgen
+  redis_port=$(free_port)
+  taskset -c 0 redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no >/dev/null 2>&1 &
+  redis_pid=$!
+  trap 'kill $redis_pid 2>/dev/null || true' EXIT
+  for _ in $(seq 100); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.05; done
+fi
 
 start_server() { # name port → pid
   case $1 in
-    tower-ws) PORT=$2 WORKERS=1 taskset -c 0 target/release/examples/bench_server >/dev/null 2>&1 & ;;
+    tower-ws | in-process) PORT=$2 WORKERS=1 taskset -c 0 target/release/examples/bench_server >/dev/null 2>&1 & ;;
+    redis) REDIS_URL="redis://127.0.0.1:$redis_port" PORT=$2 WORKERS=1 taskset -c 0 \
+      target/release/examples/bench_server >/dev/null 2>&1 & ;;
     node) (cd "$node_dir" && PORT=$2 exec taskset -c 0 ./start.sh >/dev/null 2>&1) & ;;
   esac
   local pid=$!
@@ -53,8 +74,9 @@ args_for() {
 
 for scenario in "${scenarios[@]}"; do
   for run in $(seq "$runs"); do
-    if [ $((run % 2)) -eq 1 ]; then order=(tower-ws node); else order=(node tower-ws); fi
+    if [ $((run % 2)) -eq 1 ]; then order=("${servers[@]}"); else order=("${servers[1]}" "${servers[0]}"); fi
     for server in "${order[@]}"; do
+      if [ "$server" = redis ]; then redis-cli -p "$redis_port" flushall >/dev/null; fi
       port=$(free_port)
       pid=$(start_server "$server" "$port")
       # shellcheck disable=SC2046

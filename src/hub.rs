@@ -701,6 +701,15 @@ mod tests {
         }
     }
 
+    /// What the backplane's history gives back: `seqs` of numbering
+    /// `epoch`, or nothing.
+    fn fetched(hub: &Hub, epoch: Option<u64>, seqs: impl IntoIterator<Item = u64>) {
+        let entries = epoch.map_or(Vec::new(), |e| {
+            seqs.into_iter().map(|s| numbered(e, s)).collect()
+        });
+        hub.fetched("t", Fetched { epoch, entries });
+    }
+
     /// Everything queued for `outbox`, as (seq, or the error's firstSeq).
     fn received(outbox: &Outbox) -> Vec<Result<u64, u64>> {
         let mut batch = Vec::new();
@@ -730,13 +739,7 @@ mod tests {
             hub.deliver("t", numbered(9, seq));
         }
         assert!(received(&client).is_empty(), "nothing before the replay");
-        hub.fetched(
-            "t",
-            Fetched {
-                epoch: Some(9),
-                entries: (45..=300).map(|seq| numbered(9, seq)).collect(),
-            },
-        );
+        fetched(&hub, Some(9), 45..=300);
         let all: Vec<_> = (1..=300).map(Ok).collect();
         assert_eq!(received(&client), all);
         assert_eq!(hub.fetch_cursor("t"), Some((Some(9), 300)));
@@ -752,13 +755,7 @@ mod tests {
         let (hub, _) = replicated_hub();
         let client = conn(&hub);
         hub.subscribe("t", &client, None);
-        hub.fetched(
-            "t",
-            Fetched {
-                epoch: None,
-                entries: Vec::new(),
-            },
-        );
+        fetched(&hub, None, []);
         hub.deliver("t", numbered(9, 2)); // this instance's reply came first
         hub.deliver("t", numbered(9, 1));
         hub.deliver("t", numbered(9, 2)); // its broadcast
@@ -772,26 +769,14 @@ mod tests {
         let (hub, _) = replicated_hub();
         let client = conn(&hub);
         hub.subscribe("t", &client, None);
-        hub.fetched(
-            "t",
-            Fetched {
-                epoch: Some(9),
-                entries: vec![numbered(9, 1), numbered(9, 2)],
-            },
-        );
+        fetched(&hub, Some(9), [1, 2]);
         hub.deliver("t", numbered(12, 2)); // early: its seq 1 is missing
         hub.deliver("t", numbered(12, 1));
         hub.deliver("t", numbered(9, 3)); // of the old numbering: dropped
         assert_eq!(received(&client), [Ok(1), Ok(2), Err(1), Ok(1), Ok(2)]);
 
         // After a reconnect, what the history no longer holds is a gap.
-        hub.fetched(
-            "t",
-            Fetched {
-                epoch: Some(12),
-                entries: vec![numbered(12, 7), numbered(12, 8)],
-            },
-        );
+        fetched(&hub, Some(12), [7, 8]);
         assert_eq!(received(&client), [Err(7), Ok(7), Ok(8)]);
     }
 }
