@@ -90,7 +90,8 @@ impl RedisBackplaneBuilder {
     }
 
     /// How long connecting, and each command, may take before the
-    /// connection is taken for lost.
+    /// connection is taken for lost; the listening connection is also
+    /// pinged this often, so one that went silent is found out.
     ///
     /// Defaults to 5 seconds.
     pub fn timeout(mut self, timeout: Duration) -> Self {
@@ -408,10 +409,7 @@ impl Settings {
     }
 
     async fn pubsub(&self) -> RedisResult<PubSub> {
-        match tokio::time::timeout(self.timeout, self.client.get_async_pubsub()).await {
-            Ok(pubsub) => pubsub,
-            Err(_) => Err(std::io::Error::from(std::io::ErrorKind::TimedOut).into()),
-        }
+        within(self.timeout, self.client.get_async_pubsub()).await
     }
 }
 
@@ -439,6 +437,17 @@ impl Backoff {
 
     fn reset(&mut self) {
         self.next = self.min;
+    }
+}
+
+/// Runs a command on the listening connection, failing it after `timeout`.
+async fn within<T>(
+    timeout: Duration,
+    command: impl std::future::Future<Output = RedisResult<T>>,
+) -> RedisResult<T> {
+    match tokio::time::timeout(timeout, command).await {
+        Ok(result) => result,
+        Err(_) => Err(std::io::Error::from(std::io::ErrorKind::TimedOut).into()),
     }
 }
 
@@ -514,7 +523,7 @@ impl CommandWorker {
                 }
                 if let Err(e) = self.send(&mut conn, batch).await {
                     self.state.up.store(false, Ordering::Relaxed);
-                    tracing::warn!(error = %e, "websocket_backplane_disconnected: publishes fail until Redis is back");
+                    tracing::warn!(error = %e, "websocket_backplane_disconnected");
                     break;
                 }
             }
@@ -810,6 +819,7 @@ impl Listener {
         reconnected: bool,
     ) -> RedisResult<()> {
         let prefix = self.state.prefix.clone();
+        let timeout = self.settings.timeout;
         let (mut sink, mut stream) = connection.split();
         if !self.wanted.is_empty() {
             let channels: Vec<String> = self
@@ -817,8 +827,12 @@ impl Listener {
                 .iter()
                 .map(|topic| wire::channel(&prefix, topic))
                 .collect();
-            sink.subscribe(channels).await?;
+            within(timeout, sink.subscribe(channels)).await?;
         }
+        // A connection that went silent (no reset, no data) is found out by
+        // a ping that gets no answer.
+        let mut liveness = tokio::time::interval(timeout);
+        liveness.reset();
         if reconnected {
             if let Some((hub, _)) = self.state.hub() {
                 let topics = hub.refetch_all();
@@ -834,7 +848,7 @@ impl Listener {
                     None => return Ok(()),
                     Some(Listen::Start(topic)) => {
                         if self.wanted.insert(topic.clone()) {
-                            sink.subscribe(wire::channel(&prefix, &topic)).await?;
+                            within(timeout, sink.subscribe(wire::channel(&prefix, &topic))).await?;
                         }
                         // Read the history only once the channel is
                         // subscribed: nothing falls between the two.
@@ -842,10 +856,13 @@ impl Listener {
                     }
                     Some(Listen::Stop(topic)) => {
                         if self.wanted.remove(&topic) {
-                            sink.unsubscribe(wire::channel(&prefix, &topic)).await?;
+                            within(timeout, sink.unsubscribe(wire::channel(&prefix, &topic))).await?;
                         }
                     }
                 },
+                _ = liveness.tick() => {
+                    within(timeout, sink.ping::<Value>()).await?;
+                }
                 message = stream.next() => {
                     let Some(message) = message else {
                         return Err(std::io::Error::from(std::io::ErrorKind::ConnectionReset).into());
