@@ -3,7 +3,10 @@
 //! This is the one seam between publishing and connections: the
 //! [`Publisher`](crate::Publisher) hands the hub a serialized message, and
 //! the hub numbers it, keeps it in the topic's history and queues it for
-//! every subscriber of that topic on this instance.
+//! every subscriber of that topic on this instance. With a backplane (see
+//! [`crate::backplane`]) the backplane numbers it instead, and the hub
+//! keeps a copy of each topic its connections subscribe to (see
+//! [`crate::replica`]).
 //!
 //! Topics live in shards, each behind its own lock, so publishers of
 //! different topics rarely meet; each topic has a lock of its own (see
@@ -175,13 +178,7 @@ impl Hub {
         since: Option<u64>,
     ) -> Subscribed {
         self.with_topic(topic, |state| {
-            let waiting = state.replica.as_ref().map_or(&[][..], |r| &r.waiting[..]);
-            if state
-                .subscribers
-                .iter()
-                .chain(waiting.iter().map(|(s, _)| s))
-                .any(|s| Arc::ptr_eq(s, outbox))
-            {
+            if state.has_subscriber(outbox) {
                 return Subscribed::Already;
             }
             Counters::add(&self.counters.subscriptions, 1);
@@ -231,18 +228,7 @@ impl Hub {
             return false;
         };
         let mut state = entry.lock();
-        let is_it = |s: &Arc<Outbox>| s.client_id() == client_id;
-        if let Some(i) = state.subscribers.iter().position(is_it) {
-            state.subscribers.swap_remove(i);
-        } else if let Some(i) = state
-            .replica
-            .as_ref()
-            .and_then(|r| r.waiting.iter().position(|(s, _)| is_it(s)))
-        {
-            if let Some(r) = state.replica.as_mut() {
-                r.waiting.swap_remove(i);
-            }
-        } else {
+        if !state.remove_subscriber(client_id) {
             return false;
         }
         Counters::sub(&self.counters.subscriptions, 1);

@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use crate::message::{Draft, Message};
 use crate::outbox::Outbox;
 use crate::replica::Replica;
+use crate::ClientId;
 
 /// How much history a topic keeps.
 #[derive(Debug, Clone, Copy)]
@@ -203,6 +204,42 @@ impl TopicState {
     /// Skips numbers: the next message gets `next_seq`.
     pub(crate) fn advance_to(&mut self, next_seq: u64) {
         self.next_seq = next_seq;
+    }
+
+    /// Whether `outbox` subscribes, or waits for its replay.
+    pub(crate) fn has_subscriber(&self, outbox: &Arc<Outbox>) -> bool {
+        self.subscribers.iter().any(|s| Arc::ptr_eq(s, outbox))
+            || self
+                .replica
+                .as_ref()
+                .is_some_and(|r| r.waiting.iter().any(|(s, _)| Arc::ptr_eq(s, outbox)))
+    }
+
+    /// Removes a subscriber, live or waiting for its replay; whether it
+    /// was one.
+    pub(crate) fn remove_subscriber(&mut self, client_id: ClientId) -> bool {
+        if let Some(i) = self
+            .subscribers
+            .iter()
+            .position(|s| s.client_id() == client_id)
+        {
+            self.subscribers.swap_remove(i);
+            return true;
+        }
+        let Some(replica) = self.replica.as_mut() else {
+            return false;
+        };
+        match replica
+            .waiting
+            .iter()
+            .position(|(s, _)| s.client_id() == client_id)
+        {
+            Some(i) => {
+                replica.waiting.swap_remove(i);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Whether nothing would be lost by dropping the topic.
