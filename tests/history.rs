@@ -222,3 +222,24 @@ fn rss_kib() -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
 }
+
+#[tokio::test]
+async fn publish_confirmed_resolves_with_the_seq_it_was_given() {
+    let server = axum_server(builder()).await;
+    let mut client = Client::connect(&server).await;
+    client.subscribe("req-1").await;
+    subscribers(&server.publisher, "req-1", 1).await;
+    let first = server
+        .publisher
+        .publish_confirmed("req-1", &serde_json::json!({"type": "tick"}));
+    let second = server
+        .publisher
+        .publish_confirmed("req-1", &serde_json::json!({"type": "tick"}));
+    // Published when called, in call order, whichever is awaited first.
+    assert_eq!(second.await.unwrap(), 2);
+    assert_eq!(first.await.unwrap(), 1);
+    assert_eq!(seq(&client.recv_json().await), 1);
+    assert_eq!(seq(&client.recv_json().await), 2);
+    let refused = server.publisher.publish_confirmed("req-1", &[1, 2]).await;
+    assert!(matches!(refused, Err(tower_ws::PublishError::NotAnObject)));
+}
