@@ -290,3 +290,71 @@ async fn redis_dying_mid_stream_loses_nothing_without_a_word() {
     })
     .await;
 }
+
+/// The ids of the connections listening in Redis (none while it does not
+/// answer).
+async fn listening_connections(redis: &RedisServer) -> Vec<String> {
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut redis.connection().await)
+        .await
+        .unwrap_or_default();
+    list.lines()
+        .filter_map(|line| line.split(' ').next())
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test]
+async fn a_redis_that_stops_answering_is_found_out_and_delivery_resumes() {
+    within(async {
+        let redis = RedisServer::start().await;
+        let backplane = RedisBackplane::builder(redis.url())
+            .timeout(Duration::from_millis(300))
+            .reconnect_backoff(Duration::from_millis(20), Duration::from_millis(200))
+            .connect()
+            .await
+            .unwrap();
+        let b = axum_server(builder().backplane(backplane)).await;
+        let a = instance(&redis).await;
+        let mut client = Client::connect(&b).await;
+        client.subscribe("req-1").await;
+        listeners(&redis, CHANNEL, 1).await;
+        let before = listening_connections(&redis).await;
+
+        // Redis answers nobody for 1.5 s, without closing any connection:
+        // only B's ping, unanswered, tells it something is wrong.
+        let _: () = redis::cmd("CLIENT")
+            .arg("PAUSE")
+            .arg(1500)
+            .arg("ALL")
+            .query_async(&mut redis.connection().await)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        // B listens again on a new connection.
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        loop {
+            let after = listening_connections(&redis).await;
+            if !after.is_empty() && after.iter().all(|id| !before.contains(id)) {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "B listens on a new connection: {before:?} → {after:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        listeners(&redis, CHANNEL, 1).await;
+        let seq = a
+            .publisher
+            .publish_confirmed("req-1", &json!({"type": "tick"}))
+            .await
+            .unwrap();
+        let m = client.recv_json().await;
+        assert_eq!(m["seq"].as_u64(), Some(seq));
+    })
+    .await;
+}
