@@ -107,10 +107,11 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_reader_gets_the_exact_text_merged_while_fast_readers_get_every_delta() {
-    // Coalescing starts at half the queue (128 KiB): far more than a reader
+    // Coalescing starts at half the queue (64 KiB): far more than a reader
     // that keeps up ever has queued, far less than the slow reader's
-    // backlog (3,000 deltas of ~80 bytes).
-    let (server, mut slow) = server_and_slow_client(256 << 10, Duration::from_secs(5)).await;
+    // backlog (3,000 deltas of ~80 bytes, less the 64 KiB its writer has
+    // already taken from the queue and the socket's small buffers).
+    let (server, mut slow) = server_and_slow_client(128 << 10, Duration::from_secs(5)).await;
     let mut fast = Client::connect(&server).await;
     fast.subscribe("t").await;
     subscribers(&server.publisher, "t", 2).await;
@@ -171,7 +172,8 @@ async fn a_slow_reader_gets_the_exact_text_merged_while_fast_readers_get_every_d
 async fn a_slow_reader_still_answers_the_heartbeat() {
     // The reader is slow enough to keep its queue full, and its socket
     // buffers small enough to drain well within the timeout: pings only
-    // have to get past the queue, which they skip.
+    // have to get past the queue, which they skip. (The buffers hold a few
+    // hundred unmerged deltas at first: at 5 ms each, about a second.)
     let (server, mut slow) = server_and_slow_client(64 << 10, Duration::from_secs(2)).await;
     subscribers(&server.publisher, "t", 1).await;
     let publisher = server.publisher.clone();
@@ -186,7 +188,7 @@ async fn a_slow_reader_still_answers_the_heartbeat() {
     let got = read_deltas(
         &mut slow,
         DELTAS as u64,
-        Duration::from_millis(10),
+        Duration::from_millis(5),
         Duration::from_secs(3),
     )
     .await;
