@@ -715,7 +715,7 @@ impl CommandWorker {
 
     /// Fails one command; returns how many publishes failed, for the
     /// caller to count.
-    fn fail(&mut self, pending: Pending, error: impl Fn() -> BackplaneError) -> usize {
+    fn fail(&self, pending: Pending, error: impl Fn() -> BackplaneError) -> usize {
         match pending {
             Pending::Publishes(group) => {
                 let failed = group.len();
@@ -734,9 +734,10 @@ impl CommandWorker {
         }
     }
 
-    fn retry_later(&mut self, topic: Arc<str>) {
+    /// Queues a failed history read again after [`FETCH_RETRY`]; if Redis
+    /// is still away then, it waits in `retry` for the reconnect.
+    fn retry_later(&self, topic: Arc<str>) {
         let requeue = self.requeue.clone();
-        self.retry.insert(topic.clone());
         tokio::spawn(async move {
             tokio::time::sleep(FETCH_RETRY).await;
             send_soon_weak(&requeue, Command::Fetch { topic });
