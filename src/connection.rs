@@ -670,7 +670,7 @@ impl<'a> Conn<'a> {
                     Take::Frames { data_frames } => unsent = data_frames,
                     Take::Close(frame) => {
                         close_code = Some(close_code_of(&frame));
-                        pending.extend([frame]);
+                        pending.extend([Message::plain(frame)]);
                     }
                     Take::Stop => return WriteEnd::Stopped,
                     Take::Idle => {

@@ -69,10 +69,10 @@ impl Queued {
         }
     }
 
-    fn into_frame(self) -> Bytes {
+    fn into_message(self) -> Message {
         match self {
-            Self::One(m) => m.frame,
-            Self::Merged(m) => m.into_frame(),
+            Self::One(m) => m,
+            Self::Merged(m) => m.into_message(),
         }
     }
 
@@ -270,7 +270,7 @@ impl Outbox {
 
     /// Moves the data to write next into `batch`: up to
     /// [`MAX_BATCH_BYTES`], at least one message.
-    pub(crate) fn take(&self, batch: &mut impl Extend<Bytes>) -> Take {
+    pub(crate) fn take(&self, batch: &mut impl Extend<Message>) -> Take {
         let mut state = self.lock();
         if state.killed || state.close_sent {
             return Take::Stop;
@@ -285,7 +285,7 @@ impl Outbox {
             state.data_bytes -= len;
             taken += len;
             data_frames += 1;
-            batch.extend([entry.into_frame()]);
+            batch.extend([entry.into_message()]);
         }
         if state.data.is_empty() && state.data.capacity() > KEEP_CAPACITY {
             state.data = VecDeque::new();
@@ -419,7 +419,7 @@ mod tests {
         assert_eq!(control, [&b"c1"[..]]);
         let mut batch = Vec::new();
         assert_eq!(o.take(&mut batch), Take::Frames { data_frames: 1 });
-        assert_eq!(batch, [&b"d1"[..]]);
+        assert_eq!(batch[0].frame(), &b"d1"[..]);
         batch.clear();
         assert_eq!(o.take(&mut batch), Take::Idle);
     }
@@ -483,9 +483,9 @@ mod tests {
         o.take(&mut batch);
         let mut text = String::new();
         let mut next_seq = 1;
-        for frame in &batch {
+        for message in &batch {
             let v: serde_json::Value =
-                serde_json::from_slice(crate::frame::payload_of(frame)).unwrap();
+                serde_json::from_slice(crate::frame::payload_of(message.frame())).unwrap();
             let first = v
                 .get("seqStart")
                 .map_or(v["seq"].as_u64(), |s| s.as_u64())

