@@ -14,7 +14,8 @@
 //!   over topics `prefix0 … prefix(topics-1)`, `count` rounds.
 //! - `POST /publish-paced?prefix=&topics=&rate=&duration=&size=`: message k
 //!   goes to `prefix(k mod topics)` and is due k/rate s after the start; a
-//!   1 ms tick publishes what is due. Answers with JSON including
+//!   1 ms tick (from a thread with a precise sleep, see [`Ticker`])
+//!   publishes what is due. Answers with JSON including
 //!   `start_unix_ns`, the wall-clock due time of message 0.
 //!
 //! `WORKERS` is the number of Tokio worker threads (default 1), so the
@@ -34,6 +35,8 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http_body_util::Full;
@@ -243,11 +246,10 @@ async fn publish_paced(publisher: &Publisher, query: &Query) -> String {
     let total = (rate * duration).round() as u64;
     let padding = "x".repeat(size);
     let mut text = String::with_capacity(size + 24);
-    let start = tokio::time::Instant::now();
+    let start = std::time::Instant::now();
     let start_unix_ns = unix_ns();
     let mut sender = Sender::new(publisher);
-    let mut ticker = tokio::time::interval(Duration::from_millis(1));
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let ticker = Ticker::start(start, Duration::from_millis(1));
     let (mut sent, mut deliveries, mut lag_max_ns) = (0u64, 0usize, 0f64);
     while sent < total {
         ticker.tick().await;
@@ -270,6 +272,48 @@ async fn publish_paced(publisher: &Publisher, query: &Query) -> String {
 }
 
 /// `<ns>:` then padding up to `size` bytes.
+/// A tick every `period` from `start`, from a thread that sleeps with the
+/// OS's timer: Tokio's rounds to whole milliseconds, which alone would add
+/// up to a millisecond to the latency measured from the due time. The
+/// publishing stays on the runtime; the thread only wakes it, and shares
+/// the server's core. Ticks missed while the runtime was busy are skipped.
+struct Ticker {
+    tick: Arc<tokio::sync::Notify>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Ticker {
+    fn start(start: std::time::Instant, period: Duration) -> Self {
+        let tick = Arc::new(tokio::sync::Notify::new());
+        let stop = Arc::new(AtomicBool::new(false));
+        let (thread_tick, thread_stop) = (tick.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut next = start;
+            while !thread_stop.load(Relaxed) {
+                let now = std::time::Instant::now();
+                if next > now {
+                    std::thread::sleep(next - now);
+                }
+                thread_tick.notify_one();
+                while next <= std::time::Instant::now() {
+                    next += period;
+                }
+            }
+        });
+        Self { tick, stop }
+    }
+
+    async fn tick(&self) {
+        self.tick.notified().await;
+    }
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.stop.store(true, Relaxed);
+    }
+}
+
 fn timestamped(text: &mut String, padding: &str, size: usize) {
     use std::fmt::Write;
     text.clear();
