@@ -648,6 +648,9 @@ impl<'a> Conn<'a> {
             .limits
             .subscribe_deadline
             .map(|d| self.epoch + d);
+        // For a timer branch that is disabled: `select!` still builds its
+        // future. Read once, not on every write.
+        let unused = Instant::now();
         loop {
             if pending.at_boundary() && close_code.is_none() {
                 self.outbox.take_control(&mut control);
@@ -675,7 +678,6 @@ impl<'a> Conn<'a> {
                     Take::Stop => return WriteEnd::Stopped,
                     Take::Idle => {
                         let subscribe_by = subscribe_by.filter(|_| !self.engaged.load(Relaxed));
-                        let far = Instant::now() + interval;
                         tokio::select! {
                             biased;
                             _ = self.outbox.woken() => {}
@@ -685,7 +687,7 @@ impl<'a> Conn<'a> {
                                 }
                                 ping_due = true;
                             }
-                            _ = tokio::time::sleep_until(subscribe_by.unwrap_or(far)), if subscribe_by.is_some() => {
+                            _ = tokio::time::sleep_until(subscribe_by.unwrap_or(unused)), if subscribe_by.is_some() => {
                                 // It may have subscribed while this waited.
                                 if !self.engaged.load(Relaxed) {
                                     tracing::info!(client_id = %self.outbox.client_id(), "websocket_subscribe_deadline");
@@ -702,11 +704,10 @@ impl<'a> Conn<'a> {
                 }
             }
 
-            let until = deadline.unwrap_or_else(|| Instant::now() + interval);
             let event = tokio::select! {
                 biased;
                 _ = self.outbox.woken() => WriterEvent::Woken,
-                _ = tokio::time::sleep_until(until), if deadline.is_some() => WriterEvent::Deadline,
+                _ = tokio::time::sleep_until(deadline.unwrap_or(unused)), if deadline.is_some() => WriterEvent::Deadline,
                 _ = ticker.tick() => WriterEvent::Tick,
                 written = pending.write_some(io) => WriterEvent::Wrote(written),
             };

@@ -15,9 +15,7 @@
 //! [`Hub::sweep`] drops history past its age or its stream's grace period,
 //! and then the topic.
 
-use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
-use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
@@ -39,7 +37,6 @@ type Shard = HashMap<Arc<str>, Arc<Topic>>;
 
 pub(crate) struct Hub {
     shards: Box<[Mutex<Shard>]>,
-    hasher: RandomState,
     clients: Mutex<Clients>,
     limits: HistoryLimits,
     relay: OnceLock<Arc<dyn Relay>>,
@@ -71,7 +68,6 @@ impl Hub {
     pub(crate) fn new(limits: HistoryLimits) -> Self {
         Self {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
-            hasher: RandomState::new(),
             clients: Mutex::new(Clients {
                 map: HashMap::new(),
                 accepting: true,
@@ -141,13 +137,7 @@ impl Hub {
             if complete {
                 state.complete(now);
             }
-            let mut queued = 0;
-            for outbox in &state.subscribers {
-                if self.push(outbox, message.clone()) {
-                    queued += 1;
-                }
-            }
-            (seq, queued)
+            (seq, self.push_all(&state.subscribers, message))
         })
     }
 
@@ -413,9 +403,7 @@ impl Hub {
         if message.done {
             state.complete(now);
         }
-        for outbox in &state.subscribers {
-            self.push(outbox, frame.clone());
-        }
+        self.push_all(&state.subscribers, frame);
     }
 
     /// Adopts a numbering. A copy that had applied messages of another one
@@ -438,9 +426,7 @@ impl Hub {
         let freed = state.restart(first_seq);
         self.counters.add_history_bytes(-(freed as isize));
         let gap = Message::plain(protocol::history_gap(topic, first_seq));
-        for outbox in &state.subscribers {
-            self.push(outbox, gap.clone());
-        }
+        self.push_all(&state.subscribers, gap);
     }
 
     /// Queues a frame for one connection; `false` if it is not open here.
@@ -483,6 +469,21 @@ impl Hub {
     }
 
     /// Pushes one message, accounting for what did not make it.
+    /// Queues `message` for every outbox in `outboxes`; returns for how
+    /// many it was queued. The last gets the message itself rather than a
+    /// clone: one reference count change fewer per publish, which with one
+    /// subscriber per topic is a third of them.
+    fn push_all(&self, outboxes: &[Arc<Outbox>], message: Message) -> usize {
+        let Some((last, rest)) = outboxes.split_last() else {
+            return 0;
+        };
+        let queued = rest
+            .iter()
+            .filter(|outbox| self.push(outbox, message.clone()))
+            .count();
+        queued + usize::from(self.push(last, message))
+    }
+
     pub(crate) fn push(&self, outbox: &Outbox, message: Message) -> bool {
         match outbox.push(message) {
             Push::Queued { coalesced } => {
@@ -532,9 +533,15 @@ impl Hub {
         lock(self.shard(topic)).get(topic).cloned()
     }
 
+    /// The topic's shard, picked by FNV-1a: a few nanoseconds where the
+    /// maps' SipHash takes tens, and it runs on every publish. Names made
+    /// to share a shard only share its lock; within it the map's keyed hash
+    /// still spreads them.
     fn shard(&self, topic: &str) -> &Mutex<Shard> {
-        let i = self.hasher.hash_one(topic) as usize % SHARDS;
-        &self.shards[i]
+        let hash = topic.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+        &self.shards[(hash ^ (hash >> 32)) as usize % SHARDS]
     }
 }
 
