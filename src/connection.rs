@@ -122,7 +122,7 @@ pub(crate) async fn serve(
     let reason = conn.run(&mut reader, &mut write_half, &mut topics).await;
 
     for topic in &topics {
-        if shared.hub.unsubscribe(topic, client_id) {
+        if shared.hub.unsubscribe(topic, &outbox) {
             tracing::info!(%client_id, request_id = %topic, "websocket_unsubscribed");
         }
     }
@@ -557,7 +557,7 @@ impl<'a> Conn<'a> {
                 }
             }
             ClientMessage::Unsubscribe { request_id } => {
-                if topics.remove(request_id.as_str()) && hub.unsubscribe(&request_id, client_id) {
+                if topics.remove(request_id.as_str()) && hub.unsubscribe(&request_id, self.outbox) {
                     tracing::info!(%client_id, %request_id, "websocket_unsubscribed");
                 }
             }

@@ -210,15 +210,15 @@ impl Hub {
         outcome
     }
 
-    /// Unsubscribes `client_id` from `topic`; `false` if it was not
+    /// Unsubscribes `outbox` from `topic`; `false` if it was not
     /// subscribed.
-    pub(crate) fn unsubscribe(&self, topic: &str, client_id: ClientId) -> bool {
+    pub(crate) fn unsubscribe(&self, topic: &str, outbox: &Arc<Outbox>) -> bool {
         let mut shard = lock(self.shard(topic));
         let Some(entry) = shard.get(topic).cloned() else {
             return false;
         };
         let mut state = entry.lock();
-        if !state.remove_subscriber(client_id) {
+        if !state.remove_subscriber(outbox) {
             return false;
         }
         Counters::sub(&self.counters.subscriptions, 1);
@@ -592,10 +592,10 @@ mod tests {
         let mut batch = Vec::new();
         assert_eq!(a.take(&mut batch), Take::Frames { data_frames: 1 });
 
-        assert!(hub.unsubscribe("t", a.client_id()));
-        assert!(!hub.unsubscribe("t", a.client_id()));
+        assert!(hub.unsubscribe("t", &a));
+        assert!(!hub.unsubscribe("t", &a));
         assert_eq!(hub.subscriber_count("t"), 1);
-        assert!(hub.unsubscribe("t", b.client_id()));
+        assert!(hub.unsubscribe("t", &b));
         hub.deregister(a.client_id());
         hub.deregister(b.client_id());
         hub.sweep();
@@ -737,7 +737,7 @@ mod tests {
         assert_eq!(received(&client), all);
         assert_eq!(hub.fetch_cursor("t"), Some((Some(9), 300)));
 
-        assert!(hub.unsubscribe("t", client.client_id()));
+        assert!(hub.unsubscribe("t", &client));
         assert!(lock(&recorder.listening).is_empty());
         let stats = hub.counters.snapshot();
         assert_eq!((stats.topics, stats.history_bytes), (0, 0));

@@ -16,7 +16,6 @@ use tokio::time::Instant;
 use crate::message::{Draft, Message};
 use crate::outbox::Outbox;
 use crate::replica::Replica;
-use crate::ClientId;
 
 /// How much history a topic keeps.
 #[derive(Debug, Clone, Copy)]
@@ -216,13 +215,11 @@ impl TopicState {
     }
 
     /// Removes a subscriber, live or waiting for its replay; whether it
-    /// was one.
-    pub(crate) fn remove_subscriber(&mut self, client_id: ClientId) -> bool {
-        if let Some(i) = self
-            .subscribers
-            .iter()
-            .position(|s| s.client_id() == client_id)
-        {
+    /// was one. Compared by address, not by client id: with many
+    /// subscribers leaving at once, reading each one's id would touch as
+    /// many cold connections per removal.
+    pub(crate) fn remove_subscriber(&mut self, outbox: &Arc<Outbox>) -> bool {
+        if let Some(i) = self.subscribers.iter().position(|s| Arc::ptr_eq(s, outbox)) {
             self.subscribers.swap_remove(i);
             return true;
         }
@@ -232,7 +229,7 @@ impl TopicState {
         match replica
             .waiting
             .iter()
-            .position(|(s, _)| s.client_id() == client_id)
+            .position(|(s, _)| Arc::ptr_eq(s, outbox))
         {
             Some(i) => {
                 replica.waiting.swap_remove(i);
