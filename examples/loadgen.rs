@@ -647,12 +647,13 @@ async fn fan_out(
     all.latencies_us.sort_unstable();
     let expected = expected_each * clients;
     Ok(format!(
-        "{{\"delivered\":{},\"expected\":{expected},\"lost\":{},\"invalid\":{},\"merged_frames\":{},\"msgs_per_s\":{:.0},\"elapsed_s\":{elapsed_s:.3},\"publish_s\":{publish_s:.3},\"p50_us\":{},\"p99_us\":{},\"max_us\":{},\"server_rss_kib\":{},\"server_cpu_s\":{:.2},\"server\":{server_report}}}",
+        "{{\"delivered\":{},\"expected\":{expected},\"lost\":{},\"invalid\":{},\"merged_frames\":{},\"msgs_per_s\":{:.0},\"elapsed_s\":{elapsed_s:.3},\"publish_s\":{publish_s:.3},\"min_us\":{},\"p50_us\":{},\"p99_us\":{},\"max_us\":{},\"server_rss_kib\":{},\"server_cpu_s\":{:.2},\"server\":{server_report}}}",
         all.messages,
         expected.saturating_sub(all.messages),
         all.invalid,
         all.merged_frames,
         all.messages as f64 / elapsed_s.max(1e-9),
+        all.latencies_us.first().copied().unwrap_or(0),
         percentile(&all.latencies_us, 0.5),
         percentile(&all.latencies_us, 0.99),
         all.latencies_us.last().copied().unwrap_or(0),
