@@ -49,6 +49,16 @@ const MAX_HEADER: usize = 10;
 /// Control frames carry at most 125 payload bytes (RFC 6455 §5.5).
 pub(crate) const MAX_CONTROL_PAYLOAD: usize = 125;
 
+/// The frame that starts at `start` in `buf`. Advancing rather than
+/// slicing keeps the bytes' handle unshared: `Bytes::slice` clones, which
+/// allocates a shared header for every message, and nothing else needs
+/// one (a message is shared behind its own `Arc`).
+pub(crate) fn framed(buf: Vec<u8>, start: usize) -> Bytes {
+    let mut frame = Bytes::from(buf);
+    bytes::Buf::advance(&mut frame, start);
+    frame
+}
+
 /// Serializes `message` as JSON and wraps it in a text frame, without
 /// copying the payload: the JSON is written after room for the longest
 /// header, and the header is then written right before it.
@@ -57,7 +67,7 @@ pub(crate) fn json_text<T: Serialize + ?Sized>(message: &T) -> Result<Bytes, ser
     buf.resize(MAX_HEADER, 0);
     serde_json::to_writer(&mut buf, message)?;
     let start = write_header_before(&mut buf, MAX_HEADER);
-    Ok(Bytes::from(buf).slice(start..))
+    Ok(framed(buf, start))
 }
 
 /// Writes the header of a final text frame whose payload is

@@ -127,7 +127,7 @@ impl Draft {
             )
         });
         Message(Arc::new(Sealed {
-            frame: Bytes::from(self.buf).slice(start..),
+            frame: frame::framed(self.buf, start),
             delta,
         }))
     }
@@ -247,7 +247,7 @@ impl MergedDelta {
         buf.extend_from_slice(self.seq_start.to_string().as_bytes());
         buf.push(b'}');
         let start = frame::write_header_before(&mut buf, HEADROOM);
-        Message::plain(Bytes::from(buf).slice(start..))
+        Message::plain(frame::framed(buf, start))
     }
 }
 
