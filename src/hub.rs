@@ -468,7 +468,6 @@ impl Hub {
         }
     }
 
-    /// Pushes one message, accounting for what did not make it.
     /// Queues `message` for every outbox in `outboxes`; returns for how
     /// many it was queued. The last gets the message itself rather than a
     /// clone: one reference count change fewer per publish, which with one
@@ -484,6 +483,7 @@ impl Hub {
         queued + usize::from(self.push(last, message))
     }
 
+    /// Pushes one message, accounting for what did not make it.
     pub(crate) fn push(&self, outbox: &Outbox, message: Message) -> bool {
         match outbox.push(message) {
             Push::Queued { coalesced } => {
