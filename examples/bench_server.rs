@@ -271,7 +271,6 @@ async fn publish_paced(publisher: &Publisher, query: &Query) -> String {
     )
 }
 
-/// `<ns>:` then padding up to `size` bytes.
 /// A tick every `period` from `start`, from a thread that sleeps with the
 /// OS's timer: Tokio's rounds to whole milliseconds, which alone would add
 /// up to a millisecond to the latency measured from the due time. The
@@ -314,6 +313,7 @@ impl Drop for Ticker {
     }
 }
 
+/// `<ns>:` then padding up to `size` bytes.
 fn timestamped(text: &mut String, padding: &str, size: usize) {
     use std::fmt::Write;
     text.clear();
