@@ -244,8 +244,8 @@ impl Hub {
     }
 
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
-    /// Takes a message numbered by the backplane, for the topic's local
-    /// copy if there is one.
+    /// Takes the backplane's reply to this instance's own publish, for the
+    /// topic's local copy if there is one.
     pub(crate) fn deliver(&self, topic: &str, message: Numbered) {
         let Numbered {
             epoch,
@@ -253,20 +253,32 @@ impl Hub {
             done,
             draft,
         } = message;
-        self.deliver_with(topic, epoch, seq, done, || draft);
+        self.arrive(topic, epoch, seq, done, || draft, false);
     }
 
-    /// As [`deliver`](Self::deliver), reading the message only if the copy
-    /// needs it: most broadcasts of this instance's own publishes are
-    /// already applied from their replies.
+    /// Takes a broadcast, reading the message only if the copy needs it:
+    /// most broadcasts of this instance's own publishes are already
+    /// applied from their replies.
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
-    pub(crate) fn deliver_with(
+    pub(crate) fn deliver_broadcast(
         &self,
         topic: &str,
         epoch: u64,
         seq: u64,
         done: bool,
         draft: impl FnOnce() -> Option<Draft>,
+    ) {
+        self.arrive(topic, epoch, seq, done, draft, true);
+    }
+
+    fn arrive(
+        &self,
+        topic: &str,
+        epoch: u64,
+        seq: u64,
+        done: bool,
+        draft: impl FnOnce() -> Option<Draft>,
+        broadcast: bool,
     ) {
         let Some(entry) = self.existing(topic) else {
             return;
@@ -277,21 +289,44 @@ impl Hub {
         let Some(replica) = state.replica.as_mut().filter(|_| !removed) else {
             return;
         };
-        let arrival = replica.classify(next_seq, epoch, seq);
-        if arrival == Arrival::Stale {
+        if broadcast {
+            replica.heard(epoch, seq);
+        }
+        match replica.classify(next_seq, epoch, seq) {
+            Arrival::Stale => {}
+            Arrival::Early => replica.hold(Numbered {
+                epoch,
+                seq,
+                done,
+                draft: draft(),
+            }),
+            Arrival::Next | Arrival::Begin => {
+                let message = Numbered {
+                    epoch,
+                    seq,
+                    done,
+                    draft: draft(),
+                };
+                self.apply(topic, &mut state, message, true);
+                self.catch_up(topic, &mut state, true);
+            }
+        }
+        self.fetch_if_stuck(topic, &mut state);
+    }
+
+    /// Fetches for a copy that waits for a `seq` no broadcast will bring.
+    fn fetch_if_stuck(&self, topic: &str, state: &mut TopicState) {
+        let next_seq = state.next_seq();
+        let Some(replica) = state.replica.as_mut() else {
             return;
-        }
-        let message = Numbered {
-            epoch,
-            seq,
-            done,
-            draft: draft(),
         };
-        match arrival {
-            Arrival::Early => replica.hold(message),
-            _ => self.apply(topic, &mut state, message, true),
+        if replica.is_stuck(next_seq) {
+            if let Some(relay) = self.relay() {
+                tracing::debug!(next_seq, "websocket_backplane_copy_behind");
+                replica.fetching = true;
+                relay.fetch(topic);
+            }
         }
-        self.catch_up(topic, &mut state, true);
     }
 
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
@@ -307,12 +342,13 @@ impl Hub {
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     /// Applies what a fetch brought, then serves the waiting subscribers.
     ///
-    /// What was fetched joins what was held, so a copy that is syncing for
-    /// the first time starts from the oldest message either holds: the
-    /// broadcasts since this instance started listening are often older
-    /// than the history Redis still keeps of a busy topic. Until the
-    /// waiting subscribers have their replay, the copy's history is not
-    /// trimmed, so they get all of it.
+    /// The copy goes on from the fetched entries, or from earlier held
+    /// messages that join up with them: the broadcasts since this instance
+    /// started listening are often older than the history Redis still
+    /// keeps of a busy topic. Where neither reaches the copy's head, the
+    /// messages between are gone: its subscribers get a `history_gap`.
+    /// Until the waiting subscribers have their replay, the copy's history
+    /// is not trimmed, so they get all of it that fits their queue.
     pub(crate) fn fetched(&self, topic: &str, fetched: Fetched) {
         let Some(entry) = self.existing(topic) else {
             return;
@@ -324,19 +360,19 @@ impl Hub {
             return;
         };
         replica.synced = true;
+        replica.fetching = false;
         let known = replica.epoch;
-        if let Some(epoch) = fetched.epoch {
-            for message in fetched.entries {
-                replica.hold(message);
+        match fetched.epoch {
+            Some(epoch) => {
+                if let Some(first) = replica.take_fetched(epoch, fetched.entries, next_seq) {
+                    if known != Some(epoch) {
+                        self.begin(topic, &mut state, epoch, first);
+                    } else if first > next_seq {
+                        self.skip_to(topic, &mut state, first);
+                    }
+                }
             }
-            replica.prune(next_seq);
-            let first = replica.first_held(epoch);
-            match first {
-                Some(first) if known != Some(epoch) => self.begin(topic, &mut state, epoch, first),
-                // Gone from the backplane's history before this copy got it.
-                Some(first) if first > next_seq => self.skip_to(topic, &mut state, first),
-                _ => {}
-            }
+            None => replica.found_nothing(),
         }
         let waiting = state
             .replica
@@ -349,16 +385,21 @@ impl Hub {
         }
         let freed = state.trim(&self.limits);
         self.counters.add_history_bytes(-(freed as isize));
+        if let Some(replica) = state.replica.as_mut() {
+            replica.bound_held();
+        }
+        self.fetch_if_stuck(topic, &mut state);
     }
 
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
-    /// The replicated topics: the backplane reconnected, listens to them
-    /// again, and fetches what it missed meanwhile.
+    /// The replicated topics, each now fetching: the backplane reconnected,
+    /// listens to them again, and fetches what it missed meanwhile.
     pub(crate) fn refetch_all(&self) -> Vec<Arc<str>> {
         let mut topics = Vec::new();
         for shard in self.shards.iter() {
             for (name, topic) in lock(shard).iter() {
-                if topic.lock().replica.is_some() {
+                if let Some(replica) = topic.lock().replica.as_mut() {
+                    replica.fetching = true;
                     topics.push(name.clone());
                 }
             }
@@ -657,6 +698,7 @@ mod tests {
     #[derive(Default)]
     struct Recorder {
         listening: Mutex<Vec<String>>,
+        fetches: Mutex<Vec<String>>,
     }
 
     impl Relay for Recorder {
@@ -670,6 +712,9 @@ mod tests {
             Ok(())
         }
         fn complete(&self, _: &str) {}
+        fn fetch(&self, topic: &str) {
+            lock(&self.fetches).push(topic.to_owned());
+        }
         fn listen(&self, topic: &str) {
             lock(&self.listening).push(topic.to_owned());
         }
@@ -771,5 +816,57 @@ mod tests {
         // After a reconnect, what the history no longer holds is a gap.
         fetched(&hub, Some(12), [7, 8]);
         assert_eq!(received(&client), [Err(7), Ok(7), Ok(8)]);
+    }
+
+    #[test]
+    fn a_first_sync_mid_burst_goes_on_from_what_joins_the_fetch() {
+        let (hub, recorder) = replicated_hub();
+        let client = conn(&hub);
+        hub.subscribe("t", &client, None);
+        // Replies to this instance's publishes numbered before it listened,
+        // others' messages missing between them; then more broadcasts than
+        // may be held.
+        for seq in [10, 12, 14] {
+            hub.deliver("t", numbered(9, seq));
+        }
+        for seq in 20..=5000 {
+            hub.deliver_broadcast("t", 9, seq, false, || numbered(9, seq).draft);
+        }
+        fetched(&hub, Some(9), 4745..=5000);
+        let got = received(&client);
+        assert_eq!(got[0], Err(905), "what was dropped for room is a gap");
+        assert_eq!(got[1..], (905..=5000).map(Ok).collect::<Vec<_>>());
+        hub.deliver_broadcast("t", 9, 5001, false, || numbered(9, 5001).draft);
+        assert_eq!(received(&client), [Ok(5001)]);
+        assert!(lock(&recorder.fetches).is_empty());
+    }
+
+    #[test]
+    fn a_copy_that_misses_a_broadcast_fetches_it() {
+        let (hub, recorder) = replicated_hub();
+        let client = conn(&hub);
+        hub.subscribe("t", &client, None);
+        fetched(&hub, Some(9), 1..=3);
+        assert_eq!(received(&client), [Ok(1), Ok(2), Ok(3)]);
+        // 4 never comes by broadcast: the copy asks for it, once.
+        hub.deliver_broadcast("t", 9, 5, false, || numbered(9, 5).draft);
+        hub.deliver_broadcast("t", 9, 6, false, || numbered(9, 6).draft);
+        assert_eq!(*lock(&recorder.fetches), ["t"]);
+        assert_eq!(hub.fetch_cursor("t"), Some((Some(9), 3)));
+        fetched(&hub, Some(9), 4..=5);
+        assert_eq!(received(&client), [Ok(4), Ok(5), Ok(6)]);
+
+        // Gone from the history too: a gap, then what exists.
+        hub.deliver_broadcast("t", 9, 9, false, || numbered(9, 9).draft);
+        fetched(&hub, Some(9), 8..=9);
+        assert_eq!(received(&client), [Err(8), Ok(8), Ok(9)]);
+
+        // Gone altogether: the copy stops asking.
+        hub.deliver_broadcast("t", 9, 12, false, || numbered(9, 12).draft);
+        fetched(&hub, None, []);
+        assert_eq!(lock(&recorder.fetches).len(), 3);
+        hub.deliver("t", numbered(9, 10));
+        assert_eq!(received(&client), [Ok(10)]);
+        assert_eq!(lock(&recorder.fetches).len(), 3);
     }
 }

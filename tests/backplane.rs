@@ -358,3 +358,158 @@ async fn a_redis_that_stops_answering_is_found_out_and_delivery_resumes() {
     })
     .await;
 }
+
+/// Reads one client's topic messages until it has seen `last` (given once
+/// known), checking `seq` only grows; a `history_gap` is allowed (a burst
+/// can outrun what Redis keeps) and counted, silence is not.
+fn follow(
+    mut client: Client,
+    last: tokio::sync::watch::Receiver<u64>,
+) -> tokio::task::JoinHandle<(u64, usize)> {
+    tokio::spawn(async move {
+        let (mut seen, mut gaps) = (0u64, 0usize);
+        loop {
+            let target = *last.borrow();
+            if target > 0 && seen >= target {
+                return (seen, gaps);
+            }
+            let m = client.recv_json().await;
+            if m["error"] == "history_gap" {
+                gaps += 1;
+                seen = m["firstSeq"].as_u64().unwrap() - 1;
+                continue;
+            }
+            let s = seq(&m);
+            assert!(s > seen, "seq grows: {s} after {seen}");
+            seen = s;
+        }
+    })
+}
+
+/// Publishes `count` messages to `topic` as fast as the backplane takes
+/// them.
+fn burst(
+    publisher: tower_ws::Publisher,
+    topic: &'static str,
+    count: u32,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        for n in 0..count {
+            while let Err(e) = publisher.publish(topic, &json!({"type": "tick", "n": n})) {
+                assert!(
+                    matches!(
+                        e,
+                        PublishError::Backplane(tower_ws::BackplaneError::Overloaded)
+                    ),
+                    "{e}"
+                );
+                tokio::task::yield_now().await;
+            }
+            if n % 256 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+    })
+}
+
+/// Publishes ten more from `publisher`, after the bursts; the last `seq`.
+async fn finish(publisher: &tower_ws::Publisher, topic: &str) -> u64 {
+    let mut last = 0;
+    for n in 0..10 {
+        last = publisher
+            .publish_confirmed(topic, &json!({"type": "after", "n": n}))
+            .await
+            .unwrap();
+    }
+    last
+}
+
+#[tokio::test]
+async fn bursts_from_two_instances_leave_no_copy_behind() {
+    within(async {
+        const TOPICS: [&str; 4] = ["t0", "t1", "t2", "t3"];
+        let redis = RedisServer::start().await;
+        let (a, b) = (instance(&redis).await, instance(&redis).await);
+        let (last_tx, last) = tokio::sync::watch::channel(0u64);
+        // On "t0", B has a copy before the bursts; on the others, the
+        // first subscriber on B arrives in the middle of them.
+        let mut early = Client::connect(&b).await;
+        early.subscribe("t0").await;
+        let mut on_a = Client::connect(&a).await;
+        on_a.subscribe("t0").await;
+        listeners(&redis, "tower-ws:t0", 2).await;
+        let mut readers = vec![follow(early, last.clone()), follow(on_a, last.clone())];
+
+        let mut bursts = Vec::new();
+        for topic in TOPICS {
+            bursts.push(burst(a.publisher.clone(), topic, 15_000));
+            bursts.push(burst(b.publisher.clone(), topic, 15_000));
+        }
+        for topic in TOPICS {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let mut mid = Client::connect(&b).await;
+            mid.subscribe(topic).await;
+            readers.push(follow(mid, last.clone()));
+        }
+        for task in bursts {
+            task.await.unwrap();
+        }
+        // Every topic ends at the same `seq`: 30,000 from the bursts, 10
+        // more from A afterwards.
+        for topic in TOPICS {
+            assert_eq!(finish(&a.publisher, topic).await, 30_010);
+        }
+        last_tx.send(30_010).unwrap();
+
+        // Subscribers that arrive after it all.
+        for topic in TOPICS {
+            let mut fresh = Client::connect(&b).await;
+            fresh.subscribe(topic).await;
+            readers.push(follow(fresh, last.clone()));
+        }
+        for reader in readers {
+            assert_eq!(reader.await.unwrap().0, 30_010);
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_listener_cut_off_mid_burst_catches_up() {
+    within(async {
+        let redis = RedisServer::start().await;
+        let (a, b) = (instance(&redis).await, instance(&redis).await);
+        let (last_tx, last) = tokio::sync::watch::channel(0u64);
+        let mut on_b = Client::connect(&b).await;
+        on_b.subscribe("burst").await;
+        listeners(&redis, "tower-ws:burst", 1).await;
+        let reader = follow(on_b, last.clone());
+        let bursts = [
+            burst(a.publisher.clone(), "burst", 30_000),
+            burst(b.publisher.clone(), "burst", 30_000),
+        ];
+        // What Redis also does to a listener over its output buffer limit.
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_millis(40)).await;
+            let _: i64 = redis::cmd("CLIENT")
+                .arg("KILL")
+                .arg("TYPE")
+                .arg("pubsub")
+                .query_async(&mut redis.connection().await)
+                .await
+                .unwrap();
+        }
+        for task in bursts {
+            task.await.unwrap();
+        }
+        listeners(&redis, "tower-ws:burst", 1).await;
+        last_tx.send(finish(&a.publisher, "burst").await).unwrap();
+        // Whatever Redis no longer held when B listened again was
+        // announced as a gap; the rest arrived.
+        assert_eq!(reader.await.unwrap().0, 60_010);
+        let mut fresh = Client::connect(&b).await;
+        fresh.subscribe("burst").await;
+        assert_eq!(follow(fresh, last).await.unwrap().0, 60_010);
+    })
+    .await;
+}

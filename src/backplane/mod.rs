@@ -49,6 +49,11 @@ pub(crate) trait Relay: Send + Sync + 'static {
     /// Marks a topic's stream finished in the backplane's history.
     fn complete(&self, topic: &str);
 
+    /// Reads a topic's history after its copy's head (see
+    /// [`Hub::fetch_cursor`](crate::hub::Hub::fetch_cursor)) and hands it
+    /// to [`Hub::fetched`](crate::hub::Hub::fetched).
+    fn fetch(&self, topic: &str);
+
     /// Starts listening to a topic that now has local subscribers, then
     /// fetches its history.
     fn listen(&self, topic: &str);

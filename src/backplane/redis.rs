@@ -6,18 +6,19 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use redis::aio::{MultiplexedConnection, PubSub};
-use redis::{AsyncConnectionConfig, RedisResult, Value};
+use redis::{AsyncConnectionConfig, ErrorKind, RedisResult, ServerErrorKind, Value};
 use tokio::sync::mpsc;
 
 use super::wire;
 use super::{Ack, Numbered, Relay};
 use crate::error::{BackplaneError, BuildError, PublishError};
 use crate::hub::Hub;
+use crate::lock::lock;
 use crate::message::Draft;
 use crate::stats::Counters;
 use crate::topic::HistoryLimits;
@@ -134,25 +135,28 @@ impl RedisBackplaneBuilder {
         let state = Arc::new(LinkState {
             prefix: self.prefix,
             up: AtomicBool::new(true),
-            binding: OnceLock::new(),
+            binding: Mutex::new(None),
         });
         let (commands, command_rx) = mpsc::channel(self.queue_capacity);
+        // Unbounded, but a copy asks for one fetch at a time: at most one
+        // per topic with local subscribers waits here.
+        let (fetches, fetch_rx) = mpsc::unbounded_channel();
         let (listens, listen_rx) = mpsc::unbounded_channel();
         let worker = CommandWorker {
             state: state.clone(),
             settings: settings.clone(),
-            requeue: commands.downgrade(),
+            fetches: fetches.downgrade(),
             retry: HashSet::new(),
             scripts: (
                 redis::Script::new(wire::PUBLISH).get_hash().to_owned(),
                 redis::Script::new(wire::READ).get_hash().to_owned(),
             ),
         };
-        tokio::spawn(worker.run(connection, command_rx));
+        tokio::spawn(worker.run(connection, command_rx, fetch_rx));
         let listener = Listener {
             state: state.clone(),
             settings,
-            commands: commands.downgrade(),
+            fetches: fetches.downgrade(),
             wanted: HashSet::new(),
         };
         tokio::spawn(listener.run(pubsub, listen_rx));
@@ -160,6 +164,7 @@ impl RedisBackplaneBuilder {
             link: Arc::new(RedisLink {
                 state,
                 commands,
+                fetches,
                 listens,
             }),
         })
@@ -248,14 +253,23 @@ impl RedisBackplane {
         self.link.state.up.load(Ordering::Relaxed)
     }
 
-    /// Binds the backplane to the hub of the layer being built.
+    /// Binds the backplane to the hub of the layer being built. A layer
+    /// that is gone (with all its publishers and connections) frees it.
     pub(crate) fn attach(&self, hub: &Arc<Hub>, limits: HistoryLimits) -> Result<(), BuildError> {
-        let binding = Binding {
+        let mut binding = lock(&self.link.state.binding);
+        if binding.as_ref().is_some_and(|b| b.hub.strong_count() > 0) {
+            return Err(BuildError::BackplaneInUse);
+        }
+        let rebinding = binding.is_some();
+        *binding = Some(Binding {
             hub: Arc::downgrade(hub),
             limits,
-        };
-        if self.link.state.binding.set(binding).is_err() {
-            return Err(BuildError::BackplaneInUse);
+        });
+        drop(binding);
+        if rebinding {
+            // The old layer's topics are listened to no more; the new
+            // layer's listens come after this on the same channel.
+            let _ = self.link.listens.send(Listen::Forget);
         }
         hub.attach(self.link.clone());
         Ok(())
@@ -277,7 +291,9 @@ struct LinkState {
     /// Whether the command connection is up; publishes fail at once while
     /// it is not.
     up: AtomicBool,
-    binding: OnceLock<Binding>,
+    /// The layer whose hub this backplane serves; replaced when the
+    /// backplane is given to a new layer after the old one is gone.
+    binding: Mutex<Option<Binding>>,
 }
 
 struct Binding {
@@ -286,13 +302,18 @@ struct Binding {
 }
 
 impl LinkState {
-    fn hub(&self) -> Option<(Arc<Hub>, &HistoryLimits)> {
-        let binding = self.binding.get()?;
-        Some((binding.hub.upgrade()?, &binding.limits))
+    /// The hub, while its layer lives.
+    fn hub(&self) -> Option<Arc<Hub>> {
+        lock(&self.binding).as_ref()?.hub.upgrade()
+    }
+
+    /// The history limits of the layer bound last; `None` before any.
+    fn limits(&self) -> Option<HistoryLimits> {
+        lock(&self.binding).as_ref().map(|b| b.limits)
     }
 
     fn count_failures(&self, n: usize) {
-        if let Some((hub, _)) = self.hub() {
+        if let Some(hub) = self.hub() {
             Counters::add(&hub.counters.backplane_publish_failures, n);
         }
     }
@@ -302,6 +323,7 @@ impl LinkState {
 struct RedisLink {
     state: Arc<LinkState>,
     commands: mpsc::Sender<Command>,
+    fetches: mpsc::UnboundedSender<Arc<str>>,
     listens: mpsc::UnboundedSender<Listen>,
 }
 
@@ -323,6 +345,8 @@ enum Command {
 enum Listen {
     Start(Arc<str>),
     Stop(Arc<str>),
+    /// Stop listening to every topic: the backplane serves a new layer.
+    Forget,
 }
 
 impl Relay for RedisLink {
@@ -335,7 +359,7 @@ impl Relay for RedisLink {
     ) -> Result<(), PublishError> {
         let refused = |e: BackplaneError| {
             self.state.count_failures(1);
-            tracing::debug!(request_id = topic, error = %e, "websocket_backplane_publish_failed");
+            tracing::debug!(request_id = ?topic, error = %e, "websocket_backplane_publish_failed");
             Err(PublishError::Backplane(e))
         };
         if !self.state.up.load(Ordering::Relaxed) {
@@ -355,12 +379,19 @@ impl Relay for RedisLink {
     }
 
     fn complete(&self, topic: &str) {
-        send_soon(
-            &self.commands,
-            Command::Complete {
-                topic: topic.into(),
-            },
-        );
+        let command = Command::Complete {
+            topic: topic.into(),
+        };
+        if self.commands.try_send(command).is_err() {
+            // Publishes fail as Overloaded now too. Only the expiry is
+            // lost: the history is kept for `history_age` after its last
+            // message instead of `completed_grace`.
+            tracing::warn!("websocket_backplane_complete_dropped");
+        }
+    }
+
+    fn fetch(&self, topic: &str) {
+        let _ = self.fetches.send(topic.into());
     }
 
     fn listen(&self, topic: &str) {
@@ -369,15 +400,6 @@ impl Relay for RedisLink {
 
     fn unlisten(&self, topic: &str) {
         let _ = self.listens.send(Listen::Stop(topic.into()));
-    }
-}
-
-/// Queues a command that must not be refused for a full queue: at once if
-/// there is room, else from a task that waits for room.
-fn send_soon(commands: &mpsc::Sender<Command>, command: Command) {
-    if let Err(mpsc::error::TrySendError::Full(command)) = commands.try_send(command) {
-        let commands = commands.clone();
-        tokio::spawn(async move { commands.send(command).await });
     }
 }
 
@@ -398,14 +420,20 @@ impl Settings {
             .client
             .get_multiplexed_async_connection_with_config(&config)
             .await?;
+        Self::load_scripts(&mut connection).await?;
+        Ok(connection)
+    }
+
+    /// Loads both scripts, so `EVALSHA` finds them.
+    async fn load_scripts(connection: &mut MultiplexedConnection) -> RedisResult<()> {
         for script in [wire::PUBLISH, wire::READ] {
             redis::cmd("SCRIPT")
                 .arg("LOAD")
                 .arg(script)
-                .query_async::<String>(&mut connection)
+                .query_async::<String>(connection)
                 .await?;
         }
-        Ok(connection)
+        Ok(())
     }
 
     async fn pubsub(&self) -> RedisResult<PubSub> {
@@ -457,23 +485,23 @@ fn failed(e: redis::RedisError) -> BackplaneError {
 
 /// The task that sends commands, in pipelines, in the order they were
 /// queued: publishes of one topic from one instance are numbered in the
-/// order they were made.
+/// order they were made. History reads go first in each pipeline.
 struct CommandWorker {
     state: Arc<LinkState>,
     settings: Settings,
-    requeue: mpsc::WeakSender<Command>,
+    fetches: mpsc::WeakUnboundedSender<Arc<str>>,
     /// Topics whose history read failed while Redis was away.
     retry: HashSet<Arc<str>>,
     /// The SHA1s of the publish and read scripts, for `EVALSHA`.
     scripts: (String, String),
 }
 
-/// Where the outcome of one command of a pipeline goes.
-enum Pending {
+/// One command of a pipeline, and where its outcome goes.
+enum Unit {
     /// Publishes numbered by one call of the publish script.
     Publishes(Vec<Publish>),
     Fetch(Arc<str>),
-    Complete,
+    Complete(Arc<str>),
 }
 
 struct Publish {
@@ -483,8 +511,17 @@ struct Publish {
     ack: Option<Ack>,
 }
 
+/// What the worker receives.
+type Inbox = (mpsc::Receiver<Command>, mpsc::UnboundedReceiver<Arc<str>>);
+
 impl CommandWorker {
-    async fn run(mut self, connection: MultiplexedConnection, mut rx: mpsc::Receiver<Command>) {
+    async fn run(
+        mut self,
+        connection: MultiplexedConnection,
+        commands: mpsc::Receiver<Command>,
+        fetches: mpsc::UnboundedReceiver<Arc<str>>,
+    ) {
+        let mut inbox = (commands, fetches);
         let mut connection = Some(connection);
         let mut backoff = Backoff::new(self.settings.backoff);
         loop {
@@ -498,7 +535,7 @@ impl CommandWorker {
                     Err(e) => {
                         tracing::debug!(error = %e, "websocket_backplane_connect_failed");
                         let wait = tokio::time::sleep(backoff.next());
-                        if !self.refuse_while(wait, &mut rx).await {
+                        if !self.refuse_while(wait, &mut inbox).await {
                             return;
                         }
                         continue;
@@ -508,19 +545,12 @@ impl CommandWorker {
             backoff.reset();
             self.state.up.store(true, Ordering::Relaxed);
             for topic in std::mem::take(&mut self.retry) {
-                send_soon_weak(&self.requeue, Command::Fetch { topic });
+                self.fetch_later(topic, Duration::ZERO);
             }
             loop {
-                let Some(first) = rx.recv().await else {
+                let Some(batch) = next_batch(&mut inbox).await else {
                     return;
                 };
-                let mut batch = vec![first];
-                while batch.len() < MAX_BATCH {
-                    match rx.try_recv() {
-                        Ok(command) => batch.push(command),
-                        Err(_) => break,
-                    }
-                }
                 if let Err(e) = self.send(&mut conn, batch).await {
                     self.state.up.store(false, Ordering::Relaxed);
                     tracing::warn!(error = %e, "websocket_backplane_disconnected");
@@ -532,151 +562,121 @@ impl CommandWorker {
 
     /// Fails what is queued until `wait` is over; `false` once the
     /// backplane's handle is gone.
-    async fn refuse_while(
-        &mut self,
-        wait: tokio::time::Sleep,
-        rx: &mut mpsc::Receiver<Command>,
-    ) -> bool {
+    async fn refuse_while(&mut self, wait: tokio::time::Sleep, inbox: &mut Inbox) -> bool {
         tokio::pin!(wait);
         loop {
             tokio::select! {
                 () = &mut wait => return true,
-                command = rx.recv() => match command {
-                    Some(command) => self.refuse(command),
+                command = inbox.0.recv() => match command {
+                    Some(Command::Publish { ack, .. }) => {
+                        self.state.count_failures(1);
+                        if let Some(ack) = ack {
+                            let _ = ack.send(Err(BackplaneError::Unavailable.into()));
+                        }
+                    }
+                    Some(Command::Complete { .. }) => {}
+                    Some(Command::Fetch { topic }) => {
+                        self.retry.insert(topic);
+                    }
                     None => return false,
                 },
-            }
-        }
-    }
-
-    fn refuse(&mut self, command: Command) {
-        match command {
-            Command::Publish { ack, .. } => {
-                self.state.count_failures(1);
-                if let Some(ack) = ack {
-                    let _ = ack.send(Err(BackplaneError::Unavailable.into()));
+                Some(topic) = inbox.1.recv() => {
+                    self.retry.insert(topic);
                 }
             }
-            Command::Fetch { topic } => {
-                self.retry.insert(topic);
-            }
-            Command::Complete { .. } => {}
         }
     }
 
-    /// Sends one pipeline and hands out its replies. An error means the
-    /// connection is lost; every command of the batch has been failed.
+    /// Sends one batch and hands out its replies; commands refused for a
+    /// script Redis no longer has (`SCRIPT FLUSH`, a failover to a server
+    /// that never loaded it) are sent again once, after loading it. An
+    /// error means the connection is lost; every command of the batch has
+    /// been failed.
     async fn send(
         &mut self,
         conn: &mut MultiplexedConnection,
         batch: Vec<Command>,
     ) -> RedisResult<()> {
-        let Some((hub, limits)) = self.state.hub() else {
+        let Some(limits) = self.state.limits() else {
             return Ok(());
         };
-        let prefix = &self.state.prefix;
-        let (publish_sha, read_sha) = (&self.scripts.0, &self.scripts.1);
-        let max_len = limits.messages.max(1);
-        let age_ms = limits.age.as_millis() as u64;
-        let grace_ms = limits.completed_grace.as_millis() as u64;
-
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
-        let mut pending = Vec::with_capacity(batch.len());
-        let mut group: Vec<Publish> = Vec::new();
-        // Sends the publishes gathered so far as one call of the script.
-        let flush =
-            |group: &mut Vec<Publish>, pipe: &mut redis::Pipeline, pending: &mut Vec<Pending>| {
-                if group.is_empty() {
-                    return;
-                }
-                let call = pipe.cmd("EVALSHA").arg(publish_sha).arg(group.len());
-                for publish in group.iter() {
-                    call.arg(wire::stream_key(prefix, &publish.topic));
-                }
-                call.arg(max_len).arg(age_ms.max(1)).arg(grace_ms.max(1));
-                for publish in group.iter() {
-                    call.arg(wire::channel(prefix, &publish.topic))
-                        .arg(publish.draft.body())
-                        .arg(if publish.done { "1" } else { "0" });
-                }
-                pending.push(Pending::Publishes(std::mem::take(group)));
-            };
-        for command in batch {
-            match command {
-                Command::Publish {
-                    topic,
-                    draft,
-                    done,
-                    ack,
-                } => {
-                    group.push(Publish {
-                        topic,
-                        draft,
-                        done,
-                        ack,
-                    });
-                    if group.len() == MAX_GROUP {
-                        flush(&mut group, &mut pipe, &mut pending);
-                    }
-                }
-                Command::Fetch { topic } => {
-                    let Some((epoch, after)) = hub.fetch_cursor(&topic) else {
-                        continue;
-                    };
-                    flush(&mut group, &mut pipe, &mut pending);
-                    pipe.cmd("EVALSHA")
-                        .arg(read_sha)
-                        .arg(1)
-                        .arg(wire::stream_key(prefix, &topic))
-                        .arg(epoch.map(|e| e.to_string()).unwrap_or_default())
-                        .arg(after);
-                    pending.push(Pending::Fetch(topic));
-                }
-                Command::Complete { topic } => {
-                    flush(&mut group, &mut pipe, &mut pending);
-                    pipe.cmd("PEXPIRE")
-                        .arg(wire::stream_key(prefix, &topic))
-                        .arg(grace_ms.max(1))
-                        .arg("LT");
-                    pending.push(Pending::Complete);
-                }
+        // Without a hub (its layer is gone) publishes still go out: they
+        // were taken. Nothing is delivered here then.
+        let hub = self.state.hub();
+        let units = group(batch);
+        let mut failures = 0;
+        let refused = self
+            .query(conn, hub.as_deref(), &limits, units, &mut failures)
+            .await?;
+        if !refused.is_empty() {
+            tracing::warn!(
+                commands = refused.len(),
+                "websocket_backplane_scripts_reloaded"
+            );
+            if let Err(e) = Settings::load_scripts(conn).await {
+                failures += self.fail_all(refused, &e);
+                self.count(hub.as_deref(), failures, &e);
+                return Err(e);
+            }
+            for unit in self
+                .query(conn, hub.as_deref(), &limits, refused, &mut failures)
+                .await?
+            {
+                failures += self.fail(unit, || {
+                    BackplaneError::Failed("Redis refused the script after it was loaded".into())
+                });
             }
         }
-        flush(&mut group, &mut pipe, &mut pending);
-        if pending.is_empty() {
-            return Ok(());
+        if failures > 0 {
+            if let Some(hub) = &hub {
+                Counters::add(&hub.counters.backplane_publish_failures, failures);
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends `units` as one pipeline and hands out the replies; returns the
+    /// units refused with `NOSCRIPT`, and counts failed publishes in
+    /// `failures`.
+    async fn query(
+        &self,
+        conn: &mut MultiplexedConnection,
+        hub: Option<&Hub>,
+        limits: &HistoryLimits,
+        units: Vec<Unit>,
+        failures: &mut usize,
+    ) -> RedisResult<Vec<Unit>> {
+        let (pipe, units) = self.pipeline(hub, limits, units);
+        if units.is_empty() {
+            return Ok(Vec::new());
         }
         let replies: Vec<RedisResult<Value>> = match pipe.query_async(conn).await {
             Ok(replies) => replies,
             Err(e) => {
-                let failures = pending
-                    .into_iter()
-                    .map(|p| self.fail(p, || BackplaneError::Failed(Box::new(e.clone()))))
-                    .sum::<usize>();
-                if failures > 0 {
-                    Counters::add(&hub.counters.backplane_publish_failures, failures);
-                    tracing::warn!(failures, error = %e, "websocket_backplane_publish_failed");
-                }
+                *failures += self.fail_all(units, &e);
+                self.count(hub, std::mem::take(failures), &e);
                 return Err(e);
             }
         };
-        let mut failures = 0;
-        for (pending, reply) in pending.into_iter().zip(replies) {
-            match (pending, reply) {
-                (Pending::Publishes(group), Ok(reply)) => {
+        let mut refused = Vec::new();
+        for (unit, reply) in units.into_iter().zip(replies) {
+            match (unit, reply) {
+                (unit, Err(e)) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                    refused.push(unit);
+                }
+                (Unit::Publishes(group), Ok(reply)) => {
                     match wire::parse_published(&reply).filter(|n| n.len() == group.len()) {
                         Some(numbers) => {
                             for (publish, (epoch, seq)) in group.into_iter().zip(numbers) {
-                                hub.deliver(
-                                    &publish.topic,
-                                    Numbered {
+                                if let Some(hub) = hub {
+                                    let numbered = Numbered {
                                         epoch,
                                         seq,
                                         done: publish.done,
                                         draft: Some(publish.draft),
-                                    },
-                                );
+                                    };
+                                    hub.deliver(&publish.topic, numbered);
+                                }
                                 if let Some(ack) = publish.ack {
                                     let _ = ack.send(Ok(seq));
                                 }
@@ -684,40 +684,106 @@ impl CommandWorker {
                         }
                         None => {
                             tracing::warn!(?reply, "websocket_backplane_unexpected_reply");
-                            failures += self.fail(Pending::Publishes(group), || {
+                            *failures += self.fail(Unit::Publishes(group), || {
                                 BackplaneError::Failed("unexpected reply to a publish".into())
                             });
                         }
                     }
                 }
-                (Pending::Fetch(topic), Ok(reply)) => match wire::parse_fetched(&reply) {
-                    Some(fetched) => hub.fetched(&topic, fetched),
-                    None => {
-                        tracing::warn!(
-                            request_id = &*topic,
-                            "websocket_backplane_history_unreadable"
-                        );
-                        self.retry_later(topic);
+                (Unit::Fetch(topic), Ok(reply)) => match (wire::parse_fetched(&reply), hub) {
+                    (Some(fetched), Some(hub)) => hub.fetched(&topic, fetched),
+                    (Some(_), None) => {}
+                    (None, _) => {
+                        tracing::warn!(request_id = ?topic, "websocket_backplane_history_unreadable");
+                        self.fetch_later(topic, FETCH_RETRY);
                     }
                 },
-                (Pending::Complete, _) => {}
-                (pending, Err(e)) => {
+                (Unit::Complete(_), Ok(_)) => {}
+                (unit, Err(e)) => {
                     tracing::warn!(error = %e, "websocket_backplane_command_failed");
-                    failures += self.fail(pending, || BackplaneError::Failed(Box::new(e.clone())));
+                    *failures += self.fail(unit, || BackplaneError::Failed(Box::new(e.clone())));
                 }
             }
         }
-        if failures > 0 {
-            Counters::add(&hub.counters.backplane_publish_failures, failures);
-        }
-        Ok(())
+        Ok(refused)
     }
 
-    /// Fails one command; returns how many publishes failed, for the
-    /// caller to count.
-    fn fail(&self, pending: Pending, error: impl Fn() -> BackplaneError) -> usize {
-        match pending {
-            Pending::Publishes(group) => {
+    /// The pipeline for `units`, and the units it carries: a history read
+    /// for a topic no longer replicated here is left out.
+    fn pipeline(
+        &self,
+        hub: Option<&Hub>,
+        limits: &HistoryLimits,
+        units: Vec<Unit>,
+    ) -> (redis::Pipeline, Vec<Unit>) {
+        let prefix = &self.state.prefix;
+        let (publish_sha, read_sha) = (&self.scripts.0, &self.scripts.1);
+        let max_len = limits.messages.max(1);
+        let age_ms = (limits.age.as_millis() as u64).max(1);
+        let grace_ms = (limits.completed_grace.as_millis() as u64).max(1);
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        let mut sent = Vec::with_capacity(units.len());
+        for unit in units {
+            match &unit {
+                Unit::Publishes(group) => {
+                    let call = pipe.cmd("EVALSHA").arg(publish_sha).arg(group.len());
+                    for publish in group {
+                        call.arg(wire::stream_key(prefix, &publish.topic));
+                    }
+                    call.arg(max_len).arg(age_ms).arg(grace_ms);
+                    for publish in group {
+                        call.arg(wire::channel(prefix, &publish.topic))
+                            .arg(publish.draft.body())
+                            .arg(if publish.done { "1" } else { "0" });
+                    }
+                }
+                Unit::Fetch(topic) => {
+                    let Some((epoch, after)) = hub.and_then(|hub| hub.fetch_cursor(topic)) else {
+                        continue;
+                    };
+                    pipe.cmd("EVALSHA")
+                        .arg(read_sha)
+                        .arg(1)
+                        .arg(wire::stream_key(prefix, topic))
+                        .arg(epoch.map(|e| e.to_string()).unwrap_or_default())
+                        .arg(after);
+                }
+                Unit::Complete(topic) => {
+                    pipe.cmd("PEXPIRE")
+                        .arg(wire::stream_key(prefix, topic))
+                        .arg(grace_ms)
+                        .arg("LT");
+                }
+            }
+            sent.push(unit);
+        }
+        (pipe, sent)
+    }
+
+    /// Fails every unit of a pipeline that broke; returns how many
+    /// publishes failed.
+    fn fail_all(&self, units: Vec<Unit>, e: &redis::RedisError) -> usize {
+        units
+            .into_iter()
+            .map(|unit| self.fail(unit, || BackplaneError::Failed(Box::new(e.clone()))))
+            .sum()
+    }
+
+    fn count(&self, hub: Option<&Hub>, failures: usize, e: &redis::RedisError) {
+        if failures > 0 {
+            if let Some(hub) = hub {
+                Counters::add(&hub.counters.backplane_publish_failures, failures);
+            }
+            tracing::warn!(failures, error = %e, "websocket_backplane_publish_failed");
+        }
+    }
+
+    /// Fails one unit; returns how many publishes failed, for the caller
+    /// to count.
+    fn fail(&self, unit: Unit, error: impl Fn() -> BackplaneError) -> usize {
+        match unit {
+            Unit::Publishes(group) => {
                 let failed = group.len();
                 for publish in group {
                     if let Some(ack) = publish.ack {
@@ -726,29 +792,88 @@ impl CommandWorker {
                 }
                 failed
             }
-            Pending::Fetch(topic) => {
-                self.retry_later(topic);
+            Unit::Fetch(topic) => {
+                self.fetch_later(topic, FETCH_RETRY);
                 0
             }
-            Pending::Complete => 0,
+            Unit::Complete(_) => 0,
         }
     }
 
-    /// Queues a failed history read again after [`FETCH_RETRY`]; if Redis
-    /// is still away then, it waits in `retry` for the reconnect.
-    fn retry_later(&self, topic: Arc<str>) {
-        let requeue = self.requeue.clone();
+    /// Asks for a history read again after `wait`; if Redis is still away
+    /// then, it waits in `retry` for the reconnect.
+    fn fetch_later(&self, topic: Arc<str>, wait: Duration) {
+        let fetches = self.fetches.clone();
         tokio::spawn(async move {
-            tokio::time::sleep(FETCH_RETRY).await;
-            send_soon_weak(&requeue, Command::Fetch { topic });
+            tokio::time::sleep(wait).await;
+            if let Some(fetches) = fetches.upgrade() {
+                let _ = fetches.send(topic);
+            }
         });
     }
 }
 
-fn send_soon_weak(commands: &mpsc::WeakSender<Command>, command: Command) {
-    if let Some(commands) = commands.upgrade() {
-        send_soon(&commands, command);
+/// Waits for work, then takes what else is queued, up to [`MAX_BATCH`]:
+/// history reads first, as a copy waits for them. `None` once the
+/// backplane's handle is gone.
+async fn next_batch(inbox: &mut Inbox) -> Option<Vec<Command>> {
+    let first = tokio::select! {
+        biased;
+        Some(topic) = inbox.1.recv() => Command::Fetch { topic },
+        command = inbox.0.recv() => command?,
+    };
+    let mut batch = vec![first];
+    while batch.len() < MAX_BATCH {
+        match inbox.1.try_recv() {
+            Ok(topic) => batch.push(Command::Fetch { topic }),
+            Err(_) => break,
+        }
     }
+    while batch.len() < MAX_BATCH {
+        match inbox.0.try_recv() {
+            Ok(command) => batch.push(command),
+            Err(_) => break,
+        }
+    }
+    Some(batch)
+}
+
+/// Gathers consecutive publishes into calls of the publish script, at
+/// most [`MAX_GROUP`] a call.
+fn group(batch: Vec<Command>) -> Vec<Unit> {
+    let mut units = Vec::new();
+    let mut publishes: Vec<Publish> = Vec::new();
+    for command in batch {
+        let unit = match command {
+            Command::Publish {
+                topic,
+                draft,
+                done,
+                ack,
+            } => {
+                publishes.push(Publish {
+                    topic,
+                    draft,
+                    done,
+                    ack,
+                });
+                if publishes.len() < MAX_GROUP {
+                    continue;
+                }
+                Unit::Publishes(std::mem::take(&mut publishes))
+            }
+            Command::Fetch { topic } => Unit::Fetch(topic),
+            Command::Complete { topic } => Unit::Complete(topic),
+        };
+        if !publishes.is_empty() && !matches!(unit, Unit::Publishes(_)) {
+            units.push(Unit::Publishes(std::mem::take(&mut publishes)));
+        }
+        units.push(unit);
+    }
+    if !publishes.is_empty() {
+        units.push(Unit::Publishes(publishes));
+    }
+    units
 }
 
 /// The task that listens to the channels of the topics with local
@@ -756,7 +881,7 @@ fn send_soon_weak(commands: &mpsc::WeakSender<Command>, command: Command) {
 struct Listener {
     state: Arc<LinkState>,
     settings: Settings,
-    commands: mpsc::WeakSender<Command>,
+    fetches: mpsc::WeakUnboundedSender<Arc<str>>,
     wanted: HashSet<Arc<str>>,
 }
 
@@ -791,6 +916,12 @@ impl Listener {
         }
     }
 
+    fn fetch(&self, topic: Arc<str>) {
+        if let Some(fetches) = self.fetches.upgrade() {
+            let _ = fetches.send(topic);
+        }
+    }
+
     /// Keeps the list of wanted topics up to date until `wait` is over;
     /// `false` once the backplane's handle is gone.
     async fn note_while(
@@ -805,6 +936,7 @@ impl Listener {
                 listen = rx.recv() => match listen {
                     Some(Listen::Start(topic)) => { self.wanted.insert(topic); }
                     Some(Listen::Stop(topic)) => { self.wanted.remove(&topic); }
+                    Some(Listen::Forget) => self.wanted.clear(),
                     None => return false,
                 },
             }
@@ -835,11 +967,11 @@ impl Listener {
         let mut liveness = tokio::time::interval(timeout);
         liveness.reset();
         if reconnected {
-            if let Some((hub, _)) = self.state.hub() {
+            if let Some(hub) = self.state.hub() {
                 let topics = hub.refetch_all();
                 tracing::info!(topics = topics.len(), "websocket_backplane_listening_again");
                 for topic in topics {
-                    send_soon_weak(&self.commands, Command::Fetch { topic });
+                    self.fetch(topic);
                 }
             }
         }
@@ -853,11 +985,21 @@ impl Listener {
                         }
                         // Read the history only once the channel is
                         // subscribed: nothing falls between the two.
-                        send_soon_weak(&self.commands, Command::Fetch { topic });
+                        self.fetch(topic);
                     }
                     Some(Listen::Stop(topic)) => {
                         if self.wanted.remove(&topic) {
                             within(timeout, sink.unsubscribe(wire::channel(&prefix, &topic))).await?;
+                        }
+                    }
+                    Some(Listen::Forget) => {
+                        let channels: Vec<String> = self
+                            .wanted
+                            .drain()
+                            .map(|topic| wire::channel(&prefix, &topic))
+                            .collect();
+                        if !channels.is_empty() {
+                            within(timeout, sink.unsubscribe(channels)).await?;
                         }
                     }
                 },
@@ -872,10 +1014,10 @@ impl Listener {
                         continue;
                     };
                     match (wire::parse_broadcast(message.get_payload_bytes()), self.state.hub()) {
-                        (Some((h, body)), Some((hub, _))) => {
-                            hub.deliver_with(topic, h.epoch, h.seq, h.done, || Draft::from_body(body));
+                        (Some((h, body)), Some(hub)) => {
+                            hub.deliver_broadcast(topic, h.epoch, h.seq, h.done, || Draft::from_body(body));
                         }
-                        (None, _) => tracing::warn!(request_id = topic, "websocket_backplane_message_unreadable"),
+                        (None, _) => tracing::warn!(request_id = ?topic, "websocket_backplane_message_unreadable"),
                         (_, None) => {}
                     }
                 }
