@@ -32,6 +32,8 @@ use crate::topic::{HistoryLimits, Topic, TopicState};
 use crate::ClientId;
 
 const SHARDS: usize = 64;
+/// Room kept in a queue for a `history_gap`, besides its topic.
+const GAP_ROOM: usize = 128;
 
 type Shard = HashMap<Arc<str>, Arc<Topic>>;
 
@@ -187,7 +189,10 @@ impl Hub {
     }
 
     /// Replays the history after `since` to `outbox`, then makes it a
-    /// subscriber.
+    /// subscriber. The replay is cut, oldest first, to what the queue has
+    /// room for: a subscribe must not close the connection (and end its
+    /// other subscriptions) for a full queue. What is cut is announced with
+    /// a `history_gap`, as history the topic no longer holds is.
     fn join(
         &self,
         topic: &str,
@@ -195,7 +200,8 @@ impl Hub {
         outbox: Arc<Outbox>,
         since: Option<u64>,
     ) -> Subscribed {
-        let replay = state.replay(since);
+        let room = outbox.room().saturating_sub(GAP_ROOM + topic.len());
+        let replay = state.replay(since, room);
         if let Some(first) = replay.gap_first_seq {
             self.push(&outbox, Message::plain(protocol::history_gap(topic, first)));
         }

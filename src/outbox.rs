@@ -306,6 +306,11 @@ impl Outbox {
         }
     }
 
+    /// How many more bytes of data the queue takes before it is full.
+    pub(crate) fn room(&self) -> usize {
+        self.max_bytes.saturating_sub(self.lock().data_bytes)
+    }
+
     /// Whether the connection is closing or killed.
     pub(crate) fn status(&self) -> Status {
         let state = self.lock();

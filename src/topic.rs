@@ -139,26 +139,33 @@ impl TopicState {
     }
 
     /// What a subscriber that has seen everything up to `since` (or
-    /// nothing) must be sent first.
-    pub(crate) fn replay(&self, since: Option<u64>) -> Replay<'_> {
-        let want = since.map_or(1, |s| s.saturating_add(1));
+    /// nothing) must be sent first: at most `room` bytes of it, the newest.
+    pub(crate) fn replay(&self, since: Option<u64>, room: usize) -> Replay<'_> {
+        let mut want = since.map_or(1, |s| s.saturating_add(1));
         let first_held = self.history.front().map_or(self.next_seq, |h| h.seq);
-        if want > self.next_seq {
-            // The client has seen more than this topic holds: the topic
-            // was dropped and began again. Everything held is news.
-            return Replay {
-                gap_first_seq: Some(first_held),
-                messages: self.history.iter().map(|h| &h.message).collect(),
-            };
+        // A client that has seen more than this topic holds: the topic was
+        // dropped and began again. Everything held is news.
+        let began_again = want > self.next_seq;
+        if began_again {
+            want = 0;
         }
+        let mut bytes = 0;
+        let fits = self
+            .history
+            .iter()
+            .rev()
+            .take_while(|h| h.seq >= want)
+            .take_while(|h| {
+                bytes += h.message.len();
+                bytes <= room
+            })
+            .count();
+        let start = self.history.len() - fits;
+        let first = self.history.get(start).map_or(self.next_seq, |h| h.seq);
+        let cut = self.history.iter().take(start).any(|h| h.seq >= want);
         Replay {
-            gap_first_seq: (want < first_held).then_some(first_held),
-            messages: self
-                .history
-                .iter()
-                .filter(|h| h.seq >= want)
-                .map(|h| &h.message)
-                .collect(),
+            gap_first_seq: (began_again || cut || want < first_held).then_some(first),
+            messages: self.history.range(start..).map(|h| &h.message).collect(),
         }
     }
 
@@ -291,23 +298,39 @@ mod tests {
     fn replay_from_the_start_since_and_gaps() {
         let now = Instant::now();
         let mut t = TopicState::default();
-        assert!(t.replay(None).messages.is_empty());
-        assert_eq!(t.replay(None).gap_first_seq, None);
+        assert!(t.replay(None, usize::MAX).messages.is_empty());
+        assert_eq!(t.replay(None, usize::MAX).gap_first_seq, None);
         publish(&mut t, now, 2);
-        assert_eq!(seqs(&t.replay(None)), [1, 2]);
-        assert_eq!(seqs(&t.replay(Some(1))), [2]);
-        assert_eq!(seqs(&t.replay(Some(2))), Vec::<u64>::new());
+        assert_eq!(seqs(&t.replay(None, usize::MAX)), [1, 2]);
+        assert_eq!(seqs(&t.replay(Some(1), usize::MAX)), [2]);
+        assert_eq!(seqs(&t.replay(Some(2), usize::MAX)), Vec::<u64>::new());
 
         publish(&mut t, now, 3); // holds 3, 4, 5
-        let r = t.replay(Some(1));
+        let r = t.replay(Some(1), usize::MAX);
         assert_eq!((r.gap_first_seq, seqs(&r)), (Some(3), vec![3, 4, 5]));
-        let r = t.replay(None);
+        let r = t.replay(None, usize::MAX);
         assert_eq!(r.gap_first_seq, Some(3));
-        let r = t.replay(Some(2));
+        let r = t.replay(Some(2), usize::MAX);
         assert_eq!((r.gap_first_seq, seqs(&r)), (None, vec![3, 4, 5]));
         // A client ahead of the topic: it began again.
-        let r = t.replay(Some(99));
+        let r = t.replay(Some(99), usize::MAX);
         assert_eq!((r.gap_first_seq, seqs(&r)), (Some(3), vec![3, 4, 5]));
+    }
+
+    #[test]
+    fn a_replay_is_cut_to_the_room_given_newest_kept() {
+        let now = Instant::now();
+        let mut t = TopicState::default();
+        publish(&mut t, now, 3);
+        let one = t.history[0].message.len();
+        let r = t.replay(None, 2 * one);
+        assert_eq!((r.gap_first_seq, seqs(&r)), (Some(2), vec![2, 3]));
+        let r = t.replay(Some(1), 2 * one);
+        assert_eq!((r.gap_first_seq, seqs(&r)), (None, vec![2, 3]));
+        let r = t.replay(None, one - 1);
+        assert_eq!((r.gap_first_seq, seqs(&r)), (Some(4), vec![]));
+        let r = t.replay(Some(99), one);
+        assert_eq!((r.gap_first_seq, seqs(&r)), (Some(3), vec![3]));
     }
 
     #[test]
@@ -321,7 +344,7 @@ mod tests {
         for _ in 0..3 {
             t.append(Draft::delta("t", &"y".repeat(40)), now, &limits);
         }
-        assert_eq!(seqs(&t.replay(Some(2))), [3]);
+        assert_eq!(seqs(&t.replay(Some(2), usize::MAX)), [3]);
         assert!(t.history_bytes <= 100);
 
         let later = now + LIMITS.age;
@@ -337,7 +360,7 @@ mod tests {
         t.complete(now);
         publish(&mut t, now, 1);
         t.expire(now + Duration::from_secs(9), &LIMITS);
-        assert_eq!(seqs(&t.replay(None)), [1, 2, 3]);
+        assert_eq!(seqs(&t.replay(None, usize::MAX)), [1, 2, 3]);
         t.expire(now + LIMITS.completed_grace, &LIMITS);
         assert!(t.is_idle());
     }

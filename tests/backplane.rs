@@ -513,3 +513,39 @@ async fn a_listener_cut_off_mid_burst_catches_up() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_first_subscriber_on_a_topic_with_large_history_gets_what_fits() {
+    within(async {
+        let redis = RedisServer::start().await;
+        let (a, b) = (instance(&redis).await, instance(&redis).await);
+        let mut client = Client::connect(&b).await;
+        client.subscribe("small").await;
+        listeners(&redis, "tower-ws:small", 1).await;
+
+        // Redis keeps the last 256 of 300 messages of 8 KB: 2 MB, twice
+        // what a connection may queue.
+        let blob = "x".repeat(8000);
+        let mut last = 0;
+        for _ in 0..300 {
+            last = a
+                .publisher
+                .publish_confirmed("big", &json!({"type": "blob", "data": blob}))
+                .await
+                .unwrap();
+        }
+        client.subscribe("big").await;
+        let first = client.recv_json().await;
+        assert_eq!(first["error"], "history_gap", "{first}");
+        let from = first["firstSeq"].as_u64().unwrap();
+        assert!(from > 45, "cut to what fits, not to what Redis keeps");
+        receive_in_order(&mut client, from, last - from + 1).await;
+
+        // The client's other subscription goes on.
+        a.publisher.stream_delta("small", "still here");
+        let m = client.recv_json().await;
+        assert_eq!((seq(&m), m["text"].as_str()), (1, Some("still here")));
+        assert_eq!(b.publisher.stats().slow_clients_closed, 0);
+    })
+    .await;
+}

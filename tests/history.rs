@@ -243,3 +243,57 @@ async fn publish_confirmed_resolves_with_the_seq_it_was_given() {
     let refused = server.publisher.publish_confirmed("req-1", &[1, 2]).await;
     assert!(matches!(refused, Err(tower_ws::PublishError::NotAnObject)));
 }
+
+/// Reads until every topic's replay has reached `last`; returns how many
+/// `history_gap`s came. Panics on a close (it would end every topic).
+async fn read_replays(client: &mut Client, topics: &[String], last: u64) -> usize {
+    let mut done = std::collections::HashSet::new();
+    let mut gaps = 0;
+    while done.len() < topics.len() {
+        let m = client.recv_json().await;
+        if m["error"] == "history_gap" {
+            gaps += 1;
+        } else if seq(&m) == last {
+            done.insert(m["requestId"].as_str().unwrap().to_owned());
+        }
+    }
+    gaps
+}
+
+#[tokio::test]
+async fn replays_larger_than_the_queue_are_cut_with_a_gap_not_a_close() {
+    // Five topics with a full history each (32 × 8 KB of the 256 KiB
+    // kept) are more than one connection's 1 MiB queue.
+    let server = axum_server_with_send_buffer(builder(), Some(4096)).await;
+    let topics: Vec<String> = (0..5).map(|i| format!("big-{i}")).collect();
+    let blob = "x".repeat(8000);
+    for topic in &topics {
+        for _ in 0..32 {
+            server
+                .publisher
+                .publish(
+                    topic,
+                    &json!({"type": "blob", "requestId": topic, "data": blob}),
+                )
+                .unwrap();
+        }
+    }
+    let mut client = Client::connect(&server).await;
+    for topic in &topics {
+        client.subscribe(topic).await;
+    }
+    for topic in &topics {
+        subscribers(&server.publisher, topic, 1).await;
+    }
+    let gaps = read_replays(&mut client, &topics, 32).await;
+    assert!(gaps >= 1, "what did not fit is announced");
+    // Every subscription is still there.
+    for topic in &topics {
+        server.publisher.stream_delta(topic, "live");
+    }
+    for _ in &topics {
+        let m = client.recv_json().await;
+        assert_eq!((seq(&m), m["text"].as_str()), (33, Some("live")));
+    }
+    assert_eq!(server.publisher.stats().slow_clients_closed, 0);
+}
