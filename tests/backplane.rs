@@ -549,3 +549,65 @@ async fn a_first_subscriber_on_a_topic_with_large_history_gets_what_fits() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_redis_that_lost_its_scripts_is_given_them_again() {
+    within(async {
+        let redis = RedisServer::start().await;
+        let (a, b) = (instance(&redis).await, instance(&redis).await);
+        a.publisher
+            .publish_confirmed("req-1", &json!({"type": "tick", "n": 1}))
+            .await
+            .unwrap();
+        // What a failover to a server that never loaded them also does.
+        let _: () = redis::cmd("SCRIPT")
+            .arg("FLUSH")
+            .query_async(&mut redis.connection().await)
+            .await
+            .unwrap();
+        let seq = a
+            .publisher
+            .publish_confirmed("req-1", &json!({"type": "tick", "n": 2}))
+            .await
+            .expect("published after reloading the script");
+        assert_eq!(seq, 2);
+        // History reads work again too: B's first subscriber gets both.
+        let _: () = redis::cmd("SCRIPT")
+            .arg("FLUSH")
+            .query_async(&mut redis.connection().await)
+            .await
+            .unwrap();
+        let mut client = Client::connect(&b).await;
+        client.subscribe("req-1").await;
+        let got = receive_in_order(&mut client, 1, 2).await;
+        assert_eq!(got[1]["n"], 2);
+        assert_eq!(a.publisher.stats().backplane_publish_failures, 0);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_backplane_serves_a_new_layer_once_the_old_one_is_gone() {
+    within(async {
+        let redis = RedisServer::start().await;
+        let backplane = RedisBackplane::connect(&redis.url()).await.unwrap();
+        let (layer, publisher) = builder().backplane(backplane.clone()).build().unwrap();
+        assert!(matches!(
+            builder().backplane(backplane.clone()).build(),
+            Err(tower_ws::BuildError::BackplaneInUse)
+        ));
+        // Taken before the layer went away: still published.
+        let pending = publisher.publish_confirmed("req-1", &json!({"type": "tick", "n": 1}));
+        drop((layer, publisher));
+        assert_eq!(pending.await.unwrap(), 1);
+
+        let server = axum_server(builder().backplane(backplane)).await;
+        let mut client = Client::connect(&server).await;
+        client.subscribe("req-1").await;
+        listeners(&redis, CHANNEL, 1).await;
+        server.publisher.stream_delta("req-1", "again");
+        let got = receive_in_order(&mut client, 1, 2).await;
+        assert_eq!(got[1]["text"], "again");
+    })
+    .await;
+}
