@@ -35,6 +35,7 @@ use crate::rate_limit::{RateLimit, Verdict};
 use crate::reader::{FrameReader, OpCode, ReadError};
 use crate::shutdown::TaskGuard;
 use crate::stats::Counters;
+use crate::topic::TopicDigest;
 
 /// How long a closing connection may take to write its last frames and
 /// receive the peer's Close before the socket is dropped.
@@ -110,9 +111,9 @@ pub(crate) async fn serve(
     }
     tracing::info!(
         %client_id,
-        origin = peer.origin.as_deref(),
-        user_agent = peer.user_agent.as_deref(),
-        principal = peer.principal.as_ref().map(Principal::id),
+        origin = ?peer.origin.as_deref(),
+        user_agent = ?peer.user_agent.as_deref(),
+        principal = ?peer.principal.as_ref().map(Principal::id),
         ip = ?peer.ip,
         "websocket_connected"
     );
@@ -123,7 +124,7 @@ pub(crate) async fn serve(
 
     for topic in &topics {
         if shared.hub.unsubscribe(topic, &outbox) {
-            tracing::info!(%client_id, request_id = %topic, "websocket_unsubscribed");
+            tracing::info!(%client_id, topic = %TopicDigest(topic), "websocket_unsubscribed");
         }
     }
     Counters::add(&shared.hub.counters.messages_dropped, outbox.kill());
@@ -529,8 +530,8 @@ impl<'a> Conn<'a> {
             {
                 tracing::warn!(
                     %client_id,
-                    %request_id,
-                    principal = self.principal.map(Principal::id),
+                    topic = %TopicDigest(&request_id),
+                    principal = ?self.principal.map(Principal::id),
                     "websocket_subscribe_forbidden"
                 );
                 self.send_error(
@@ -546,11 +547,11 @@ impl<'a> Conn<'a> {
                         replayed,
                         gap_first_seq,
                     } => {
-                        tracing::info!(%client_id, %request_id, since, replayed, gap_first_seq, "websocket_subscribed");
+                        tracing::info!(%client_id, topic = %TopicDigest(&request_id), since, replayed, gap_first_seq, "websocket_subscribed");
                         topics.insert(request_id.into());
                     }
                     Subscribed::Waiting => {
-                        tracing::info!(%client_id, %request_id, since, "websocket_subscribed");
+                        tracing::info!(%client_id, topic = %TopicDigest(&request_id), since, "websocket_subscribed");
                         topics.insert(request_id.into());
                     }
                     Subscribed::Already => {}
@@ -558,7 +559,7 @@ impl<'a> Conn<'a> {
             }
             ClientMessage::Unsubscribe { request_id } => {
                 if topics.remove(request_id.as_str()) && hub.unsubscribe(&request_id, self.outbox) {
-                    tracing::info!(%client_id, %request_id, "websocket_unsubscribed");
+                    tracing::info!(%client_id, topic = %TopicDigest(&request_id), "websocket_unsubscribed");
                 }
             }
             ClientMessage::ActionClicked {
@@ -595,7 +596,7 @@ impl<'a> Conn<'a> {
                 ClientEventKind::ActionClicked { request_id, .. }
                 | ClientEventKind::UiStateChanged { request_id, .. } => request_id,
             };
-            tracing::warn!(client_id = %event.client_id, %request_id, why, "websocket_event_dropped");
+            tracing::warn!(client_id = %event.client_id, topic = %TopicDigest(request_id), why, "websocket_event_dropped");
             self.send_error(request_id, error_code::EVENT_DROPPED, why);
         }
     }
@@ -609,9 +610,9 @@ impl<'a> Conn<'a> {
         }
         tracing::debug!(
             client_id = %self.outbox.client_id(),
-            request_id = &request_id[..shown],
+            request_id = ?&request_id[..shown],
             error,
-            message,
+            message = ?message,
             "websocket_message_rejected"
         );
         let message = ServerMessage::Error {

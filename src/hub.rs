@@ -28,7 +28,7 @@ use crate::outbox::{Outbox, Push};
 use crate::protocol;
 use crate::replica::{Arrival, Replica};
 use crate::stats::Counters;
-use crate::topic::{HistoryLimits, Topic, TopicState};
+use crate::topic::{fnv1a, HistoryLimits, Topic, TopicDigest, TopicState};
 use crate::ClientId;
 
 const SHARDS: usize = 64;
@@ -437,7 +437,7 @@ impl Hub {
         let now = Instant::now();
         let Some(draft) = message.draft else {
             tracing::warn!(
-                request_id = topic,
+                topic = %TopicDigest(topic),
                 seq = message.seq,
                 "websocket_backplane_message_unreadable"
             );
@@ -580,14 +580,11 @@ impl Hub {
         lock(self.shard(topic)).get(topic).cloned()
     }
 
-    /// The topic's shard, picked by FNV-1a: a few nanoseconds where the
-    /// maps' SipHash takes tens, and it runs on every publish. Names made
-    /// to share a shard only share its lock; within it the map's keyed hash
-    /// still spreads them.
+    /// The topic's shard, picked by FNV-1a. Names made to share a shard
+    /// only share its lock; within it the map's keyed hash still spreads
+    /// them.
     fn shard(&self, topic: &str) -> &Mutex<Shard> {
-        let hash = topic.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-        });
+        let hash = fnv1a(topic.as_bytes());
         &self.shards[(hash ^ (hash >> 32)) as usize % SHARDS]
     }
 }

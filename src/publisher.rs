@@ -274,7 +274,7 @@ impl Publisher {
             None => self.shared.hub.publish(topic, draft, complete).1,
         };
         tracing::debug!(
-            request_id = topic,
+            request_id = ?topic,
             subscriber_count = queued,
             "websocket_message_sent"
         );

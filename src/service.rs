@@ -170,8 +170,8 @@ fn handshake<B, ResBody>(shared: &Arc<Shared>, mut req: Request<B>) -> Response<
         .allows(origin.as_deref(), host.as_deref())
     {
         tracing::warn!(
-            origin = origin.as_deref(),
-            host = host.as_deref(),
+            origin = ?origin.as_deref(),
+            host = ?host.as_deref(),
             ip = ?ip,
             "websocket_origin_rejected"
         );
@@ -204,8 +204,8 @@ fn handshake<B, ResBody>(shared: &Arc<Shared>, mut req: Request<B>) -> Response<
                 Err(rejection) => {
                     tracing::warn!(
                         status = rejection.status,
-                        reason = %rejection.reason,
-                        origin = origin.as_deref(),
+                        reason = ?rejection.reason,
+                        origin = ?origin.as_deref(),
                         ip = ?ip,
                         "websocket_unauthorized"
                     );

@@ -73,6 +73,26 @@ impl Default for TopicState {
     }
 }
 
+/// FNV-1a: a few nanoseconds where SipHash takes tens; the hub picks a
+/// topic's shard with it on every publish.
+pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// A topic name as logged at `info` and above: a `requestId` may be a
+/// bearer secret, and it is the client's text. The same name always shows
+/// the same 16 hex digits, so one topic can be followed through the logs
+/// (and across instances); `debug` events carry the name itself, escaped.
+pub(crate) struct TopicDigest<'a>(pub(crate) &'a str);
+
+impl std::fmt::Display for TopicDigest<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", fnv1a(self.0.as_bytes()))
+    }
+}
+
 impl Topic {
     pub(crate) fn lock(&self) -> MutexGuard<'_, TopicState> {
         crate::lock::lock(&self.state)

@@ -21,7 +21,7 @@ use crate::hub::Hub;
 use crate::lock::lock;
 use crate::message::Draft;
 use crate::stats::Counters;
-use crate::topic::HistoryLimits;
+use crate::topic::{HistoryLimits, TopicDigest};
 
 const DEFAULT_PREFIX: &str = "tower-ws";
 const DEFAULT_QUEUE_CAPACITY: usize = 65_536;
@@ -694,7 +694,7 @@ impl CommandWorker {
                     (Some(fetched), Some(hub)) => hub.fetched(&topic, fetched),
                     (Some(_), None) => {}
                     (None, _) => {
-                        tracing::warn!(request_id = ?topic, "websocket_backplane_history_unreadable");
+                        tracing::warn!(topic = %TopicDigest(&topic), "websocket_backplane_history_unreadable");
                         self.fetch_later(topic, FETCH_RETRY);
                     }
                 },
@@ -1017,7 +1017,7 @@ impl Listener {
                         (Some((h, body)), Some(hub)) => {
                             hub.deliver_broadcast(topic, h.epoch, h.seq, h.done, || Draft::from_body(body));
                         }
-                        (None, _) => tracing::warn!(request_id = ?topic, "websocket_backplane_message_unreadable"),
+                        (None, _) => tracing::warn!(topic = %TopicDigest(topic), "websocket_backplane_message_unreadable"),
                         (_, None) => {}
                     }
                 }
