@@ -28,13 +28,12 @@ pub mod close_code {
     /// outbound queue overflowed).
     pub const TRY_AGAIN_LATER: u16 = 1013;
 
-    /// Whether `code` may appear in a Close frame on the wire.
-    ///
-    /// 1004–1006 and 1015 are reserved for local use, 1014 and 1016–2999
-    /// are unassigned or reserved, and anything below 1000 or above 4999 is
-    /// invalid.
+    /// Whether `code` may appear in a Close frame on the wire, per the
+    /// IANA registry: 1012–1014 are registered (restart, try again later,
+    /// bad gateway); 1004–1006 and 1015 are reserved for local use, 1016–2999
+    /// are unassigned, and anything below 1000 or above 4999 is invalid.
     pub(crate) fn may_be_sent(code: u16) -> bool {
-        matches!(code, 1000..=1003 | 1007..=1013 | 3000..=4999)
+        matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
     }
 }
 
@@ -199,10 +198,10 @@ mod tests {
 
     #[test]
     fn close_codes_that_may_be_sent() {
-        for ok in [1000, 1001, 1003, 1007, 1011, 1013, 3000, 4999] {
+        for ok in [1000, 1001, 1003, 1007, 1011, 1012, 1013, 1014, 3000, 4999] {
             assert!(close_code::may_be_sent(ok), "{ok}");
         }
-        for bad in [0, 999, 1004, 1005, 1006, 1014, 1015, 1016, 2999, 5000] {
+        for bad in [0, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000] {
             assert!(!close_code::may_be_sent(bad), "{bad}");
         }
     }

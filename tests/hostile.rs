@@ -250,3 +250,17 @@ async fn hostile_clients_get_their_codes_while_good_clients_get_everything() {
     assert_eq!(server.publisher.stats().slow_clients_closed, 0);
     drop(slow);
 }
+
+#[tokio::test]
+async fn registered_close_codes_are_answered_in_kind() {
+    let server = axum_server(builder()).await;
+    // 1012–1014 are in IANA's registry; 1015 is for local use only.
+    for (sent, answer) in [(1012, 1012), (1013, 1013), (1014, 1014), (1015, 1002)] {
+        let close = frame(0x88, &u16::to_be_bytes(sent), false);
+        assert_eq!(
+            close_code_for(&server, close).await,
+            Some(answer),
+            "{sent}"
+        );
+    }
+}
