@@ -85,7 +85,7 @@ pub(crate) async fn serve(
     upgrade: fastwebsockets::upgrade::UpgradeFut,
     peer: Peer,
     // Held until the connection's cleanup is done.
-    _counted: (TaskGuard, Option<IpSlot>),
+    counted: (TaskGuard, Option<IpSlot>),
 ) {
     let io = match upgrade.await {
         Ok(ws) => ws.into_inner(),
@@ -129,6 +129,9 @@ pub(crate) async fn serve(
     }
     Counters::add(&shared.hub.counters.messages_dropped, outbox.kill());
     shared.hub.deregister(client_id);
+    if reason == Reason::CloseTimeout && !shared.hub.is_accepting() {
+        counted.0.cut_off();
+    }
     tracing::info!(%client_id, %reason, "websocket_disconnected");
 }
 

@@ -17,8 +17,9 @@ use crate::stats::Counters;
 pub struct ShutdownSummary {
     /// Connections open when shutdown began.
     pub connections: usize,
-    /// Connections that were still open when the grace period ran out and
-    /// were cut off without finishing their close handshake.
+    /// Connections cut off without their Close 1001 written: those still
+    /// open when the grace period ran out, and those whose writes had not
+    /// got through by the connection's own close timeout.
     pub terminated: usize,
 }
 
@@ -28,6 +29,8 @@ pub struct ShutdownSummary {
 pub(crate) struct Tasks {
     live: AtomicUsize,
     idle: Notify,
+    /// Tasks that gave up writing their Close 1001 at the close timeout.
+    cut_off: AtomicUsize,
 }
 
 /// Held by one connection task; the task is counted until it is dropped.
@@ -55,6 +58,13 @@ impl Tasks {
             }
             notified.await;
         }
+    }
+}
+
+impl TaskGuard {
+    /// Counts this connection as cut off during shutdown.
+    pub(crate) fn cut_off(&self) {
+        self.0.cut_off.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -86,7 +96,7 @@ pub(crate) async fn shutdown(hub: &Hub, tasks: &Tasks, grace: Duration) -> Shutd
     }
     let summary = ShutdownSummary {
         connections: open.len(),
-        terminated,
+        terminated: terminated + tasks.cut_off.load(Ordering::Relaxed),
     };
     tracing::info!(
         closed_connections = summary.connections,

@@ -71,3 +71,20 @@ async fn shutdown_with_no_connections_resolves_at_once() {
     let summary = within(server.publisher.shutdown(Duration::from_secs(30))).await;
     assert_eq!(summary.connections, 0);
 }
+
+#[tokio::test]
+async fn clients_whose_close_could_not_be_written_count_as_terminated() {
+    let server = axum_server_with_send_buffer(builder(), Some(4096)).await;
+    let mut stalled = stalled_client(server.addr, 4096).await;
+    send_raw_text(&mut stalled, r#"{"type":"subscribe","requestId":"t"}"#).await;
+    subscribers(&server.publisher, "t", 1).await;
+    // More than the socket buffers take, less than the queue's 1 MiB.
+    let blob = "x".repeat(8000);
+    for _ in 0..50 {
+        server.publisher.stream_delta("t", &blob);
+    }
+    // The grace period outlasts the connection's own close timeout: the
+    // connection ends by itself, its 1001 never written.
+    let summary = within(server.publisher.shutdown(Duration::from_secs(30))).await;
+    assert_eq!((summary.connections, summary.terminated), (1, 1));
+}
