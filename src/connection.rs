@@ -106,7 +106,11 @@ pub(crate) async fn serve(
     if !shared.hub.register(outbox.clone()) {
         // Shutdown began while this client was upgrading.
         let close = frame::close(close_code::GOING_AWAY, "server shutting down");
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, write_half.write_all(&close)).await;
+        let goodbye = async {
+            write_half.write_all(&close).await?;
+            write_half.flush().await
+        };
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, goodbye).await;
         return;
     }
     tracing::info!(
@@ -655,6 +659,8 @@ impl<'a> Conn<'a> {
         // For a timer branch that is disabled: `select!` still builds its
         // future. Read once, not on every write.
         let unused = Instant::now();
+        // Whether bytes were written since the last flush.
+        let mut unflushed = false;
         loop {
             if pending.at_boundary() && close_code.is_none() {
                 self.outbox.take_control(&mut control);
@@ -664,12 +670,20 @@ impl<'a> Conn<'a> {
                 }
                 pending.prepend(control.drain(..));
             }
-            if pending.is_empty() {
+            if pending.is_empty() && unsent > 0 {
                 Counters::add(&self.shared.hub.counters.messages_sent, unsent);
                 unsent = 0;
-                if io.flush().await.is_err() {
-                    return WriteEnd::Io;
+            }
+            if pending.is_empty() && unflushed {
+                // A plain socket has nothing to flush; only a stream that
+                // buffers (TLS) goes through the select below.
+                match flush_now(io).await {
+                    Some(Ok(())) => unflushed = false,
+                    Some(Err(_)) => return WriteEnd::Io,
+                    None => {}
                 }
+            }
+            if pending.is_empty() && !unflushed {
                 if let Some(code) = close_code {
                     return WriteEnd::SentClose(code);
                 }
@@ -713,7 +727,15 @@ impl<'a> Conn<'a> {
                 _ = self.outbox.woken() => WriterEvent::Woken,
                 _ = tokio::time::sleep_until(deadline.unwrap_or(unused)), if deadline.is_some() => WriterEvent::Deadline,
                 _ = ticker.tick() => WriterEvent::Tick,
-                written = pending.write_some(io) => WriterEvent::Wrote(written),
+                // A flush waits like a write (behind TLS it waits for the
+                // socket), so it is raced against kill and deadline too.
+                written = async {
+                    if pending.is_empty() {
+                        io.flush().await.map(|()| None)
+                    } else {
+                        pending.write_some(io).await.map(Some)
+                    }
+                } => WriterEvent::Wrote(written),
             };
             match event {
                 WriterEvent::Woken => match self.outbox.status() {
@@ -730,19 +752,33 @@ impl<'a> Conn<'a> {
                     }
                     ping_due = true;
                 }
-                WriterEvent::Wrote(Ok(n)) => pending.advance(n),
+                WriterEvent::Wrote(Ok(Some(n))) => {
+                    pending.advance(n);
+                    unflushed = true;
+                }
+                WriterEvent::Wrote(Ok(None)) => unflushed = false,
                 WriterEvent::Wrote(Err(_)) => return WriteEnd::Io,
             }
         }
     }
 }
 
-/// What woke the writer while it had frames to write.
+/// Polls a flush once: `None` if it has to wait.
+async fn flush_now(io: &mut (impl AsyncWrite + Unpin)) -> Option<std::io::Result<()>> {
+    std::future::poll_fn(|cx| match std::pin::Pin::new(&mut *io).poll_flush(cx) {
+        std::task::Poll::Ready(result) => std::task::Poll::Ready(Some(result)),
+        std::task::Poll::Pending => std::task::Poll::Ready(None),
+    })
+    .await
+}
+
+/// What woke the writer while it had frames to write or flush.
 enum WriterEvent {
     Woken,
     Deadline,
     Tick,
-    Wrote(std::io::Result<usize>),
+    /// Bytes written, or `None` for a flush done.
+    Wrote(std::io::Result<Option<usize>>),
 }
 
 fn violation(code: u16, reason: &'static str) -> ReadEnd {

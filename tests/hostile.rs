@@ -257,10 +257,6 @@ async fn registered_close_codes_are_answered_in_kind() {
     // 1012–1014 are in IANA's registry; 1015 is for local use only.
     for (sent, answer) in [(1012, 1012), (1013, 1013), (1014, 1014), (1015, 1002)] {
         let close = frame(0x88, &u16::to_be_bytes(sent), false);
-        assert_eq!(
-            close_code_for(&server, close).await,
-            Some(answer),
-            "{sent}"
-        );
+        assert_eq!(close_code_for(&server, close).await, Some(answer), "{sent}");
     }
 }
