@@ -36,6 +36,18 @@ struct Spans {
     text: (u32, u32),
 }
 
+impl Spans {
+    /// `None` past 4 GiB: such a delta is sent as it is, never merged.
+    fn new(request_id: (usize, usize), text: (usize, usize)) -> Option<Self> {
+        let narrow =
+            |(a, b): (usize, usize)| Some((u32::try_from(a).ok()?, u32::try_from(b).ok()?));
+        Some(Self {
+            request_id: narrow(request_id)?,
+            text: narrow(text)?,
+        })
+    }
+}
+
 /// A sealed message: its complete frame, and for a `stream.delta`, its
 /// sequence number and layout. Clones share it, so an entry in a queue or
 /// in a history is one pointer: with 10,000 subscribers, S1 of the bench
@@ -74,7 +86,7 @@ impl Draft {
         buf.push(b'}');
         Self {
             buf,
-            delta: Some(Spans { request_id, text }),
+            delta: Spans::new(request_id, text),
         }
     }
 
@@ -263,10 +275,10 @@ fn delta_spans(buf: &[u8], start: usize) -> Option<Spans> {
     let rest = buf[request_id_end..].strip_prefix(MIDDLE)?;
     let text_start = request_id_end + MIDDLE.len();
     let text_end = text_start + string_len(rest)?;
-    (&buf[text_end..] == br#""}"#).then_some(Spans {
-        request_id: (request_id_start as u32, request_id_end as u32),
-        text: (text_start as u32, text_end as u32),
-    })
+    if &buf[text_end..] != br#""}"# {
+        return None;
+    }
+    Spans::new((request_id_start, request_id_end), (text_start, text_end))
 }
 
 #[cfg_attr(not(feature = "redis"), allow(dead_code))]
@@ -284,7 +296,7 @@ fn string_len(s: &[u8]) -> Option<usize> {
 }
 
 /// Writes `s` as a JSON string; returns the range of its contents.
-fn write_string(buf: &mut Vec<u8>, s: &str) -> (u32, u32) {
+fn write_string(buf: &mut Vec<u8>, s: &str) -> (usize, usize) {
     let start = buf.len() + 1;
     // JSON escapes only quotes, backslashes and control characters; most
     // texts have none, and checking all bytes without stopping early is a
@@ -299,7 +311,7 @@ fn write_string(buf: &mut Vec<u8>, s: &str) -> (u32, u32) {
     } else {
         serde_json::to_writer(&mut *buf, s).expect("a str serializes");
     }
-    (start as u32, (buf.len() - 1) as u32)
+    (start, buf.len() - 1)
 }
 
 #[cfg(test)]
@@ -326,7 +338,7 @@ mod tests {
             let mut buf = Vec::new();
             let (a, b) = write_string(&mut buf, text);
             assert_eq!(buf, serde_json::to_vec(text).unwrap(), "{text:?}");
-            assert_eq!((a, b), (1, buf.len() as u32 - 1));
+            assert_eq!((a, b), (1, buf.len() - 1));
         }
     }
 
@@ -397,5 +409,13 @@ mod tests {
         assert!(merged.append(&Draft::delta("r", "y").seal(2)));
         let v = payload(merged.into_message().frame());
         assert_eq!(v["text"].as_str().unwrap().len(), 70_001);
+    }
+
+    #[test]
+    fn spans_past_4_gib_are_not_kept() {
+        let big = u32::MAX as usize + 1;
+        assert!(Spans::new((1, 2), (3, big - 1)).is_some());
+        assert!(Spans::new((1, 2), (3, big)).is_none());
+        assert!(Spans::new((big, big + 1), (3, 4)).is_none());
     }
 }

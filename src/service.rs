@@ -240,7 +240,14 @@ fn handshake<B, ResBody>(shared: &Arc<Shared>, mut req: Request<B>) -> Response<
     let ip_slot = match ip {
         None => None,
         Some(ip) => match shared.per_ip.try_take(ip, max_per_ip) {
-            Some(slot) => Some(slot),
+            Some((slot, held)) => {
+                if shared.config.trusted_proxy_header.is_none() {
+                    shared
+                        .per_ip
+                        .warn_if_proxied(req.headers(), ip, held, max_per_ip);
+                }
+                Some(slot)
+            }
             None => {
                 tracing::warn!(max_per_ip, %ip, "websocket_connection_limit_reached");
                 return reject(

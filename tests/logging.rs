@@ -5,7 +5,7 @@
 mod support;
 
 use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use serde_json::json;
 use support::*;
@@ -24,16 +24,31 @@ impl Write for Captured {
     }
 }
 
+/// The process's log, as text, from the first call on.
+fn captured() -> &'static Captured {
+    static CAPTURED: OnceLock<Captured> = OnceLock::new();
+    CAPTURED.get_or_init(|| {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        tracing_subscriber::fmt()
+            .with_env_filter("tower_ws=trace")
+            .with_ansi(false)
+            .without_time()
+            .with_writer(move || writer.clone())
+            .init();
+        captured
+    })
+}
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+    }
+}
+
 #[tokio::test]
 async fn client_text_is_logged_escaped_and_topics_only_at_debug() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    tracing_subscriber::fmt()
-        .with_env_filter("tower_ws=trace")
-        .with_ansi(false)
-        .without_time()
-        .with_writer(move || writer.clone())
-        .init();
+    let captured = captured();
 
     let evil =
         "req\n2026-11-30T00:00:00Z  INFO websocket_connected client_id=ws-0 admin=true\x1b[31m";
@@ -58,7 +73,7 @@ async fn client_text_is_logged_escaped_and_topics_only_at_debug() {
     drop(client);
     eventually("disconnected", || server.publisher.stats().connections == 0).await;
 
-    let log = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let log = captured.text();
     assert!(!log.contains('\x1b'), "no escape sequence reaches the log");
     for line in log.lines() {
         let level = line.trim_start().split(' ').next().unwrap();
@@ -83,4 +98,17 @@ async fn client_text_is_logged_escaped_and_topics_only_at_debug() {
         log.contains(r#"request_id="req\n2026"#),
         "debug has it escaped"
     );
+}
+
+#[tokio::test]
+async fn a_proxy_the_layer_was_not_told_of_is_warned_about_once() {
+    let captured = captured();
+    let server = hyper_server(builder()).await;
+    for _ in 0..2 {
+        let request = handshake_request("/ws", "X-Forwarded-For: 198.51.100.2\r\n");
+        let (status, _socket) = raw_handshake(server.addr, &request).await;
+        assert_eq!(status, 101);
+    }
+    let log = captured.text();
+    assert_eq!(log.matches("websocket_proxy_suspected").count(), 1, "{log}");
 }
