@@ -22,8 +22,8 @@ pub enum BuildError {
     /// `history_bytes` is larger than `max_queued_bytes`: replaying a full
     /// history would overflow a new subscriber's queue.
     HistoryExceedsQueue,
-    /// The backplane is already in use by another layer; each layer needs
-    /// its own.
+    /// The backplane is already in use by another layer that still exists;
+    /// each layer needs its own.
     BackplaneInUse,
 }
 

@@ -50,6 +50,16 @@ struct Clients {
     accepting: bool,
 }
 
+/// How a numbered message reached this instance.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Road {
+    /// The backplane's reply to this instance's own publish: it may come
+    /// before older broadcasts.
+    Reply,
+    /// The broadcast on the topic's channel: every message, in order.
+    Broadcast,
+}
+
 /// What a subscribe did.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Subscribed {
@@ -259,7 +269,7 @@ impl Hub {
             done,
             draft,
         } = message;
-        self.arrive(topic, epoch, seq, done, || draft, false);
+        self.arrive(topic, epoch, seq, done, || draft, Road::Reply);
     }
 
     /// Takes a broadcast, reading the message only if the copy needs it:
@@ -274,9 +284,11 @@ impl Hub {
         done: bool,
         draft: impl FnOnce() -> Option<Draft>,
     ) {
-        self.arrive(topic, epoch, seq, done, draft, true);
+        self.arrive(topic, epoch, seq, done, draft, Road::Broadcast);
     }
 
+    /// Applies, holds or drops a numbered message, then fetches if the
+    /// copy turns out to be stuck.
     fn arrive(
         &self,
         topic: &str,
@@ -284,7 +296,7 @@ impl Hub {
         seq: u64,
         done: bool,
         draft: impl FnOnce() -> Option<Draft>,
-        broadcast: bool,
+        road: Road,
     ) {
         let Some(entry) = self.existing(topic) else {
             return;
@@ -295,7 +307,7 @@ impl Hub {
         let Some(replica) = state.replica.as_mut().filter(|_| !removed) else {
             return;
         };
-        if broadcast {
+        if road == Road::Broadcast {
             replica.heard(epoch, seq);
         }
         match replica.classify(next_seq, epoch, seq) {

@@ -293,7 +293,11 @@ impl WsLayerBuilder {
     /// Shares topics with other instances through Redis (feature `redis`):
     /// a publish on any instance reaches the topic's subscribers on all of
     /// them, and `seq` and history are shared. See [`RedisBackplane`] for
-    /// what it guarantees and what clients see while Redis is away.
+    /// what it guarantees and what clients see while Redis is away. A
+    /// backplane serves one layer at a time: [`build`](Self::build) fails
+    /// with [`BuildError::BackplaneInUse`](crate::BuildError::BackplaneInUse)
+    /// while the layer it was given to before (or a publisher or connection
+    /// of it) still exists.
     ///
     /// Defaults to none: topics live in this process only.
     ///
