@@ -25,6 +25,7 @@ use crate::client_ip::IpSlot;
 use crate::events::{ClientEvent, ClientEventKind};
 use crate::frame::{self, close_code, MAX_CONTROL_PAYLOAD};
 use crate::hub::Subscribed;
+use crate::hub::TopicDigest;
 use crate::inbound::{Handled, Inbound, Reply};
 use crate::layer::Shared;
 use crate::message::Message;
@@ -35,7 +36,6 @@ use crate::rate_limit::{RateLimit, Verdict};
 use crate::reader::{FrameReader, OpCode, ReadError};
 use crate::shutdown::TaskGuard;
 use crate::stats::Counters;
-use crate::topic::TopicDigest;
 
 /// How long a closing connection may take to write its last frames and
 /// receive the peer's Close before the socket is dropped.

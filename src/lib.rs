@@ -68,6 +68,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod auth;
+#[cfg(feature = "redis")]
 mod backplane;
 mod body;
 mod client_ip;
@@ -87,11 +88,9 @@ pub mod protocol;
 mod publisher;
 mod rate_limit;
 mod reader;
-mod replica;
 mod service;
 mod shutdown;
 mod stats;
-mod topic;
 
 /// Entry points for `cargo fuzz` (`fuzz/`), built only with
 /// `--cfg fuzzing`: the inbound decoder, frames to client messages.

@@ -90,7 +90,7 @@ impl Draft {
         }
     }
 
-    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    #[cfg(feature = "redis")]
     /// A JSON object serialized elsewhere (another instance, through a
     /// backplane), copied behind the headroom; a `stream.delta` laid out
     /// as [`Draft::delta`] writes it keeps its layout, so it can still be
@@ -106,7 +106,7 @@ impl Draft {
         Some(Self { buf, delta })
     }
 
-    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    #[cfg(feature = "redis")]
     /// The JSON object, as serialized (without `seq`).
     pub(crate) fn body(&self) -> &[u8] {
         &self.buf[HEADROOM..]
@@ -263,7 +263,7 @@ impl MergedDelta {
     }
 }
 
-#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+#[cfg(feature = "redis")]
 /// Finds the layout of a delta written by [`Draft::delta`] in `buf` from
 /// `start` on; `None` for anything else.
 fn delta_spans(buf: &[u8], start: usize) -> Option<Spans> {
@@ -281,7 +281,7 @@ fn delta_spans(buf: &[u8], start: usize) -> Option<Spans> {
     Spans::new((request_id_start, request_id_end), (text_start, text_end))
 }
 
-#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+#[cfg(feature = "redis")]
 /// The length of a JSON string's contents, up to its closing quote.
 fn string_len(s: &[u8]) -> Option<usize> {
     let mut i = 0;
@@ -387,6 +387,7 @@ mod tests {
         );
     }
 
+    #[cfg(feature = "redis")]
     #[test]
     fn bodies_from_elsewhere_keep_a_deltas_layout() {
         let written = Draft::delta("r\"1", "a \\ \"b\"");

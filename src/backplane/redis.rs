@@ -15,13 +15,12 @@ use redis::{AsyncConnectionConfig, ErrorKind, RedisResult, ServerErrorKind, Valu
 use tokio::sync::mpsc;
 
 use super::wire;
-use super::{Ack, Numbered, Relay};
 use crate::error::{BackplaneError, BuildError, PublishError};
 use crate::hub::Hub;
+use crate::hub::{Ack, HistoryLimits, Numbered, Relay, TopicDigest};
 use crate::lock::lock;
 use crate::message::Draft;
 use crate::stats::Counters;
-use crate::topic::{HistoryLimits, TopicDigest};
 
 const DEFAULT_PREFIX: &str = "tower-ws";
 const DEFAULT_QUEUE_CAPACITY: usize = 65_536;

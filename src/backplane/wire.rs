@@ -9,7 +9,7 @@
 
 use redis::Value;
 
-use super::{Fetched, Numbered};
+use crate::hub::{Fetched, Numbered};
 use crate::message::Draft;
 
 /// Numbers and stores messages, then broadcasts each, in order: one call

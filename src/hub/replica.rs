@@ -31,8 +31,30 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use crate::backplane::Numbered;
+use crate::message::Draft;
 use crate::outbox::Outbox;
+
+/// A message numbered by the backplane.
+pub(crate) struct Numbered {
+    /// The numbering it belongs to: a topic the backplane lost and began
+    /// again has a new, larger epoch.
+    pub(crate) epoch: u64,
+    pub(crate) seq: u64,
+    /// Whether the topic's stream is finished with (or before) it.
+    pub(crate) done: bool,
+    /// `None` if what the backplane held is not a JSON object: its number
+    /// is used up and nothing is delivered.
+    pub(crate) draft: Option<Draft>,
+}
+
+/// What the backplane's history held for a topic.
+pub(crate) struct Fetched {
+    /// `None` if it holds nothing for the topic.
+    pub(crate) epoch: Option<u64>,
+    /// In `seq` order: everything after the copy's last `seq` if the epoch
+    /// is the copy's, else everything held.
+    pub(crate) entries: Vec<Numbered>,
+}
 
 /// Messages held beyond this are dropped, oldest first: a sync needs the
 /// newest (the oldest either join up with a fetch, which brings them again,

@@ -13,9 +13,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::replica::Replica;
 use crate::message::{Draft, Message};
 use crate::outbox::Outbox;
-use crate::replica::Replica;
 
 /// How much history a topic keeps.
 #[derive(Debug, Clone, Copy)]
@@ -228,6 +228,7 @@ impl TopicState {
     }
 
     /// Skips numbers: the next message gets `next_seq`.
+    #[cfg(feature = "redis")]
     pub(crate) fn advance_to(&mut self, next_seq: u64) {
         self.next_seq = next_seq;
     }
