@@ -16,14 +16,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::auth::Principal;
 use crate::client_ip::IpSlot;
 use crate::events::{ClientEvent, ClientEventKind};
-use crate::frame::{self, close_code, MAX_CONTROL_PAYLOAD};
+use crate::frame::{self, close_code, DecodeError, Decoded, Decoder};
 use crate::hub::Subscribed;
 use crate::hub::TopicDigest;
 use crate::inbound::{Handled, Inbound, Reply};
@@ -33,7 +33,6 @@ use crate::outbox::{Outbox, Status, Take};
 use crate::pending::Pending;
 use crate::protocol::{self, error_code, ClientMessage, ServerMessage};
 use crate::rate_limit::{RateLimit, Verdict};
-use crate::reader::{FrameReader, OpCode, ReadError};
 use crate::shutdown::TaskGuard;
 use crate::stats::Counters;
 
@@ -95,7 +94,7 @@ pub(crate) async fn serve(
         }
     };
     let (read_half, mut write_half) = tokio::io::split(io);
-    let mut reader = FrameReader::new(read_half, shared.config.max_message_size);
+    let mut reader = Decoder::new(read_half, shared.config.max_message_size);
 
     let client_id = ClientId::next();
     let outbox = Arc::new(Outbox::new(
@@ -137,40 +136,6 @@ pub(crate) async fn serve(
         counted.0.cut_off();
     }
     tracing::info!(%client_id, %reason, "websocket_disconnected");
-}
-
-/// A fragmented message being put together.
-struct Partial {
-    is_text: bool,
-    buf: BytesMut,
-    /// How much of `buf` is known to be valid UTF-8.
-    utf8_checked: usize,
-}
-
-impl Partial {
-    /// Adds a fragment. The limit is on the whole message (the reader only
-    /// limits each frame), and text must stay valid UTF-8 but for a
-    /// character the next fragment finishes, so invalid text fails at the
-    /// fragment that brings it.
-    fn push(&mut self, fragment: &[u8], max: usize) -> Result<(), ReadEnd> {
-        if self.buf.len() + fragment.len() > max {
-            return Err(violation(close_code::MESSAGE_TOO_BIG, "message too big"));
-        }
-        self.buf.extend_from_slice(fragment);
-        if self.is_text {
-            match std::str::from_utf8(&self.buf[self.utf8_checked..]) {
-                Ok(_) => self.utf8_checked = self.buf.len(),
-                Err(e) if e.error_len().is_none() => self.utf8_checked += e.valid_up_to(),
-                Err(_) => {
-                    return Err(violation(
-                        close_code::INVALID_PAYLOAD,
-                        "text is not valid UTF-8",
-                    ))
-                }
-            }
-        }
-        Ok(())
-    }
 }
 
 /// Why a connection ended, for the logs.
@@ -257,7 +222,7 @@ impl<'a> Conn<'a> {
 
     async fn run(
         &self,
-        reader: &mut FrameReader<impl AsyncRead + Unpin>,
+        reader: &mut Decoder<impl AsyncRead + Unpin>,
         writer: &mut (impl AsyncWrite + Unpin),
         topics: &mut HashSet<Arc<str>>,
     ) -> Reason {
@@ -353,7 +318,7 @@ impl<'a> Conn<'a> {
     /// lose the Close frame that says why.
     async fn read_loop(
         &self,
-        reader: &mut FrameReader<impl AsyncRead + Unpin>,
+        reader: &mut Decoder<impl AsyncRead + Unpin>,
         topics: &mut HashSet<Arc<str>>,
     ) -> ReadEnd {
         let end = self.read_frames(reader, topics).await;
@@ -368,88 +333,64 @@ impl<'a> Conn<'a> {
 
     async fn read_frames(
         &self,
-        reader: &mut FrameReader<impl AsyncRead + Unpin>,
+        decoder: &mut Decoder<impl AsyncRead + Unpin>,
         topics: &mut HashSet<Arc<str>>,
     ) -> ReadEnd {
-        let max = self.shared.config.max_message_size;
         let (per_second, burst) = self.shared.config.limits.message_rate;
         let mut rate = RateLimit::new(per_second, burst, Instant::now());
-        let mut partial: Option<Partial> = None;
         loop {
-            let frame = match reader.next().await {
-                Ok(frame) => frame,
-                Err(ReadError::Gone) => return ReadEnd::Gone,
-                Err(ReadError::Violation { code, reason }) => {
+            let decoded = match decoder.next().await {
+                Ok(decoded) => decoded,
+                Err(DecodeError::Gone) => return ReadEnd::Gone,
+                Err(DecodeError::Violation { code, reason }) => {
+                    return ReadEnd::Violation { code, reason }
+                }
+                Err(DecodeError::Broken { code, reason }) => {
                     return ReadEnd::Broken { code, reason }
                 }
             };
             self.touch();
-            // Whole messages and pings count against the rate; fragments
-            // count once, with their last frame.
-            let counted = frame.fin && !matches!(frame.opcode, OpCode::Close | OpCode::Pong);
-            if counted {
+            // Whole messages and pings count against the rate.
+            if matches!(
+                decoded,
+                Decoded::Text(_) | Decoded::Binary(_) | Decoded::Ping(_)
+            ) {
                 match rate.check(Instant::now()) {
                     Verdict::Allowed => {}
                     Verdict::Limited => {
-                        if frame.opcode != OpCode::Continuation {
-                            self.send_error(
-                                protocol::UNKNOWN_REQUEST_ID,
-                                error_code::RATE_LIMITED,
-                                "too many messages; this one was not processed",
-                            );
-                            continue;
-                        }
+                        self.send_error(
+                            protocol::UNKNOWN_REQUEST_ID,
+                            error_code::RATE_LIMITED,
+                            "too many messages; this one was not processed",
+                        );
+                        continue;
                     }
                     Verdict::Exceeded => {
-                        return violation(close_code::POLICY_VIOLATION, "message rate exceeded")
+                        return ReadEnd::Violation {
+                            code: close_code::POLICY_VIOLATION,
+                            reason: "message rate exceeded",
+                        }
                     }
                 }
             }
-            match frame.opcode {
-                OpCode::Text | OpCode::Binary => {
-                    if partial.is_some() {
-                        return violation(
-                            close_code::PROTOCOL_ERROR,
-                            "expected a continuation frame",
-                        );
-                    }
-                    let is_text = frame.opcode == OpCode::Text;
-                    if frame.fin {
-                        if let Err(end) = self.on_message(is_text, frame.payload, topics) {
-                            return end;
-                        }
-                    } else {
-                        let mut started = Partial {
-                            is_text,
-                            buf: BytesMut::new(),
-                            utf8_checked: 0,
-                        };
-                        if let Err(end) = started.push(frame.payload, max) {
-                            return end;
-                        }
-                        partial = Some(started);
-                    }
+            let inbound = match decoded {
+                Decoded::Text(text) => Inbound::Text(text),
+                Decoded::Binary(payload) => Inbound::Binary(payload),
+                Decoded::Ping(payload) => {
+                    self.outbox.push_control(frame::pong(payload));
+                    continue;
                 }
-                OpCode::Continuation => {
-                    let Some(message) = partial.as_mut() else {
-                        return violation(
-                            close_code::PROTOCOL_ERROR,
-                            "unexpected continuation frame",
-                        );
+                Decoded::Close(code) => {
+                    let reply = match code {
+                        Some(code) => frame::close(code, ""),
+                        None => frame::close_empty(),
                     };
-                    if let Err(end) = message.push(frame.payload, max) {
-                        return end;
-                    }
-                    if frame.fin {
-                        let message = partial.take().expect("checked above");
-                        if let Err(end) = self.on_message(message.is_text, &message.buf, topics) {
-                            return end;
-                        }
-                    }
+                    return ReadEnd::ClientClosed { code, reply };
                 }
-                OpCode::Close => return close_reply(frame.payload),
-                OpCode::Ping => self.outbox.push_control(frame::pong(frame.payload)),
-                OpCode::Pong => {}
+                Decoded::Pong | Decoded::Fragment => continue,
+            };
+            if let Err(end) = self.on_message(inbound, topics) {
+                return end;
             }
         }
     }
@@ -457,42 +398,24 @@ impl<'a> Conn<'a> {
     /// Handles one complete message. `Err` ends the connection.
     fn on_message(
         &self,
-        is_text: bool,
-        payload: &[u8],
+        inbound: Inbound<'_>,
         topics: &mut HashSet<Arc<str>>,
     ) -> Result<(), ReadEnd> {
-        let text = if is_text {
-            match std::str::from_utf8(payload) {
-                Ok(text) => Some(text),
-                Err(_) => {
-                    return Err(violation(
-                        close_code::INVALID_PAYLOAD,
-                        "text is not valid UTF-8",
-                    ))
-                }
-            }
-        } else {
-            None
-        };
         if let Some(hook) = &self.shared.config.on_message {
-            let inbound = match text {
-                Some(text) => Inbound::Text(text),
-                None => Inbound::Binary(payload),
-            };
             if hook.call(inbound, &Reply::new(&self.shared.hub, self.outbox)) == Handled::Yes {
                 self.engaged.store(true, Relaxed);
                 return Ok(());
             }
         }
-        if text.is_none() {
+        let Inbound::Text(text) = inbound else {
             self.send_error(
                 protocol::UNKNOWN_REQUEST_ID,
                 error_code::INVALID_MESSAGE,
                 "binary frames are not supported; send JSON text",
             );
             return Ok(());
-        }
-        let message = match protocol::parse_client_message(payload) {
+        };
+        let message = match protocol::parse_client_message(text.as_bytes()) {
             Ok(message) => message,
             Err(invalid) => {
                 let request_id = invalid
@@ -781,47 +704,6 @@ enum WriterEvent {
     Wrote(std::io::Result<Option<usize>>),
 }
 
-fn violation(code: u16, reason: &'static str) -> ReadEnd {
-    ReadEnd::Violation { code, reason }
-}
-
-fn broken(code: u16, reason: &'static str) -> ReadEnd {
-    ReadEnd::Broken { code, reason }
-}
-
-/// The answer to a client's Close frame (RFC 6455 §5.5.1, §7.4).
-fn close_reply(payload: &[u8]) -> ReadEnd {
-    match payload.len() {
-        0 => ReadEnd::ClientClosed {
-            code: None,
-            reply: frame::close_empty(),
-        },
-        1 => broken(
-            close_code::PROTOCOL_ERROR,
-            "close frame with a 1-byte payload",
-        ),
-        n if n > MAX_CONTROL_PAYLOAD => {
-            broken(close_code::PROTOCOL_ERROR, "control frame too long")
-        }
-        _ => {
-            let code = u16::from_be_bytes([payload[0], payload[1]]);
-            if !close_code::may_be_sent(code) {
-                broken(close_code::PROTOCOL_ERROR, "invalid close code")
-            } else if std::str::from_utf8(&payload[2..]).is_err() {
-                broken(
-                    close_code::INVALID_PAYLOAD,
-                    "close reason is not valid UTF-8",
-                )
-            } else {
-                ReadEnd::ClientClosed {
-                    code: Some(code),
-                    reply: frame::close(code, ""),
-                }
-            }
-        }
-    }
-}
-
 /// The code of a Close frame built by [`frame::close`], if it has one.
 fn close_code_of(frame: &Bytes) -> Option<u16> {
     (frame.len() >= 4).then(|| u16::from_be_bytes([frame[2], frame[3]]))
@@ -831,57 +713,6 @@ fn close_code_of(frame: &Bytes) -> Option<u16> {
 mod tests {
     use super::*;
     use crate::outbox::SlowClientPolicy;
-
-    #[test]
-    fn close_frames_are_answered_per_rfc() {
-        assert!(matches!(
-            close_reply(&[]),
-            ReadEnd::ClientClosed { code: None, .. }
-        ));
-        assert!(matches!(
-            close_reply(&[3]),
-            ReadEnd::Broken { code: 1002, .. }
-        ));
-        assert!(matches!(
-            close_reply(&[0x03, 0xEC]),
-            ReadEnd::Broken { code: 1002, .. }
-        )); // 1004
-        assert!(matches!(
-            close_reply(&[0x03, 0xE8, 0xFF]),
-            ReadEnd::Broken { code: 1007, .. }
-        ));
-        assert!(matches!(
-            close_reply(&[0x03, 0xE8].repeat(63)),
-            ReadEnd::Broken { code: 1002, .. }
-        ));
-        match close_reply(b"\x03\xe8bye") {
-            ReadEnd::ClientClosed { code, reply } => {
-                assert_eq!(code, Some(1000));
-                assert_eq!(&reply[..], &[0x88, 2, 0x03, 0xE8]);
-            }
-            _ => panic!("expected an echo"),
-        }
-    }
-
-    #[test]
-    fn fragmented_text_fails_at_the_fragment_that_breaks_utf8() {
-        let mut p = Partial {
-            is_text: true,
-            buf: BytesMut::new(),
-            utf8_checked: 0,
-        };
-        // "é" split across two fragments is fine.
-        assert!(p.push(&[b'a', 0xC3], 100).is_ok());
-        assert!(p.push(&[0xA9, b'b'], 100).is_ok());
-        assert!(matches!(
-            p.push(&[0xFF], 100),
-            Err(ReadEnd::Violation { code: 1007, .. })
-        ));
-        assert!(matches!(
-            p.push(&[b'x'; 200], 100),
-            Err(ReadEnd::Violation { code: 1009, .. })
-        ));
-    }
 
     /// Runs one connection over an in-memory pipe; returns why it ended and
     /// what the client side received.
@@ -894,7 +725,7 @@ mod tests {
         let (server_io, client_io) = tokio::io::duplex(1 << 16);
         let client = client(client_io);
         let (read_half, mut write_half) = tokio::io::split(server_io);
-        let mut reader = FrameReader::new(read_half, shared.config.max_message_size);
+        let mut reader = Decoder::new(read_half, shared.config.max_message_size);
         let outbox = Arc::new(Outbox::new(
             ClientId::next(),
             1 << 20,

@@ -87,7 +87,6 @@ mod pending;
 pub mod protocol;
 mod publisher;
 mod rate_limit;
-mod reader;
 mod service;
 mod shutdown;
 mod stats;
@@ -101,14 +100,14 @@ pub mod fuzzing {
     use std::pin::pin;
     use std::task::{Context, Poll, Waker};
 
-    /// Reads `data` as client frames, parsing every text frame as a client
-    /// message, and then parses all of `data` as one message.
+    /// Reads `data` as client frames, parsing every text message as a
+    /// client message, and then parses all of `data` as one message.
     pub fn inbound(data: &[u8]) {
-        let mut reader = crate::reader::FrameReader::new(data, 1 << 16);
+        let mut decoder = crate::frame::Decoder::new(data, 1 << 16);
         // Reading from a slice never waits, so one poll finishes each read.
-        while let Poll::Ready(Ok(frame)) = poll_once(reader.next()) {
-            if frame.opcode == crate::reader::OpCode::Text {
-                let _ = crate::protocol::parse_client_message(frame.payload);
+        while let Poll::Ready(Ok(decoded)) = poll_once(decoder.next()) {
+            if let crate::frame::Decoded::Text(text) = decoded {
+                let _ = crate::protocol::parse_client_message(text.as_bytes());
             }
         }
         let _ = crate::protocol::parse_client_message(data);

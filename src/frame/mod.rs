@@ -1,4 +1,5 @@
-//! Server-to-client WebSocket frames, built once and shared.
+//! The wire: server-to-client frames, built once and shared (here), and
+//! client messages read from the socket ([`Decoder`]).
 //!
 //! A server never masks its frames (RFC 6455 §5.1), so a frame is just a
 //! header followed by the payload. Building the complete frame once per
@@ -37,11 +38,40 @@ pub mod close_code {
     }
 }
 
-const OP_TEXT: u8 = 0x1;
-const OP_BINARY: u8 = 0x2;
-const OP_CLOSE: u8 = 0x8;
-const OP_PING: u8 = 0x9;
-const OP_PONG: u8 = 0xA;
+mod decode;
+
+pub(crate) use self::decode::{DecodeError, Decoded, Decoder};
+
+/// A frame's opcode (RFC 6455 §5.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OpCode {
+    Continuation = 0x0,
+    Text = 0x1,
+    Binary = 0x2,
+    Close = 0x8,
+    Ping = 0x9,
+    Pong = 0xA,
+}
+
+impl OpCode {
+    /// The opcode in a frame's first byte; `None` for a reserved one.
+    fn of(first_byte: u8) -> Option<Self> {
+        Some(match first_byte & 0x0F {
+            0x0 => Self::Continuation,
+            0x1 => Self::Text,
+            0x2 => Self::Binary,
+            0x8 => Self::Close,
+            0x9 => Self::Ping,
+            0xA => Self::Pong,
+            _ => return None,
+        })
+    }
+
+    fn is_control(self) -> bool {
+        matches!(self, Self::Close | Self::Ping | Self::Pong)
+    }
+}
+
 const FIN: u8 = 0x80;
 /// The longest header of an unmasked frame: 2 bytes + 8 bytes of length.
 const MAX_HEADER: usize = 10;
@@ -74,7 +104,7 @@ pub(crate) fn json_text<T: Serialize + ?Sized>(message: &T) -> Result<Bytes, ser
 /// the frame starts. `payload_start` must leave room for the header.
 pub(crate) fn write_header_before(buf: &mut [u8], payload_start: usize) -> usize {
     let mut header = [0u8; MAX_HEADER];
-    let header_len = write_header(&mut header, OP_TEXT, buf.len() - payload_start);
+    let header_len = write_header(&mut header, OpCode::Text, buf.len() - payload_start);
     let start = payload_start - header_len;
     buf[start..payload_start].copy_from_slice(&header[..header_len]);
     start
@@ -82,15 +112,15 @@ pub(crate) fn write_header_before(buf: &mut [u8], payload_start: usize) -> usize
 
 /// A text frame carrying `payload` (UTF-8, checked by the caller's type).
 pub(crate) fn text(payload: &[u8]) -> Bytes {
-    data(OP_TEXT, payload)
+    data(OpCode::Text, payload)
 }
 
 /// A binary frame carrying `payload`.
 pub(crate) fn binary(payload: &[u8]) -> Bytes {
-    data(OP_BINARY, payload)
+    data(OpCode::Binary, payload)
 }
 
-fn data(opcode: u8, payload: &[u8]) -> Bytes {
+fn data(opcode: OpCode, payload: &[u8]) -> Bytes {
     let mut header = [0u8; MAX_HEADER];
     let header_len = write_header(&mut header, opcode, payload.len());
     let mut buf = BytesMut::with_capacity(header_len + payload.len());
@@ -101,12 +131,12 @@ fn data(opcode: u8, payload: &[u8]) -> Bytes {
 
 /// A Ping frame with an empty payload.
 pub(crate) fn ping() -> Bytes {
-    Bytes::from_static(&[FIN | OP_PING, 0])
+    Bytes::from_static(&[FIN | OpCode::Ping as u8, 0])
 }
 
 /// A Pong frame echoing `payload` (at most 125 bytes, checked by the reader).
 pub(crate) fn pong(payload: &[u8]) -> Bytes {
-    control(OP_PONG, payload)
+    control(OpCode::Pong, payload)
 }
 
 /// A Close frame with `code` and a UTF-8 `reason`, cut to fit 125 bytes on a
@@ -119,26 +149,26 @@ pub(crate) fn close(code: u16, reason: &str) -> Bytes {
     let mut payload = Vec::with_capacity(2 + end);
     payload.extend_from_slice(&code.to_be_bytes());
     payload.extend_from_slice(&reason.as_bytes()[..end]);
-    control(OP_CLOSE, &payload)
+    control(OpCode::Close, &payload)
 }
 
 /// A Close frame without a code, the answer to one without a code.
 pub(crate) fn close_empty() -> Bytes {
-    Bytes::from_static(&[FIN | OP_CLOSE, 0])
+    Bytes::from_static(&[FIN | OpCode::Close as u8, 0])
 }
 
-fn control(opcode: u8, payload: &[u8]) -> Bytes {
+fn control(opcode: OpCode, payload: &[u8]) -> Bytes {
     debug_assert!(payload.len() <= MAX_CONTROL_PAYLOAD);
     let mut buf = BytesMut::with_capacity(2 + payload.len());
-    buf.put_u8(FIN | opcode);
+    buf.put_u8(FIN | opcode as u8);
     buf.put_u8(payload.len() as u8);
     buf.put_slice(payload);
     buf.freeze()
 }
 
 /// Writes the header of a final, unmasked frame; returns its length.
-fn write_header(out: &mut [u8; MAX_HEADER], opcode: u8, payload_len: usize) -> usize {
-    out[0] = FIN | opcode;
+fn write_header(out: &mut [u8; MAX_HEADER], opcode: OpCode, payload_len: usize) -> usize {
+    out[0] = FIN | opcode as u8;
     if payload_len < 126 {
         out[1] = payload_len as u8;
         2
@@ -184,6 +214,12 @@ mod tests {
             assert_eq!(frame[0], 0x81);
             assert_eq!(payload_of(&frame), serde_json::to_vec(&text).unwrap());
         }
+    }
+
+    #[test]
+    fn a_close_is_answered_with_its_code() {
+        assert_eq!(&close(1000, "")[..], &[0x88, 2, 0x03, 0xE8]);
+        assert_eq!(&close_empty()[..], &[0x88, 0]);
     }
 
     #[test]

@@ -1,0 +1,538 @@
+//! Reads client messages from the socket.
+//!
+//! Frames are read here rather than by fastwebsockets, whose reader keeps a
+//! fixed 8 KiB buffer per connection: this one starts small, grows to the
+//! largest frame seen, and shrinks back when it is empty (BENCHMARKS.md).
+//!
+//! Each frame is checked as RFC 6455 §5 requires of a server: reserved bits
+//! clear, a known opcode, masked, control frames final and at most 125
+//! bytes; a frame over the message size limit is refused before its
+//! payload is read. The [`Decoder`] on top puts fragments together (the
+//! size limit applies to the whole message), checks that text is UTF-8,
+//! failing at the fragment that breaks it, and checks Close frames
+//! (§5.5.1, §7.4), so what it yields are whole, valid messages.
+
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+use super::{close_code, OpCode, MAX_CONTROL_PAYLOAD};
+
+/// The buffer's size when it is first needed and after it shrinks.
+const INITIAL: usize = 512;
+/// An empty buffer larger than this is given back.
+const KEEP: usize = 4096;
+
+/// What the decoder read.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Decoded<'a> {
+    /// A whole text message.
+    Text(&'a str),
+    /// A whole binary message.
+    Binary(&'a [u8]),
+    Ping(&'a [u8]),
+    Pong,
+    /// A valid Close frame, with its code if it has one.
+    Close(Option<u16>),
+    /// A fragment of a message still being put together: the client is
+    /// alive, and nothing is to be done yet.
+    Fragment,
+}
+
+/// Why no message could be read.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum DecodeError {
+    /// The socket ended or failed.
+    Gone,
+    /// A message broke the protocol (invalid UTF-8, too big, a fragment out
+    /// of place) but the stream still parses: close with this code, and
+    /// read on until the client's Close.
+    Violation { code: u16, reason: &'static str },
+    /// A frame that does not parse, or a bad Close: close with this code
+    /// and hang up.
+    Broken { code: u16, reason: &'static str },
+}
+
+fn broken(code: u16, reason: &'static str) -> DecodeError {
+    DecodeError::Broken { code, reason }
+}
+
+fn violation(code: u16, reason: &'static str) -> DecodeError {
+    DecodeError::Violation { code, reason }
+}
+
+/// Reads whole client messages from a socket.
+pub(crate) struct Decoder<R> {
+    frames: Frames<R>,
+    max_message: usize,
+    /// The fragmented message being put together.
+    assembling: Option<Assembly>,
+    /// The last message put together, lent out until the next read.
+    assembled: Vec<u8>,
+}
+
+/// A fragmented message being put together.
+struct Assembly {
+    is_text: bool,
+    buf: Vec<u8>,
+    /// How much of `buf` is known to be valid UTF-8.
+    utf8_checked: usize,
+}
+
+impl<R: AsyncRead + Unpin> Decoder<R> {
+    /// Reads messages from `io`, refusing those over `max_message` bytes.
+    pub(crate) fn new(io: R, max_message: usize) -> Self {
+        Self {
+            frames: Frames::new(io, max_message),
+            max_message,
+            assembling: None,
+            assembled: Vec::new(),
+        }
+    }
+
+    /// The next message, or a fragment of one. Cancel-safe only in that a
+    /// frame half read stays buffered: calling again continues there.
+    pub(crate) async fn next(&mut self) -> Result<Decoded<'_>, DecodeError> {
+        self.assembled = Vec::new();
+        let frame = self.frames.next().await?;
+        match frame.opcode {
+            OpCode::Text | OpCode::Binary => {
+                if self.assembling.is_some() {
+                    return Err(violation(
+                        close_code::PROTOCOL_ERROR,
+                        "expected a continuation frame",
+                    ));
+                }
+                let is_text = frame.opcode == OpCode::Text;
+                if frame.fin {
+                    return whole(is_text, frame.payload);
+                }
+                let mut started = Assembly {
+                    is_text,
+                    buf: Vec::new(),
+                    utf8_checked: 0,
+                };
+                started.push(frame.payload, self.max_message)?;
+                self.assembling = Some(started);
+                Ok(Decoded::Fragment)
+            }
+            OpCode::Continuation => {
+                let Some(assembly) = self.assembling.as_mut() else {
+                    return Err(violation(
+                        close_code::PROTOCOL_ERROR,
+                        "unexpected continuation frame",
+                    ));
+                };
+                assembly.push(frame.payload, self.max_message)?;
+                if !frame.fin {
+                    return Ok(Decoded::Fragment);
+                }
+                let assembly = self.assembling.take().expect("checked above");
+                self.assembled = assembly.buf;
+                whole(assembly.is_text, &self.assembled)
+            }
+            OpCode::Close => close(frame.payload).map(Decoded::Close),
+            OpCode::Ping => Ok(Decoded::Ping(frame.payload)),
+            OpCode::Pong => Ok(Decoded::Pong),
+        }
+    }
+
+    /// Reads and discards frames until the client's Close frame, or the
+    /// end of the stream. Input that no longer parses is discarded
+    /// wholesale until the end.
+    pub(crate) async fn drain(&mut self) {
+        self.assembling = None;
+        self.frames.drain().await;
+    }
+}
+
+/// A whole message, once its text is known to be UTF-8.
+fn whole(is_text: bool, payload: &[u8]) -> Result<Decoded<'_>, DecodeError> {
+    if !is_text {
+        return Ok(Decoded::Binary(payload));
+    }
+    match std::str::from_utf8(payload) {
+        Ok(text) => Ok(Decoded::Text(text)),
+        Err(_) => Err(violation(
+            close_code::INVALID_PAYLOAD,
+            "text is not valid UTF-8",
+        )),
+    }
+}
+
+impl Assembly {
+    /// Adds a fragment. The limit is on the whole message (frames are only
+    /// limited each), and text must stay valid UTF-8 but for a character
+    /// the next fragment finishes, so invalid text fails at the fragment
+    /// that brings it.
+    fn push(&mut self, fragment: &[u8], max: usize) -> Result<(), DecodeError> {
+        if self.buf.len() + fragment.len() > max {
+            return Err(violation(close_code::MESSAGE_TOO_BIG, "message too big"));
+        }
+        self.buf.extend_from_slice(fragment);
+        if self.is_text {
+            match std::str::from_utf8(&self.buf[self.utf8_checked..]) {
+                Ok(_) => self.utf8_checked = self.buf.len(),
+                Err(e) if e.error_len().is_none() => self.utf8_checked += e.valid_up_to(),
+                Err(_) => {
+                    return Err(violation(
+                        close_code::INVALID_PAYLOAD,
+                        "text is not valid UTF-8",
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A Close frame's code, if it is valid (RFC 6455 §5.5.1, §7.4).
+fn close(payload: &[u8]) -> Result<Option<u16>, DecodeError> {
+    match payload.len() {
+        0 => Ok(None),
+        1 => Err(broken(
+            close_code::PROTOCOL_ERROR,
+            "close frame with a 1-byte payload",
+        )),
+        _ => {
+            let code = u16::from_be_bytes([payload[0], payload[1]]);
+            if !close_code::may_be_sent(code) {
+                Err(broken(close_code::PROTOCOL_ERROR, "invalid close code"))
+            } else if std::str::from_utf8(&payload[2..]).is_err() {
+                Err(broken(
+                    close_code::INVALID_PAYLOAD,
+                    "close reason is not valid UTF-8",
+                ))
+            } else {
+                Ok(Some(code))
+            }
+        }
+    }
+}
+
+/// One frame, its payload unmasked.
+#[derive(Debug)]
+struct Frame<'a> {
+    fin: bool,
+    opcode: OpCode,
+    payload: &'a [u8],
+}
+
+/// Reads frames, checking each.
+struct Frames<R> {
+    io: R,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    max_payload: usize,
+}
+
+impl<R: AsyncRead + Unpin> Frames<R> {
+    /// Reads frames from `io`, refusing payloads over `max_payload` bytes.
+    fn new(io: R, max_payload: usize) -> Self {
+        Self {
+            io,
+            buf: Vec::new(),
+            start: 0,
+            end: 0,
+            max_payload,
+        }
+    }
+
+    /// The next frame. Not cancel-safe only in that a frame half read
+    /// stays buffered: calling again continues where it stopped.
+    async fn next(&mut self) -> Result<Frame<'_>, DecodeError> {
+        loop {
+            match self.parse()? {
+                Some((header, len)) => {
+                    let start = self.start + header;
+                    self.start += header + len;
+                    let first = self.buf[start - header];
+                    let opcode = OpCode::of(first).expect("checked by parse");
+                    let mask: [u8; 4] = self.buf[start - 4..start].try_into().expect("4 bytes");
+                    let payload = &mut self.buf[start..start + len];
+                    unmask(payload, mask);
+                    return Ok(Frame {
+                        fin: first & 0x80 != 0,
+                        opcode,
+                        payload,
+                    });
+                }
+                None => self.fill().await?,
+            }
+        }
+    }
+
+    /// As [`Decoder::drain`].
+    async fn drain(&mut self) {
+        loop {
+            match self.next().await {
+                Ok(frame) if frame.opcode == OpCode::Close => return,
+                Ok(_) => {}
+                Err(DecodeError::Gone) => return,
+                Err(_) => break,
+            }
+        }
+        self.start = 0;
+        self.end = 0;
+        if self.buf.len() < INITIAL {
+            self.buf.resize(INITIAL, 0);
+        }
+        while let Ok(n) = self.io.read(&mut self.buf).await {
+            if n == 0 {
+                return;
+            }
+        }
+    }
+
+    /// Checks the header of the buffered frame; returns its header and
+    /// payload lengths once the whole frame is buffered.
+    fn parse(&self) -> Result<Option<(usize, usize)>, DecodeError> {
+        let b = &self.buf[self.start..self.end];
+        if b.len() < 2 {
+            return Ok(None);
+        }
+        if b[0] & 0x70 != 0 {
+            return Err(broken(close_code::PROTOCOL_ERROR, "reserved bits set"));
+        }
+        let Some(opcode) = OpCode::of(b[0]) else {
+            return Err(broken(close_code::PROTOCOL_ERROR, "unknown opcode"));
+        };
+        if b[1] & 0x80 == 0 {
+            return Err(broken(
+                close_code::PROTOCOL_ERROR,
+                "client frames must be masked",
+            ));
+        }
+        let control = opcode.is_control();
+        if control && b[0] & 0x80 == 0 {
+            return Err(broken(
+                close_code::PROTOCOL_ERROR,
+                "fragmented control frame",
+            ));
+        }
+        let (len, length_bytes) = match b[1] & 0x7F {
+            126 if b.len() >= 4 => (u64::from(u16::from_be_bytes([b[2], b[3]])), 2),
+            127 if b.len() >= 10 => (u64::from_be_bytes(b[2..10].try_into().expect("8 bytes")), 8),
+            126 | 127 => return Ok(None),
+            n => (u64::from(n), 0),
+        };
+        if control && len > MAX_CONTROL_PAYLOAD as u64 {
+            return Err(broken(close_code::PROTOCOL_ERROR, "control frame too long"));
+        }
+        if len > self.max_payload as u64 {
+            return Err(broken(close_code::MESSAGE_TOO_BIG, "message too big"));
+        }
+        let header = 2 + length_bytes + 4;
+        let len = len as usize;
+        Ok((b.len() >= header + len).then_some((header, len)))
+    }
+
+    /// Reads more bytes, making room first.
+    async fn fill(&mut self) -> Result<(), DecodeError> {
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+            if self.buf.len() > KEEP {
+                self.buf = Vec::new();
+            }
+        } else if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if self.end == self.buf.len() {
+            // The frame being read may need more: grow to hold its header
+            // and payload, at least doubling.
+            let wanted = self.frame_len_hint().max(self.buf.len() * 2).max(INITIAL);
+            self.buf.resize(wanted, 0);
+        }
+        match self.io.read(&mut self.buf[self.end..]).await {
+            Ok(0) | Err(_) => Err(DecodeError::Gone),
+            Ok(n) => {
+                self.end += n;
+                Ok(())
+            }
+        }
+    }
+
+    /// The size of the buffered frame, when its header says.
+    fn frame_len_hint(&self) -> usize {
+        let b = &self.buf[self.start..self.end];
+        if b.len() < 2 {
+            return 0;
+        }
+        match b[1] & 0x7F {
+            126 if b.len() >= 4 => 8 + u16::from_be_bytes([b[2], b[3]]) as usize,
+            127 if b.len() >= 10 => {
+                let len = u64::from_be_bytes(b[2..10].try_into().expect("8 bytes"));
+                14 + len.min(self.max_payload as u64) as usize
+            }
+            n => 6 + n as usize,
+        }
+    }
+}
+
+fn unmask(payload: &mut [u8], mask: [u8; 4]) {
+    let mut chunks = payload.chunks_exact_mut(4);
+    let word = u32::from_ne_bytes(mask);
+    for chunk in &mut chunks {
+        let value = u32::from_ne_bytes(chunk.try_into().expect("4 bytes")) ^ word;
+        chunk.copy_from_slice(&value.to_ne_bytes());
+    }
+    for (byte, m) in chunks.into_remainder().iter_mut().zip(mask) {
+        *byte ^= m;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn masked(first: u8, payload: &[u8]) -> Vec<u8> {
+        let mask = [9u8, 8, 7, 6];
+        let mut f = vec![first];
+        match payload.len() {
+            n if n < 126 => f.push(0x80 | n as u8),
+            n if n < 65536 => {
+                f.push(0x80 | 126);
+                f.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                f.push(0x80 | 127);
+                f.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        f.extend_from_slice(&mask);
+        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        f
+    }
+
+    async fn read_all(
+        bytes: Vec<u8>,
+        max: usize,
+    ) -> Vec<Result<(bool, OpCode, Vec<u8>), DecodeError>> {
+        let mut reader = Frames::new(&bytes[..], max);
+        let mut out = Vec::new();
+        loop {
+            match reader.next().await {
+                Ok(f) => out.push(Ok((f.fin, f.opcode, f.payload.to_vec()))),
+                Err(DecodeError::Gone) => return out,
+                Err(e) => {
+                    out.push(Err(e));
+                    return out;
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn frames_of_every_length_encoding_unmask() {
+        let big = vec![b'z'; 70_000];
+        let mut bytes = masked(0x81, b"hello");
+        bytes.extend(masked(0x01, &[b'a'; 300]));
+        bytes.extend(masked(0x80, &big));
+        bytes.extend(masked(0x89, b"p"));
+        let frames = read_all(bytes, 1 << 20).await;
+        assert_eq!(frames.len(), 4);
+        assert_eq!(frames[0], Ok((true, OpCode::Text, b"hello".to_vec())));
+        assert_eq!(frames[1], Ok((false, OpCode::Text, vec![b'a'; 300])));
+        assert_eq!(frames[2], Ok((true, OpCode::Continuation, big)));
+        assert_eq!(frames[3], Ok((true, OpCode::Ping, b"p".to_vec())));
+    }
+
+    #[tokio::test]
+    async fn protocol_violations_are_named() {
+        let cases: Vec<(Vec<u8>, u16)> = vec![
+            (vec![0x81, 0x05, b'h', b'e', b'l', b'l', b'o'], 1002), // unmasked
+            (masked(0xC1, b"x"), 1002),                             // RSV1
+            (masked(0x83, b"x"), 1002),                             // opcode 3
+            (masked(0x09, b"x"), 1002),                             // fragmented ping
+            (masked(0x89, &[0; 126]), 1002),                        // long ping
+            (masked(0x88, &[0x03, 0xE8].repeat(63)), 1002),         // long close
+            (masked(0x81, &[b'a'; 101]), 1009),                     // over the limit
+        ];
+        for (bytes, code) in cases {
+            let frames = read_all(bytes, 100).await;
+            assert!(
+                matches!(frames.last(), Some(Err(DecodeError::Broken { code: c, .. })) if *c == code),
+                "{frames:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_frame_split_across_reads_is_put_together() {
+        let bytes = masked(0x81, &[b'q'; 10_000]);
+        let (mut client, server) = tokio::io::duplex(7);
+        let writer = tokio::spawn(async move {
+            tokio::io::AsyncWriteExt::write_all(&mut client, &bytes)
+                .await
+                .unwrap();
+            client
+        });
+        let mut reader = Frames::new(server, 1 << 20);
+        let frame = reader.next().await.unwrap();
+        assert_eq!(frame.payload, &[b'q'; 10_000][..]);
+        drop(writer.await.unwrap());
+        assert_eq!(reader.next().await.unwrap_err(), DecodeError::Gone);
+        assert!(reader.buf.capacity() <= KEEP, "the buffer shrank back");
+    }
+
+    #[test]
+    fn close_frames_are_checked_per_rfc() {
+        assert_eq!(close(&[]), Ok(None));
+        assert!(matches!(
+            close(&[3]),
+            Err(DecodeError::Broken { code: 1002, .. })
+        ));
+        // 1004 is reserved.
+        assert!(matches!(
+            close(&[0x03, 0xEC]),
+            Err(DecodeError::Broken { code: 1002, .. })
+        ));
+        assert!(matches!(
+            close(&[0x03, 0xE8, 0xFF]),
+            Err(DecodeError::Broken { code: 1007, .. })
+        ));
+        assert_eq!(close(b"\x03\xe8bye"), Ok(Some(1000)));
+    }
+
+    #[test]
+    fn fragmented_text_fails_at_the_fragment_that_breaks_utf8() {
+        let mut a = Assembly {
+            is_text: true,
+            buf: Vec::new(),
+            utf8_checked: 0,
+        };
+        // "é" split across two fragments is fine.
+        assert!(a.push(&[b'a', 0xC3], 100).is_ok());
+        assert!(a.push(&[0xA9, b'b'], 100).is_ok());
+        assert!(matches!(
+            a.push(&[0xFF], 100),
+            Err(DecodeError::Violation { code: 1007, .. })
+        ));
+        assert!(matches!(
+            a.push(&[b'x'; 200], 100),
+            Err(DecodeError::Violation { code: 1009, .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn the_decoder_yields_whole_messages() {
+        let mut bytes = masked(0x01, "h\u{e9}".as_bytes()[..2].as_ref());
+        bytes.extend(masked(0x89, b"p"));
+        bytes.extend(masked(0x80, "\u{e9}llo".as_bytes()[1..].as_ref()));
+        bytes.extend(masked(0x82, &[1, 2]));
+        bytes.extend(masked(0x88, &[0x03, 0xE8]));
+        bytes.extend(masked(0x80, b"x"));
+        let mut decoder = Decoder::new(&bytes[..], 100);
+        assert_eq!(decoder.next().await, Ok(Decoded::Fragment));
+        assert_eq!(decoder.next().await, Ok(Decoded::Ping(b"p")));
+        assert_eq!(decoder.next().await, Ok(Decoded::Text("h\u{e9}llo")));
+        assert_eq!(decoder.next().await, Ok(Decoded::Binary(&[1, 2])));
+        assert_eq!(decoder.next().await, Ok(Decoded::Close(Some(1000))));
+        assert!(matches!(
+            decoder.next().await,
+            Err(DecodeError::Violation { code: 1002, .. })
+        ));
+    }
+}
