@@ -13,11 +13,11 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+use crate::connection::outbox::Outbox;
 use crate::error::PublishError;
 use crate::frame;
 use crate::hub::Hub;
 use crate::message::Message;
-use crate::outbox::Outbox;
 use crate::ClientId;
 
 /// A complete message from a client.

@@ -11,13 +11,13 @@ use tower::Layer;
 
 use crate::auth::{AuthHooks, Principal, Rejection, UpgradeRequest};
 use crate::client_ip::PerIp;
+use crate::connection::outbox::SlowClientPolicy;
 use crate::error::BuildError;
 use crate::events::{ClientEvent, ClientEvents};
 use crate::hub::HistoryLimits;
 use crate::hub::Hub;
 use crate::inbound::{Handled, Hook, Inbound, Reply};
 use crate::origin::{Origin, OriginPolicy};
-use crate::outbox::SlowClientPolicy;
 use crate::service::WsService;
 use crate::shutdown::Tasks;
 use crate::Publisher;

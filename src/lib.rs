@@ -71,6 +71,7 @@ pub mod auth;
 #[cfg(feature = "redis")]
 mod backplane;
 mod body;
+mod client_id;
 mod client_ip;
 mod connection;
 mod error;
@@ -82,8 +83,6 @@ mod layer;
 mod lock;
 mod message;
 mod origin;
-mod outbox;
-mod pending;
 pub mod protocol;
 mod publisher;
 mod rate_limit;
@@ -123,7 +122,8 @@ pub use auth::{Principal, Rejection, UpgradeRequest};
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use backplane::{RedisBackplane, RedisBackplaneBuilder};
 pub use body::WsBody;
-pub use connection::ClientId;
+pub use client_id::ClientId;
+pub use connection::outbox::SlowClientPolicy;
 pub use error::{BackplaneError, BuildError, PublishError, SerializeError};
 pub use events::{ClientEvent, ClientEventKind, ClientEvents};
 pub use frame::close_code;
@@ -135,7 +135,6 @@ pub use layer::{
     DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_MAX_QUEUED_BYTES, DEFAULT_MAX_SUBSCRIPTIONS,
     DEFAULT_MAX_TOPIC_LEN, DEFAULT_MESSAGE_RATE, DEFAULT_PATH, DEFAULT_SUBSCRIBE_DEADLINE,
 };
-pub use outbox::SlowClientPolicy;
 pub use publisher::Publisher;
 pub use service::{ResponseFuture, WsService};
 pub use shutdown::ShutdownSummary;

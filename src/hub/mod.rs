@@ -23,10 +23,10 @@ use tokio::time::Instant;
 
 use tokio::sync::oneshot;
 
+use crate::connection::outbox::{Outbox, Push};
 use crate::error::PublishError;
 use crate::lock::lock;
 use crate::message::{Draft, Message};
-use crate::outbox::{Outbox, Push};
 use crate::protocol;
 use crate::stats::Counters;
 use crate::ClientId;
@@ -411,7 +411,7 @@ impl Hub {
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
-    use crate::outbox::{SlowClientPolicy, Take};
+    use crate::connection::outbox::{SlowClientPolicy, Take};
     use std::time::Duration;
 
     pub(super) const LIMITS: HistoryLimits = HistoryLimits {

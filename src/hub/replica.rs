@@ -31,8 +31,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use crate::connection::outbox::Outbox;
 use crate::message::Draft;
-use crate::outbox::Outbox;
 
 /// A message numbered by the backplane.
 pub(crate) struct Numbered {

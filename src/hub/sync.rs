@@ -255,10 +255,10 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
+    use crate::connection::outbox::{Outbox, Take};
     use crate::hub::tests::{conn, LIMITS};
     use crate::hub::{Ack, Relay, Subscribed};
     use crate::lock::lock;
-    use crate::outbox::{Outbox, Take};
 
     /// Records what the hub asks of a backplane; numbering is done by the
     /// tests, as the backplane would.

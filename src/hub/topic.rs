@@ -14,8 +14,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::replica::Replica;
+use crate::connection::outbox::Outbox;
 use crate::message::{Draft, Message};
-use crate::outbox::Outbox;
 
 /// How much history a topic keeps.
 #[derive(Debug, Clone, Copy)]

@@ -38,13 +38,13 @@ thread_local! {
 }
 
 #[derive(Default)]
-pub(crate) struct Pending {
+pub(crate) struct InFlight {
     frames: VecDeque<Message>,
     /// How much of the first frame is written.
     written: usize,
 }
 
-impl Pending {
+impl InFlight {
     pub(crate) fn is_empty(&self) -> bool {
         self.frames.is_empty()
     }
@@ -142,7 +142,7 @@ impl Pending {
     }
 }
 
-impl Extend<Message> for Pending {
+impl Extend<Message> for InFlight {
     fn extend<I: IntoIterator<Item = Message>>(&mut self, messages: I) {
         self.frames.extend(messages);
     }
@@ -155,7 +155,7 @@ mod tests {
     #[tokio::test]
     async fn short_writes_lose_nothing_and_control_frames_go_in_at_boundaries() {
         let (mut a, mut b) = tokio::io::duplex(7);
-        let mut pending = Pending::default();
+        let mut pending = InFlight::default();
         pending.extend((0..20u8).map(|i| Message::plain(Bytes::from(vec![i; 5]))));
         let reading = tokio::spawn(async move {
             let mut out = vec![0; 103];
@@ -186,7 +186,7 @@ mod tests {
     #[tokio::test]
     async fn small_and_large_frames_arrive_whole_and_in_order() {
         let (mut a, mut b) = tokio::io::duplex(1000);
-        let mut pending = Pending::default();
+        let mut pending = InFlight::default();
         let frames: Vec<Message> = (0..40u8)
             .map(|i| {
                 let len = if i % 7 == 3 { PACK_BELOW + 500 } else { 90 };

@@ -1,0 +1,179 @@
+//! What a complete client message does: the `on_message` hook first, then
+//! the default protocol (subscribe, unsubscribe, and the events handed to
+//! the application).
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use super::{Conn, ReadEnd};
+use crate::auth::Principal;
+use crate::events::{ClientEvent, ClientEventKind};
+use crate::frame;
+use crate::hub::{Subscribed, TopicDigest};
+use crate::inbound::{Handled, Inbound, Reply};
+use crate::message::Message;
+use crate::protocol::{self, error_code, ClientMessage, ServerMessage};
+use crate::stats::Counters;
+
+impl Conn<'_> {
+    /// Handles one complete message. `Err` ends the connection.
+    pub(super) fn on_message(
+        &self,
+        inbound: Inbound<'_>,
+        topics: &mut HashSet<Arc<str>>,
+    ) -> Result<(), ReadEnd> {
+        if let Some(hook) = &self.shared.config.on_message {
+            if hook.call(inbound, &Reply::new(&self.shared.hub, self.outbox)) == Handled::Yes {
+                self.engaged.store(true, Relaxed);
+                return Ok(());
+            }
+        }
+        let Inbound::Text(text) = inbound else {
+            self.send_error(
+                protocol::UNKNOWN_REQUEST_ID,
+                error_code::INVALID_MESSAGE,
+                "binary frames are not supported; send JSON text",
+            );
+            return Ok(());
+        };
+        let message = match protocol::parse_client_message(text.as_bytes()) {
+            Ok(message) => message,
+            Err(invalid) => {
+                let request_id = invalid
+                    .request_id
+                    .as_deref()
+                    .unwrap_or(protocol::UNKNOWN_REQUEST_ID);
+                self.send_error(request_id, error_code::INVALID_MESSAGE, &invalid.message);
+                return Ok(());
+            }
+        };
+        let client_id = self.outbox.client_id();
+        let hub = &self.shared.hub;
+        let limits = &self.shared.config.limits;
+        if message.request_id().len() > limits.max_topic_len {
+            self.send_error(
+                protocol::UNKNOWN_REQUEST_ID,
+                error_code::TOPIC_TOO_LONG,
+                &format!("requestId is longer than {} bytes", limits.max_topic_len),
+            );
+            return Ok(());
+        }
+        match message {
+            ClientMessage::Subscribe { request_id, .. }
+                if topics.len() >= limits.max_subscriptions
+                    && !topics.contains(request_id.as_str()) =>
+            {
+                self.send_error(
+                    &request_id,
+                    error_code::TOO_MANY_SUBSCRIPTIONS,
+                    &format!(
+                        "at most {} subscriptions per connection",
+                        limits.max_subscriptions
+                    ),
+                );
+            }
+            ClientMessage::Subscribe { request_id, .. }
+                if !self
+                    .shared
+                    .config
+                    .auth
+                    .may_subscribe(self.principal, &request_id) =>
+            {
+                tracing::warn!(
+                    %client_id,
+                    topic = %TopicDigest(&request_id),
+                    principal = ?self.principal.map(Principal::id),
+                    "websocket_subscribe_forbidden"
+                );
+                self.send_error(
+                    &request_id,
+                    error_code::FORBIDDEN,
+                    "not allowed to subscribe to this topic",
+                );
+            }
+            ClientMessage::Subscribe { request_id, since } => {
+                self.engaged.store(true, Relaxed);
+                match hub.subscribe(&request_id, self.outbox, since) {
+                    Subscribed::New {
+                        replayed,
+                        gap_first_seq,
+                    } => {
+                        tracing::info!(%client_id, topic = %TopicDigest(&request_id), since, replayed, gap_first_seq, "websocket_subscribed");
+                        topics.insert(request_id.into());
+                    }
+                    Subscribed::Waiting => {
+                        tracing::info!(%client_id, topic = %TopicDigest(&request_id), since, "websocket_subscribed");
+                        topics.insert(request_id.into());
+                    }
+                    Subscribed::Already => {}
+                }
+            }
+            ClientMessage::Unsubscribe { request_id } => {
+                if topics.remove(request_id.as_str()) && hub.unsubscribe(&request_id, self.outbox) {
+                    tracing::info!(%client_id, topic = %TopicDigest(&request_id), "websocket_unsubscribed");
+                }
+            }
+            ClientMessage::ActionClicked {
+                request_id,
+                action_id,
+            } => self.forward(ClientEventKind::ActionClicked {
+                request_id,
+                action_id,
+            }),
+            ClientMessage::UiStateChanged { request_id, state } => {
+                self.forward(ClientEventKind::UiStateChanged { request_id, state })
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands an event to the application, or tells the client it could not.
+    fn forward(&self, kind: ClientEventKind) {
+        let event = ClientEvent {
+            client_id: self.outbox.client_id(),
+            kind,
+        };
+        if let Err(e) = self.shared.events.try_send(event) {
+            let (event, why) = match e {
+                tokio::sync::mpsc::error::TrySendError::Full(event) => {
+                    (event, "the server is busy; event not taken")
+                }
+                tokio::sync::mpsc::error::TrySendError::Closed(event) => {
+                    (event, "the server does not take events")
+                }
+            };
+            Counters::add(&self.shared.hub.counters.events_dropped, 1);
+            let request_id = match &event.kind {
+                ClientEventKind::ActionClicked { request_id, .. }
+                | ClientEventKind::UiStateChanged { request_id, .. } => request_id,
+            };
+            tracing::warn!(client_id = %event.client_id, topic = %TopicDigest(request_id), why, "websocket_event_dropped");
+            self.send_error(request_id, error_code::EVENT_DROPPED, why);
+        }
+    }
+
+    /// Tells the client a message of its was refused, and logs it (the
+    /// requestId cut short: it is the client's text).
+    pub(super) fn send_error(&self, request_id: &str, error: &str, message: &str) {
+        let mut shown = request_id.len().min(64);
+        while !request_id.is_char_boundary(shown) {
+            shown -= 1;
+        }
+        tracing::debug!(
+            client_id = %self.outbox.client_id(),
+            request_id = ?&request_id[..shown],
+            error,
+            message = ?message,
+            "websocket_message_rejected"
+        );
+        let message = ServerMessage::Error {
+            request_id: request_id.into(),
+            error: error.into(),
+            message: message.into(),
+        };
+        if let Ok(frame) = frame::json_text(&message) {
+            self.shared.hub.push(self.outbox, Message::plain(frame));
+        }
+    }
+}

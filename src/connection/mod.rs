@@ -1,0 +1,368 @@
+//! One upgraded socket: its reader ([`read`]), what its messages do
+//! ([`dispatch`]), its writer ([`write`]), and its cleanup (here).
+//!
+//! The socket is split in two halves driven by one task. The reader reads
+//! whole messages with the crate's own [`Decoder`](crate::frame::Decoder);
+//! a frame half read stays in the decoder's buffer, so the reader future
+//! lives, unbroken, until the connection ends. The writer sends the
+//! [`Outbox`]'s frames, pings, and the final Close.
+
+mod dispatch;
+mod in_flight;
+pub(crate) mod outbox;
+mod read;
+mod write;
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+
+use crate::auth::Principal;
+use crate::client_id::ClientId;
+use crate::client_ip::IpSlot;
+use crate::frame::{self, close_code, Decoder};
+use crate::hub::TopicDigest;
+use crate::layer::Shared;
+use crate::shutdown::TaskGuard;
+
+use self::outbox::{Outbox, Status};
+use crate::stats::Counters;
+
+/// How long a closing connection may take to write its last frames and
+/// receive the peer's Close before the socket is dropped.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// What the handshake learned about the client, for the logs.
+pub(crate) struct Peer {
+    pub(crate) origin: Option<String>,
+    pub(crate) user_agent: Option<String>,
+    pub(crate) principal: Option<Principal>,
+    pub(crate) ip: Option<IpAddr>,
+}
+
+/// Runs one connection from the completed upgrade to the end of cleanup.
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    upgrade: fastwebsockets::upgrade::UpgradeFut,
+    peer: Peer,
+    // Held until the connection's cleanup is done.
+    counted: (TaskGuard, Option<IpSlot>),
+) {
+    let io = match upgrade.await {
+        Ok(ws) => ws.into_inner(),
+        Err(error) => {
+            tracing::debug!(%error, "websocket_upgrade_failed");
+            return;
+        }
+    };
+    let (read_half, mut write_half) = tokio::io::split(io);
+    let mut reader = Decoder::new(read_half, shared.config.max_message_size);
+
+    let client_id = ClientId::next();
+    let outbox = Arc::new(Outbox::new(
+        client_id,
+        shared.config.max_queued_bytes,
+        shared.config.slow_client_policy,
+    ));
+    if !shared.hub.register(outbox.clone()) {
+        // Shutdown began while this client was upgrading.
+        let close = frame::close(close_code::GOING_AWAY, "server shutting down");
+        let goodbye = async {
+            write_half.write_all(&close).await?;
+            write_half.flush().await
+        };
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, goodbye).await;
+        return;
+    }
+    tracing::info!(
+        %client_id,
+        origin = ?peer.origin.as_deref(),
+        user_agent = ?peer.user_agent.as_deref(),
+        principal = ?peer.principal.as_ref().map(Principal::id),
+        ip = ?peer.ip,
+        "websocket_connected"
+    );
+
+    let conn = Conn::new(&shared, &outbox, peer.principal.as_ref());
+    let mut topics = HashSet::new();
+    let reason = conn.run(&mut reader, &mut write_half, &mut topics).await;
+
+    for topic in &topics {
+        if shared.hub.unsubscribe(topic, &outbox) {
+            tracing::info!(%client_id, topic = %TopicDigest(topic), "websocket_unsubscribed");
+        }
+    }
+    Counters::add(&shared.hub.counters.messages_dropped, outbox.kill());
+    shared.hub.deregister(client_id);
+    if reason == Reason::CloseTimeout && !shared.hub.is_accepting() {
+        counted.0.cut_off();
+    }
+    tracing::info!(%client_id, %reason, "websocket_disconnected");
+}
+
+/// Why a connection ended, for the logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reason {
+    /// The client sent Close with this code (or none).
+    ClientClosed(Option<u16>),
+    /// The server sent Close with this code: shutdown, a slow client, or a
+    /// client that broke the protocol.
+    ServerClosed(u16),
+    /// The socket ended without a Close handshake.
+    Gone,
+    HeartbeatTimeout,
+    CloseTimeout,
+    Killed,
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::ClientClosed(Some(code)) => write!(f, "client closed ({code})"),
+            Self::ClientClosed(None) => f.write_str("client closed"),
+            Self::ServerClosed(code) => write!(f, "server closed ({code})"),
+            Self::Gone => f.write_str("connection lost"),
+            Self::HeartbeatTimeout => f.write_str("heartbeat timeout"),
+            Self::CloseTimeout => f.write_str("close timed out"),
+            Self::Killed => f.write_str("terminated at shutdown deadline"),
+        }
+    }
+}
+
+/// How the reader ended.
+enum ReadEnd {
+    /// The client sent Close; `reply` answers it.
+    ClientClosed { code: Option<u16>, reply: Bytes },
+    /// The client broke the protocol in a message; close with this code.
+    /// The stream still parses, so the client's later frames are read and
+    /// dropped until its Close.
+    Violation { code: u16, reason: &'static str },
+    /// The client sent a frame that does not parse, or a bad Close: close
+    /// with this code and hang up.
+    Broken { code: u16, reason: &'static str },
+    /// The socket ended or failed.
+    Gone,
+}
+
+/// How the writer ended.
+enum WriteEnd {
+    /// A Close frame with this code (or none) was written.
+    SentClose(Option<u16>),
+    /// Told to stop without a Close (the peer is gone, or shutdown's
+    /// deadline passed).
+    Stopped,
+    Io,
+    HeartbeatTimeout,
+    CloseTimeout,
+}
+
+/// State shared by one connection's reader and writer.
+struct Conn<'a> {
+    shared: &'a Shared,
+    outbox: &'a Arc<Outbox>,
+    epoch: Instant,
+    /// When a frame last arrived, in milliseconds since `epoch`.
+    last_seen_ms: AtomicU64,
+    /// Whether the client ever subscribed (or sent a message the
+    /// `on_message` hook handled): it met the subscribe deadline.
+    engaged: AtomicBool,
+    /// Who the `authorize` hook said the client is.
+    principal: Option<&'a Principal>,
+}
+
+impl<'a> Conn<'a> {
+    fn new(shared: &'a Shared, outbox: &'a Arc<Outbox>, principal: Option<&'a Principal>) -> Self {
+        Self {
+            shared,
+            outbox,
+            epoch: Instant::now(),
+            last_seen_ms: AtomicU64::new(0),
+            engaged: AtomicBool::new(false),
+            principal,
+        }
+    }
+
+    async fn run(
+        &self,
+        reader: &mut Decoder<impl AsyncRead + Unpin>,
+        writer: &mut (impl AsyncWrite + Unpin),
+        topics: &mut HashSet<Arc<str>>,
+    ) -> Reason {
+        let read = self.read_loop(reader, topics);
+        let write = self.write_loop(writer);
+        tokio::pin!(read, write);
+        let mut read_end: Option<Reason> = None;
+        loop {
+            tokio::select! {
+                end = &mut read, if read_end.is_none() => {
+                    read_end = Some(match end {
+                        ReadEnd::ClientClosed { code, reply } => {
+                            self.discarded(self.outbox.close(Some(reply), false));
+                            Reason::ClientClosed(code)
+                        }
+                        ReadEnd::Violation { code, .. } => Reason::ServerClosed(code),
+                        ReadEnd::Broken { code, reason } => {
+                            tracing::debug!(client_id = %self.outbox.client_id(), code, reason, "websocket_protocol_violation");
+                            self.discarded(self.outbox.close(Some(frame::close(code, reason)), true));
+                            Reason::ServerClosed(code)
+                        }
+                        ReadEnd::Gone => {
+                            self.discarded(self.outbox.kill());
+                            Reason::Gone
+                        }
+                    });
+                }
+                end = &mut write => {
+                    let reason = match end {
+                        WriteEnd::SentClose(code) => {
+                            if read_end.is_none() {
+                                // We began the close: give the client a
+                                // moment to answer before dropping the socket.
+                                self.await_peer_close(read.as_mut()).await;
+                            }
+                            Reason::ServerClosed(code.unwrap_or(close_code::NORMAL))
+                        }
+                        WriteEnd::Stopped if self.outbox.status() == Status::Killed && read_end.is_none() => Reason::Killed,
+                        WriteEnd::Stopped | WriteEnd::Io => Reason::Gone,
+                        WriteEnd::HeartbeatTimeout => {
+                            Counters::add(&self.shared.hub.counters.heartbeat_timeouts, 1);
+                            tracing::info!(client_id = %self.outbox.client_id(), "websocket_heartbeat_timeout");
+                            Reason::HeartbeatTimeout
+                        }
+                        WriteEnd::CloseTimeout => Reason::CloseTimeout,
+                    };
+                    return read_end.unwrap_or(reason);
+                }
+            }
+        }
+    }
+
+    /// Waits for the reader to end (the client's Close, or the socket
+    /// closing), at most [`CLOSE_TIMEOUT`] and not past a kill.
+    async fn await_peer_close(
+        &self,
+        mut read: std::pin::Pin<&mut impl std::future::Future<Output = ReadEnd>>,
+    ) {
+        let deadline = tokio::time::sleep(CLOSE_TIMEOUT);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                _ = &mut read => return,
+                _ = &mut deadline => return,
+                _ = self.outbox.woken() => {
+                    if self.outbox.status() == Status::Killed {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    fn discarded(&self, n: usize) {
+        Counters::add(&self.shared.hub.counters.messages_dropped, n);
+    }
+
+    fn touch(&self) {
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        self.last_seen_ms.store(ms, Relaxed);
+    }
+
+    fn is_dead(&self) -> bool {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        let silent = now.saturating_sub(self.last_seen_ms.load(Relaxed));
+        silent > self.shared.config.heartbeat_timeout.as_millis() as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::connection::outbox::SlowClientPolicy;
+
+    /// Runs one connection over an in-memory pipe; returns why it ended and
+    /// what the client side received.
+    async fn run_against(
+        builder: crate::WsLayerBuilder,
+        client: impl FnOnce(tokio::io::DuplexStream) -> tokio::task::JoinHandle<Vec<u8>>,
+    ) -> (Reason, Vec<u8>) {
+        let (layer, _publisher) = builder.build().unwrap();
+        let shared = layer.shared.clone();
+        let (server_io, client_io) = tokio::io::duplex(1 << 16);
+        let client = client(client_io);
+        let (read_half, mut write_half) = tokio::io::split(server_io);
+        let mut reader = Decoder::new(read_half, shared.config.max_message_size);
+        let outbox = Arc::new(Outbox::new(
+            ClientId::next(),
+            1 << 20,
+            SlowClientPolicy::Close,
+        ));
+        let conn = Conn::new(&shared, &outbox, None);
+        let reason = conn
+            .run(&mut reader, &mut write_half, &mut HashSet::new())
+            .await;
+        drop((reader, write_half));
+        (reason, client.await.unwrap())
+    }
+
+    /// A client that reads everything and never writes.
+    fn silent(mut io: tokio::io::DuplexStream) -> tokio::task::JoinHandle<Vec<u8>> {
+        tokio::spawn(async move {
+            let mut got = Vec::new();
+            let _ = tokio::io::AsyncReadExt::read_to_end(&mut io, &mut got).await;
+            got
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_peer_is_pinged_then_terminated_at_the_timeout() {
+        let start = Instant::now();
+        let builder = crate::WsLayer::builder()
+            .heartbeat(Duration::from_secs(10))
+            .heartbeat_timeout(Duration::from_secs(25))
+            .subscribe_deadline(None);
+        let (reason, received) = run_against(builder, silent).await;
+        assert_eq!(reason, Reason::HeartbeatTimeout);
+        // Checked at every tick: at 10 s and 20 s it pings; at 30 s the
+        // silence is past 25 s.
+        assert_eq!(start.elapsed(), Duration::from_secs(30));
+        assert_eq!(received, [0x89, 0, 0x89, 0]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_pongs_is_kept_until_it_closes() {
+        let builder = crate::WsLayer::builder()
+            .heartbeat(Duration::from_secs(10))
+            .heartbeat_timeout(Duration::from_secs(15))
+            .subscribe_deadline(None);
+        let (reason, received) = run_against(builder, |mut io| {
+            tokio::spawn(async move {
+                use tokio::io::AsyncReadExt;
+                let mut got = Vec::new();
+                // Answer five pings with masked pongs, then close with 1000.
+                for _ in 0..5 {
+                    let mut ping = [0u8; 2];
+                    io.read_exact(&mut ping).await.unwrap();
+                    got.extend_from_slice(&ping);
+                    io.write_all(&[0x8A, 0x80, 1, 2, 3, 4]).await.unwrap();
+                }
+                io.write_all(&[0x88, 0x82, 0, 0, 0, 0, 0x03, 0xE8])
+                    .await
+                    .unwrap();
+                let _ = io.read_to_end(&mut got).await;
+                got
+            })
+        })
+        .await;
+        assert_eq!(reason, Reason::ClientClosed(Some(1000)));
+        let mut expected = [0x89, 0].repeat(5);
+        expected.extend_from_slice(&[0x88, 2, 0x03, 0xE8]);
+        assert_eq!(received, expected);
+    }
+}

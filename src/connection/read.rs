@@ -1,0 +1,100 @@
+//! A connection's reader: whole client messages from the [`Decoder`], the
+//! message rate, pings answered, and the client's Close.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use tokio::io::AsyncRead;
+use tokio::time::Instant;
+
+use super::{Conn, ReadEnd};
+use crate::frame::{self, close_code, DecodeError, Decoded, Decoder};
+use crate::inbound::Inbound;
+use crate::protocol::{self, error_code};
+use crate::rate_limit::{RateLimit, Verdict};
+
+impl Conn<'_> {
+    /// Reads and handles frames until the connection ends. After a
+    /// violation it starts the close and keeps reading, discarding, until
+    /// the client hangs up (bounded by the close timeout): closing a socket
+    /// with unread input makes the kernel reset it, and the client would
+    /// lose the Close frame that says why.
+    pub(super) async fn read_loop(
+        &self,
+        reader: &mut Decoder<impl AsyncRead + Unpin>,
+        topics: &mut HashSet<Arc<str>>,
+    ) -> ReadEnd {
+        let end = self.read_frames(reader, topics).await;
+        if let ReadEnd::Violation { code, reason } = end {
+            tracing::debug!(client_id = %self.outbox.client_id(), code, reason, "websocket_protocol_violation");
+            // What was queued before the violation still goes out first.
+            self.discarded(self.outbox.close(Some(frame::close(code, reason)), true));
+            reader.drain().await;
+        }
+        end
+    }
+
+    async fn read_frames(
+        &self,
+        decoder: &mut Decoder<impl AsyncRead + Unpin>,
+        topics: &mut HashSet<Arc<str>>,
+    ) -> ReadEnd {
+        let (per_second, burst) = self.shared.config.limits.message_rate;
+        let mut rate = RateLimit::new(per_second, burst, Instant::now());
+        loop {
+            let decoded = match decoder.next().await {
+                Ok(decoded) => decoded,
+                Err(DecodeError::Gone) => return ReadEnd::Gone,
+                Err(DecodeError::Violation { code, reason }) => {
+                    return ReadEnd::Violation { code, reason }
+                }
+                Err(DecodeError::Broken { code, reason }) => {
+                    return ReadEnd::Broken { code, reason }
+                }
+            };
+            self.touch();
+            // Whole messages and pings count against the rate.
+            if matches!(
+                decoded,
+                Decoded::Text(_) | Decoded::Binary(_) | Decoded::Ping(_)
+            ) {
+                match rate.check(Instant::now()) {
+                    Verdict::Allowed => {}
+                    Verdict::Limited => {
+                        self.send_error(
+                            protocol::UNKNOWN_REQUEST_ID,
+                            error_code::RATE_LIMITED,
+                            "too many messages; this one was not processed",
+                        );
+                        continue;
+                    }
+                    Verdict::Exceeded => {
+                        return ReadEnd::Violation {
+                            code: close_code::POLICY_VIOLATION,
+                            reason: "message rate exceeded",
+                        }
+                    }
+                }
+            }
+            let inbound = match decoded {
+                Decoded::Text(text) => Inbound::Text(text),
+                Decoded::Binary(payload) => Inbound::Binary(payload),
+                Decoded::Ping(payload) => {
+                    self.outbox.push_control(frame::pong(payload));
+                    continue;
+                }
+                Decoded::Close(code) => {
+                    let reply = match code {
+                        Some(code) => frame::close(code, ""),
+                        None => frame::close_empty(),
+                    };
+                    return ReadEnd::ClientClosed { code, reply };
+                }
+                Decoded::Pong | Decoded::Fragment => continue,
+            };
+            if let Err(end) = self.on_message(inbound, topics) {
+                return end;
+            }
+        }
+    }
+}

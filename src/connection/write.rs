@@ -1,0 +1,172 @@
+//! A connection's writer: the outbox's frames, pings, and the final Close.
+//!
+//! It only ever waits on cancel-safe futures, so a write in progress is
+//! only dropped together with the socket.
+
+use std::sync::atomic::Ordering::Relaxed;
+
+use bytes::Bytes;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::time::{Instant, MissedTickBehavior};
+
+use super::in_flight::InFlight;
+use super::outbox::{Status, Take};
+use super::{Conn, WriteEnd, CLOSE_TIMEOUT};
+use crate::frame::{self, close_code};
+use crate::message::Message;
+use crate::stats::Counters;
+
+impl Conn<'_> {
+    /// Writes the outbox's frames, pings every interval, and ends with the
+    /// Close frame once the outbox is closing. Writes one system call at a
+    /// time so that pongs and pings go in between frames, ahead of data.
+    pub(super) async fn write_loop(&self, io: &mut (impl AsyncWrite + Unpin)) -> WriteEnd {
+        let interval = self.shared.config.heartbeat_interval;
+        let mut ticker = tokio::time::interval_at(Instant::now() + interval, interval);
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut in_flight = InFlight::default();
+        let mut control: Vec<Bytes> = Vec::new();
+        let mut ping_due = false;
+        // Data frames in `in_flight` not yet counted as sent.
+        let mut unsent = 0;
+        // Set once the Close frame is in `in_flight`: its code.
+        let mut close_code: Option<Option<u16>> = None;
+        // Set once the connection starts closing: the last frames must be
+        // written by then.
+        let mut deadline: Option<Instant> = None;
+        // When a client that never subscribed is closed.
+        let subscribe_by = self
+            .shared
+            .config
+            .limits
+            .subscribe_deadline
+            .map(|d| self.epoch + d);
+        // For a timer branch that is disabled: `select!` still builds its
+        // future. Read once, not on every write.
+        let unused = Instant::now();
+        // Whether bytes were written since the last flush.
+        let mut unflushed = false;
+        loop {
+            if in_flight.at_boundary() && close_code.is_none() {
+                self.outbox.take_control(&mut control);
+                if ping_due {
+                    control.push(frame::ping());
+                    ping_due = false;
+                }
+                in_flight.prepend(control.drain(..));
+            }
+            if in_flight.is_empty() && unsent > 0 {
+                Counters::add(&self.shared.hub.counters.messages_sent, unsent);
+                unsent = 0;
+            }
+            if in_flight.is_empty() && unflushed {
+                // A plain socket has nothing to flush; only a stream that
+                // buffers (TLS) goes through the select below.
+                match flush_now(io).await {
+                    Some(Ok(())) => unflushed = false,
+                    Some(Err(_)) => return WriteEnd::Io,
+                    None => {}
+                }
+            }
+            if in_flight.is_empty() && !unflushed {
+                if let Some(code) = close_code {
+                    return WriteEnd::SentClose(code);
+                }
+                match self.outbox.take(&mut in_flight) {
+                    Take::Frames { data_frames } => unsent = data_frames,
+                    Take::Close(frame) => {
+                        close_code = Some(close_code_of(&frame));
+                        in_flight.extend([Message::plain(frame)]);
+                    }
+                    Take::Stop => return WriteEnd::Stopped,
+                    Take::Idle => {
+                        let subscribe_by = subscribe_by.filter(|_| !self.engaged.load(Relaxed));
+                        tokio::select! {
+                            biased;
+                            _ = self.outbox.woken() => {}
+                            _ = ticker.tick() => {
+                                if self.is_dead() {
+                                    return WriteEnd::HeartbeatTimeout;
+                                }
+                                ping_due = true;
+                            }
+                            _ = tokio::time::sleep_until(subscribe_by.unwrap_or(unused)), if subscribe_by.is_some() => {
+                                // It may have subscribed while this waited.
+                                if !self.engaged.load(Relaxed) {
+                                    tracing::info!(client_id = %self.outbox.client_id(), "websocket_subscribe_deadline");
+                                    let close = frame::close(close_code::POLICY_VIOLATION, "no subscription in time");
+                                    self.outbox.close(Some(close), true);
+                                }
+                            }
+                        }
+                        continue;
+                    }
+                }
+                if self.outbox.status() != Status::Open {
+                    deadline.get_or_insert_with(|| Instant::now() + CLOSE_TIMEOUT);
+                }
+            }
+
+            let event = tokio::select! {
+                biased;
+                _ = self.outbox.woken() => WriterEvent::Woken,
+                _ = tokio::time::sleep_until(deadline.unwrap_or(unused)), if deadline.is_some() => WriterEvent::Deadline,
+                _ = ticker.tick() => WriterEvent::Tick,
+                // A flush waits like a write (behind TLS it waits for the
+                // socket), so it is raced against kill and deadline too.
+                written = async {
+                    if in_flight.is_empty() {
+                        io.flush().await.map(|()| None)
+                    } else {
+                        in_flight.write_some(io).await.map(Some)
+                    }
+                } => WriterEvent::Wrote(written),
+            };
+            match event {
+                WriterEvent::Woken => match self.outbox.status() {
+                    Status::Killed => return WriteEnd::Stopped,
+                    Status::Closing => {
+                        deadline.get_or_insert_with(|| Instant::now() + CLOSE_TIMEOUT);
+                    }
+                    Status::Open => {}
+                },
+                WriterEvent::Deadline => return WriteEnd::CloseTimeout,
+                WriterEvent::Tick => {
+                    if self.is_dead() {
+                        return WriteEnd::HeartbeatTimeout;
+                    }
+                    ping_due = true;
+                }
+                WriterEvent::Wrote(Ok(Some(n))) => {
+                    in_flight.advance(n);
+                    unflushed = true;
+                }
+                WriterEvent::Wrote(Ok(None)) => unflushed = false,
+                WriterEvent::Wrote(Err(_)) => return WriteEnd::Io,
+            }
+        }
+    }
+}
+
+/// Polls a flush once: `None` if it has to wait.
+async fn flush_now(io: &mut (impl AsyncWrite + Unpin)) -> Option<std::io::Result<()>> {
+    std::future::poll_fn(|cx| match std::pin::Pin::new(&mut *io).poll_flush(cx) {
+        std::task::Poll::Ready(result) => std::task::Poll::Ready(Some(result)),
+        std::task::Poll::Pending => std::task::Poll::Ready(None),
+    })
+    .await
+}
+
+/// What woke the writer while it had frames to write or flush.
+enum WriterEvent {
+    Woken,
+    Deadline,
+    Tick,
+    /// Bytes written, or `None` for a flush done.
+    Wrote(std::io::Result<Option<usize>>),
+}
+
+/// The code of a Close frame built by [`frame::close`], if it has one.
+fn close_code_of(frame: &Bytes) -> Option<u16> {
+    (frame.len() >= 4).then(|| u16::from_be_bytes([frame[2], frame[3]]))
+}
