@@ -50,10 +50,8 @@ impl Spans {
 
 /// A sealed message: its complete frame, and for a `stream.delta`, its
 /// sequence number and layout. Clones share it, so an entry in a queue or
-/// in a history is one pointer: with 10,000 subscribers, S1 of the bench
-/// queued 2 million entries, and at 72 bytes each (the frame's handle and
-/// the layout inline) faulting in their pages cost a fifth of the server's
-/// time.
+/// in a history is one pointer: a burst to many subscribers queues
+/// millions of entries, and their size is memory the kernel must fault in.
 #[derive(Clone, Debug)]
 pub(crate) struct Message(Arc<Sealed>);
 

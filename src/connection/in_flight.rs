@@ -8,11 +8,9 @@
 //!
 //! Small frames are copied together into one buffer per worker thread and
 //! written with one plain write; larger ones go out as they are, in one
-//! vectored write. The kernel copies a vectored write segment by segment;
-//! for frames of about a hundred bytes, one copy here and one plain write
-//! cost less: against vectored writes of 64 small frames, S2 of the bench
-//! delivered about 20 % more messages per second with about 20 % less
-//! server CPU.
+//! vectored write. The kernel copies a vectored write segment by segment,
+//! so for frames of about a hundred bytes one copy here and one plain
+//! write cost less (measured in BENCHMARKS.md).
 
 use std::cell::RefCell;
 use std::collections::VecDeque;

@@ -21,8 +21,7 @@ use crate::ClientId;
 
 /// The most bytes of data the writer takes at once: several vectored
 /// writes' worth, so a busy connection takes its queue's lock and is woken
-/// less often (against 16 KiB: S1 about 10 % faster and 7 % less server
-/// CPU, alternating runs), small enough that its buffers stay small.
+/// less often, small enough that its buffers stay small.
 pub(crate) const MAX_BATCH_BYTES: usize = 64 << 10;
 /// A drained queue with more room than this many entries gives it back.
 const KEEP_CAPACITY: usize = 256;

@@ -3,8 +3,8 @@
 //! This is the one seam between publishing and connections: the
 //! [`Publisher`](crate::Publisher) hands the hub a serialized message, and
 //! the hub numbers it, keeps it in the topic's history and queues it for
-//! every subscriber of that topic on this instance. With a backplane (see
-//! [`crate::backplane`]) the backplane numbers it instead, and the hub
+//! every subscriber of that topic on this instance. With a backplane
+//! (through [`Relay`]) the backplane numbers it instead, and the hub
 //! keeps a copy of each topic its connections subscribe to (see
 //! `replica` and `sync`).
 //!
