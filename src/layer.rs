@@ -1,25 +1,21 @@
 //! The builder and the [`WsLayer`] it makes.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::header::HeaderName;
-use tokio::sync::mpsc;
 use tower::Layer;
 
 use crate::auth::{AuthHooks, Principal, Rejection, UpgradeRequest};
-use crate::client_ip::PerIp;
 use crate::connection::outbox::SlowClientPolicy;
 use crate::error::BuildError;
-use crate::events::{ClientEvent, ClientEvents};
 use crate::hub::HistoryLimits;
 use crate::hub::Hub;
 use crate::inbound::{Handled, Hook, Inbound, Reply};
 use crate::origin::{Origin, OriginPolicy};
 use crate::service::WsService;
-use crate::shutdown::Tasks;
+use crate::shared::{Config, ConnectionLimits, Shared};
 use crate::Publisher;
 
 /// The default path, `/ws`.
@@ -522,91 +518,13 @@ impl WsLayerBuilder {
         if let Some(backplane) = &self.backplane {
             backplane.attach(&hub, self.history)?;
         }
-        let (events, receiver) = ClientEvents::channel(self.event_capacity);
-        let shared = Arc::new(Shared {
-            config,
-            hub,
-            sweeping: AtomicBool::new(false),
-            tasks: Arc::default(),
-            per_ip: Arc::default(),
-            events,
-            receiver: Mutex::new(Some(receiver)),
-        });
+        let shared = Shared::new(config, hub, self.event_capacity);
         Ok((
             WsLayer {
                 shared: shared.clone(),
             },
             Publisher::new(shared),
         ))
-    }
-}
-
-/// The validated configuration.
-#[derive(Debug)]
-pub(crate) struct Config {
-    pub(crate) path: String,
-    pub(crate) origins: OriginPolicy,
-    pub(crate) heartbeat_interval: Duration,
-    pub(crate) heartbeat_timeout: Duration,
-    pub(crate) max_queued_bytes: usize,
-    pub(crate) max_message_size: usize,
-    pub(crate) slow_client_policy: SlowClientPolicy,
-    pub(crate) on_message: Option<Hook>,
-    pub(crate) limits: ConnectionLimits,
-    pub(crate) auth: AuthHooks,
-    pub(crate) trusted_proxy_header: Option<HeaderName>,
-    pub(crate) sweep_interval: Duration,
-}
-
-/// Per-connection and global limits.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct ConnectionLimits {
-    pub(crate) max_connections: usize,
-    pub(crate) max_connections_per_ip: usize,
-    pub(crate) max_subscriptions: usize,
-    pub(crate) max_topic_len: usize,
-    pub(crate) message_rate: (u32, u32),
-    pub(crate) subscribe_deadline: Option<Duration>,
-}
-
-/// What the layer, its services, its connections and its publishers share.
-pub(crate) struct Shared {
-    pub(crate) config: Config,
-    pub(crate) hub: Arc<Hub>,
-    pub(crate) tasks: Arc<Tasks>,
-    pub(crate) per_ip: Arc<PerIp>,
-    pub(crate) events: mpsc::Sender<ClientEvent>,
-    pub(crate) receiver: Mutex<Option<ClientEvents>>,
-    sweeping: AtomicBool,
-}
-
-impl Shared {
-    /// Starts the task that expires history and drops idle topics, once,
-    /// from the first call made inside a Tokio runtime. The task ends when
-    /// the layer and every publisher are gone.
-    pub(crate) fn ensure_sweeper(self: &Arc<Self>) {
-        if self.sweeping.load(Ordering::Relaxed) {
-            return;
-        }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        if self.sweeping.swap(true, Ordering::Relaxed) {
-            return;
-        }
-        let shared: Weak<Self> = Arc::downgrade(self);
-        let interval = self.config.sweep_interval;
-        runtime.spawn(async move {
-            let mut ticker = tokio::time::interval(interval);
-            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                ticker.tick().await;
-                match shared.upgrade() {
-                    Some(shared) => shared.hub.sweep(),
-                    None => return,
-                }
-            }
-        });
     }
 }
 

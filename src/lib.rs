@@ -75,7 +75,6 @@ mod client_id;
 mod client_ip;
 mod connection;
 mod error;
-mod events;
 mod frame;
 mod hub;
 mod inbound;
@@ -87,6 +86,7 @@ pub mod protocol;
 mod publisher;
 mod rate_limit;
 mod service;
+mod shared;
 mod shutdown;
 mod stats;
 
@@ -125,9 +125,8 @@ pub use body::WsBody;
 pub use client_id::ClientId;
 pub use connection::outbox::SlowClientPolicy;
 pub use error::{BackplaneError, BuildError, PublishError, SerializeError};
-pub use events::{ClientEvent, ClientEventKind, ClientEvents};
 pub use frame::close_code;
-pub use inbound::{Handled, Inbound, Reply};
+pub use inbound::{ClientEvent, ClientEventKind, ClientEvents, Handled, Inbound, Reply};
 pub use layer::{
     WsLayer, WsLayerBuilder, DEFAULT_COMPLETED_GRACE, DEFAULT_EVENT_CAPACITY,
     DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_HISTORY_AGE, DEFAULT_HISTORY_BYTES,

@@ -13,11 +13,11 @@ use std::future::Future;
 use tokio::sync::oneshot;
 
 use crate::error::{BackplaneError, PublishError};
-use crate::events::ClientEvents;
 use crate::frame;
-use crate::layer::Shared;
+use crate::inbound::ClientEvents;
 use crate::message::Draft;
 use crate::protocol::{Action, ServerMessage};
+use crate::shared::Shared;
 use crate::shutdown::{self, ShutdownSummary};
 use crate::stats::Stats;
 use crate::ClientId;

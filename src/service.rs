@@ -30,7 +30,7 @@ use crate::auth::UpgradeRequest;
 use crate::body::WsBody;
 use crate::client_ip::client_ip;
 use crate::connection::{self, Peer};
-use crate::layer::Shared;
+use crate::shared::Shared;
 
 /// The service a [`WsLayer`](crate::WsLayer) makes around an inner service.
 pub struct WsService<S> {

@@ -15,7 +15,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 pub struct Stats {
     /// Upgraded connections now open.
     pub connections: u64,
-    /// Topics with at least one subscriber.
+    /// Topics this instance holds: those with a subscriber, and those
+    /// whose history is still kept (until it expires).
     pub topics: u64,
     /// Subscriptions over all connections.
     pub subscriptions: u64,

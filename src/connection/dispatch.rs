@@ -8,9 +8,9 @@ use std::sync::Arc;
 
 use super::{Conn, ReadEnd};
 use crate::auth::Principal;
-use crate::events::{ClientEvent, ClientEventKind};
 use crate::frame;
 use crate::hub::{Subscribed, TopicDigest};
+use crate::inbound::{ClientEvent, ClientEventKind};
 use crate::inbound::{Handled, Inbound, Reply};
 use crate::message::Message;
 use crate::protocol::{self, error_code, ClientMessage, ServerMessage};

@@ -29,7 +29,7 @@ use crate::client_id::ClientId;
 use crate::client_ip::IpSlot;
 use crate::frame::{self, close_code, Decoder};
 use crate::hub::TopicDigest;
-use crate::layer::Shared;
+use crate::shared::Shared;
 use crate::shutdown::TaskGuard;
 
 use self::outbox::{Outbox, Status};
