@@ -56,14 +56,22 @@ impl<'a> UpgradeRequest<'a> {
     /// The subprotocols the client offered in `Sec-WebSocket-Protocol`, in
     /// order.
     pub fn protocols(&self) -> impl Iterator<Item = &'a str> {
-        self.headers
-            .get_all(header::SEC_WEBSOCKET_PROTOCOL)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .filter(|p| !p.is_empty())
+        header_tokens(self.headers, header::SEC_WEBSOCKET_PROTOCOL)
     }
+}
+
+/// The comma-separated tokens of every `name` header, trimmed, in order.
+pub(crate) fn header_tokens(
+    headers: &HeaderMap,
+    name: header::HeaderName,
+) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
 }
 
 impl fmt::Debug for UpgradeRequest<'_> {

@@ -29,11 +29,7 @@ impl Origin {
     pub(crate) fn parse(value: &str) -> Option<Self> {
         let (scheme, authority) = value.split_once("://")?;
         let scheme = scheme.to_ascii_lowercase();
-        let default_port = match scheme.as_str() {
-            "http" | "ws" => 80,
-            "https" | "wss" => 443,
-            _ => return None,
-        };
+        let default_port = default_port(&scheme)?;
         let (host, port) = split_host_port(authority)?;
         Some(Self {
             scheme,
@@ -46,17 +42,20 @@ impl Origin {
     fn is_same_origin(&self, host_header: &str) -> bool {
         match split_host_port(host_header) {
             Some((host, port)) => {
-                host == self.host && port.unwrap_or(self.default_port()) == self.port
+                let implied = default_port(&self.scheme).expect("a parsed scheme");
+                host == self.host && port.unwrap_or(implied) == self.port
             }
             None => false,
         }
     }
+}
 
-    fn default_port(&self) -> u16 {
-        match self.scheme.as_str() {
-            "https" | "wss" => 443,
-            _ => 80,
-        }
+/// The port a scheme implies; `None` for one an origin cannot have.
+fn default_port(scheme: &str) -> Option<u16> {
+    match scheme {
+        "http" | "ws" => Some(80),
+        "https" | "wss" => Some(443),
+        _ => None,
     }
 }
 

@@ -26,7 +26,7 @@ use hyper::{Method, Request, Response, StatusCode, Version};
 use pin_project_lite::pin_project;
 use tower::Service;
 
-use crate::auth::UpgradeRequest;
+use crate::auth::{header_tokens, UpgradeRequest};
 use crate::body::WsBody;
 use crate::client_ip::client_ip;
 use crate::connection::{self, Peer};
@@ -300,12 +300,7 @@ fn reject<B>(status: StatusCode, body: &'static str) -> Response<WsBody<B>> {
 
 /// Whether a comma-separated header lists `token` (case-insensitive).
 fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
-    headers
-        .get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
+    header_tokens(headers, name).any(|t| t.eq_ignore_ascii_case(token))
 }
 
 fn text(headers: &HeaderMap, name: header::HeaderName) -> Option<String> {

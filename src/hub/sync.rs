@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use super::replica::{Arrival, Fetched, Numbered};
+use super::replica::{Arrival, Fetched, Numbered, Replica};
 use super::topic::{TopicDigest, TopicState};
 use super::Hub;
 use crate::lock::lock;
@@ -22,6 +22,14 @@ enum Road {
     Reply,
     /// The broadcast on the topic's channel: every message, in order.
     Broadcast,
+}
+
+/// The copy of a topic [`Hub::with_copy`] found.
+fn copy(state: &mut TopicState) -> &mut Replica {
+    state
+        .replica
+        .as_deref_mut()
+        .expect("with_copy runs only on a topic with a copy")
 }
 
 impl Hub {
@@ -62,38 +70,44 @@ impl Hub {
         draft: impl FnOnce() -> Option<Draft>,
         road: Road,
     ) {
-        let Some(entry) = self.existing(topic) else {
-            return;
-        };
-        let mut state = entry.lock();
-        let next_seq = state.next_seq();
-        let removed = state.removed;
-        let Some(replica) = state.replica.as_mut().filter(|_| !removed) else {
-            return;
-        };
-        if road == Road::Broadcast {
-            replica.heard(epoch, seq);
-        }
-        match replica.classify(next_seq, epoch, seq) {
-            Arrival::Stale => {}
-            Arrival::Early => replica.hold(Numbered {
-                epoch,
-                seq,
-                done,
-                draft: draft(),
-            }),
-            Arrival::Next | Arrival::Begin => {
-                let message = Numbered {
+        self.with_copy(topic, |state| {
+            let next_seq = state.next_seq();
+            let replica = copy(state);
+            if road == Road::Broadcast {
+                replica.heard(epoch, seq);
+            }
+            match replica.classify(next_seq, epoch, seq) {
+                Arrival::Stale => {}
+                Arrival::Early => replica.hold(Numbered {
                     epoch,
                     seq,
                     done,
                     draft: draft(),
-                };
-                self.apply(topic, &mut state, message, true);
-                self.catch_up(topic, &mut state, true);
+                }),
+                Arrival::Next | Arrival::Begin => {
+                    let message = Numbered {
+                        epoch,
+                        seq,
+                        done,
+                        draft: draft(),
+                    };
+                    self.apply(topic, state, message, true);
+                    self.catch_up(topic, state, true);
+                }
             }
+            self.fetch_if_stuck(topic, state);
+        });
+    }
+
+    /// Runs `f` on the topic's state, locked, if the topic has a copy
+    /// here; `None` if it has none (any more).
+    fn with_copy<R>(&self, topic: &str, f: impl FnOnce(&mut TopicState) -> R) -> Option<R> {
+        let entry = self.existing(topic)?;
+        let mut state = entry.lock();
+        if state.removed || state.replica.is_none() {
+            return None;
         }
-        self.fetch_if_stuck(topic, &mut state);
+        Some(f(&mut state))
     }
 
     /// Fetches for a copy that waits for a `seq` no broadcast will bring.
@@ -114,10 +128,7 @@ impl Hub {
     /// Where a fetch for `topic` should start: the epoch of its copy and
     /// the last `seq` applied. `None` if there is no copy any more.
     pub(crate) fn fetch_cursor(&self, topic: &str) -> Option<(Option<u64>, u64)> {
-        let entry = self.existing(topic)?;
-        let state = entry.lock();
-        let replica = state.replica.as_ref().filter(|_| !state.removed)?;
-        Some((replica.epoch, state.next_seq() - 1))
+        self.with_copy(topic, |state| (copy(state).epoch, state.next_seq() - 1))
     }
 
     /// Applies what a fetch brought, then serves the waiting subscribers.
@@ -130,45 +141,34 @@ impl Hub {
     /// Until the waiting subscribers have their replay, the copy's history
     /// is not trimmed, so they get all of it that fits their queue.
     pub(crate) fn fetched(&self, topic: &str, fetched: Fetched) {
-        let Some(entry) = self.existing(topic) else {
-            return;
-        };
-        let mut state = entry.lock();
-        let removed = state.removed;
-        let next_seq = state.next_seq();
-        let Some(replica) = state.replica.as_mut().filter(|_| !removed) else {
-            return;
-        };
-        replica.synced = true;
-        replica.fetching = false;
-        let known = replica.epoch;
-        match fetched.epoch {
-            Some(epoch) => {
-                if let Some(first) = replica.take_fetched(epoch, fetched.entries, next_seq) {
-                    if known != Some(epoch) {
-                        self.begin(topic, &mut state, epoch, first);
-                    } else if first > next_seq {
-                        self.skip_to(topic, &mut state, first);
+        self.with_copy(topic, |state| {
+            let next_seq = state.next_seq();
+            let replica = copy(state);
+            replica.synced = true;
+            replica.fetching = false;
+            let known = replica.epoch;
+            match fetched.epoch {
+                Some(epoch) => {
+                    if let Some(first) = replica.take_fetched(epoch, fetched.entries, next_seq) {
+                        if known != Some(epoch) {
+                            self.begin(topic, state, epoch, first);
+                        } else if first > next_seq {
+                            self.skip_to(topic, state, first);
+                        }
                     }
                 }
+                None => replica.found_nothing(),
             }
-            None => replica.found_nothing(),
-        }
-        let waiting = state
-            .replica
-            .as_mut()
-            .map(|r| std::mem::take(&mut r.waiting))
-            .unwrap_or_default();
-        self.catch_up(topic, &mut state, waiting.is_empty());
-        for (outbox, since) in waiting {
-            self.join(topic, &mut state, outbox, since);
-        }
-        let freed = state.trim(&self.limits);
-        self.counters.add_history_bytes(-(freed as isize));
-        if let Some(replica) = state.replica.as_mut() {
-            replica.bound_held();
-        }
-        self.fetch_if_stuck(topic, &mut state);
+            let waiting = std::mem::take(&mut copy(state).waiting);
+            self.catch_up(topic, state, waiting.is_empty());
+            for (outbox, since) in waiting {
+                self.join(topic, state, outbox, since);
+            }
+            let freed = state.trim(&self.limits);
+            self.counters.add_history_bytes(-(freed as isize));
+            copy(state).bound_held();
+            self.fetch_if_stuck(topic, state);
+        });
     }
 
     /// The replicated topics, each now fetching: the backplane reconnected,
