@@ -62,6 +62,10 @@ pub enum PublishError {
     /// The message is not a JSON object. Topic messages must be objects:
     /// each one gets a `"seq"` field.
     NotAnObject,
+    /// The object has a `"seq"` field of its own: `seq` is the layer's,
+    /// and a client would read one of the two and resume from the wrong
+    /// place.
+    SeqField,
     /// The layer's backplane did not take the message, or could not
     /// confirm it (see [`BackplaneError`]).
     Backplane(BackplaneError),
@@ -72,6 +76,7 @@ impl fmt::Display for PublishError {
         match self {
             Self::Serialize(_) => f.write_str("message could not be serialized as JSON"),
             Self::NotAnObject => f.write_str("message is not a JSON object"),
+            Self::SeqField => f.write_str("message has a \"seq\" field, which the layer sets"),
             Self::Backplane(_) => {
                 f.write_str("message could not be published through the backplane")
             }
@@ -83,7 +88,7 @@ impl Error for PublishError {
     fn source(&self) -> Option<&(dyn Error + 'static)> {
         match self {
             Self::Serialize(e) => Some(e),
-            Self::NotAnObject => None,
+            Self::NotAnObject | Self::SeqField => None,
             Self::Backplane(e) => Some(e),
         }
     }

@@ -70,6 +70,9 @@ impl Draft {
         if buf.get(HEADROOM) != Some(&b'{') {
             return Err(PublishError::NotAnObject);
         }
+        if has_top_level_key(&buf[HEADROOM..], b"seq") {
+            return Err(PublishError::SeqField);
+        }
         Ok(Self { buf, delta: None })
     }
 
@@ -293,6 +296,40 @@ fn string_len(s: &[u8]) -> Option<usize> {
     None
 }
 
+/// Whether the JSON object `json` (compact, as serde_json writes it) has
+/// the key `key` at its top level. One pass, no parsing into values.
+fn has_top_level_key(json: &[u8], key: &[u8]) -> bool {
+    let mut depth = 0usize;
+    // Whether the next string at depth 1 is a key.
+    let mut key_next = false;
+    let mut i = 0;
+    while i < json.len() {
+        match json[i] {
+            b'{' => {
+                depth += 1;
+                key_next = depth == 1;
+            }
+            b'[' => depth += 1,
+            b'}' | b']' => depth -= 1,
+            b',' if depth == 1 => key_next = true,
+            b'"' => {
+                let start = i + 1;
+                i = start;
+                while json[i] != b'"' {
+                    i += if json[i] == b'\\' { 2 } else { 1 };
+                }
+                if key_next && &json[start..i] == key {
+                    return true;
+                }
+                key_next = false;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    false
+}
+
 /// Writes `s` as a JSON string; returns the range of its contents.
 fn write_string(buf: &mut Vec<u8>, s: &str) -> (usize, usize) {
     let start = buf.len() + 1;
@@ -416,5 +453,21 @@ mod tests {
         assert!(Spans::new((1, 2), (3, big - 1)).is_some());
         assert!(Spans::new((1, 2), (3, big)).is_none());
         assert!(Spans::new((big, big + 1), (3, 4)).is_none());
+    }
+
+    #[test]
+    fn a_seq_of_its_own_is_refused_at_the_top_level_only() {
+        assert!(matches!(
+            Draft::json(&json!({"type": "x", "seq": 99})),
+            Err(PublishError::SeqField)
+        ));
+        for fine in [
+            json!({"type": "x", "nested": {"seq": 1}}),
+            json!({"list": [{"seq": 1}], "text": "\"seq\":2"}),
+            json!({"se\"q": 1, "seqs": 2}),
+            json!({}),
+        ] {
+            assert!(Draft::json(&fine).is_ok(), "{fine}");
+        }
     }
 }

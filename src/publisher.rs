@@ -77,6 +77,7 @@ impl Publisher {
     ///
     /// [`PublishError::Serialize`] if `message` cannot be serialized as
     /// JSON, [`PublishError::NotAnObject`] if it is not a JSON object,
+    /// [`PublishError::SeqField`] if it has a `"seq"` field of its own,
     /// [`PublishError::Backplane`] if the backplane did not take it;
     /// nothing is published then.
     pub fn publish<T: Serialize + ?Sized>(

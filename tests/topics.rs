@@ -125,3 +125,18 @@ async fn publish_reports_serialization_errors() {
     let err = server.publisher.publish("t", &bad).unwrap_err();
     assert!(std::error::Error::source(&err).is_some());
 }
+
+#[tokio::test]
+async fn a_message_with_a_seq_of_its_own_is_refused() {
+    let server = axum_server(builder()).await;
+    let refused = server
+        .publisher
+        .publish("t", &serde_json::json!({"type": "x", "seq": 99}));
+    assert!(matches!(refused, Err(tower_ws::PublishError::SeqField)));
+    // Nothing was numbered: the next message is seq 1.
+    let mut client = Client::connect(&server).await;
+    client.subscribe("t").await;
+    subscribers(&server.publisher, "t", 1).await;
+    server.publisher.stream_delta("t", "x");
+    assert_eq!(client.recv_json().await["seq"], 1);
+}
