@@ -42,6 +42,21 @@ impl<S> WsService<S> {
     pub(crate) fn new(inner: S, shared: Arc<Shared>) -> Self {
         Self { inner, shared }
     }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The wrapped service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The wrapped service; the layer's connections and publishers go on.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
 }
 
 impl<S: Clone> Clone for WsService<S> {
@@ -323,5 +338,14 @@ mod tests {
         );
         assert!(has_token(&h, header::CONNECTION, "upgrade"));
         assert!(!has_token(&h, header::UPGRADE, "websocket"));
+    }
+
+    #[test]
+    fn the_inner_service_can_be_reached() {
+        let (layer, _publisher) = crate::WsLayer::builder().build().unwrap();
+        let mut service = tower::Layer::layer(&layer, 7_u8);
+        assert_eq!(*service.get_ref(), 7);
+        *service.get_mut() = 8;
+        assert_eq!(service.into_inner(), 8);
     }
 }
