@@ -33,11 +33,12 @@ use std::io::Read;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use axum::extract::State;
+use axum::extract::{ConnectInfo, Request, State};
 use axum::response::Html;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
+use tower::util::MapRequestLayer;
 use tower_http::trace::TraceLayer;
 use tower_ws::protocol::Action;
 use tower_ws::{ClientEventKind, Publisher, WsLayer};
@@ -76,7 +77,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 action_id,
             } = &event.kind
             {
-                tracing::info!(client_id = %event.client_id, %request_id, %action_id, "action clicked");
+                // Client text, so logged escaped.
+                tracing::info!(client_id = %event.client_id, ?request_id, ?action_id, "action clicked");
             }
         }
     });
@@ -89,20 +91,31 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .route("/api/search", post(search))
         .with_state(publisher.clone())
         .layer(ws)
+        // The layer limits connections per client address and logs it; it
+        // looks for a `SocketAddr`, and axum keeps it in `ConnectInfo`.
+        .layer(MapRequestLayer::new(|mut req: Request| {
+            if let Some(&ConnectInfo(addr)) = req.extensions().get::<ConnectInfo<SocketAddr>>() {
+                req.extensions_mut().insert(addr);
+            }
+            req
+        }))
         .layer(TraceLayer::new_for_http());
 
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!("listening on http://{addr}");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            let _ = tokio::signal::ctrl_c().await;
-            // WebSockets first: axum's graceful shutdown does not wait for
-            // upgraded connections.
-            let summary = publisher.shutdown(Duration::from_secs(5)).await;
-            tracing::info!(?summary, "websockets closed");
-        })
-        .await?;
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        // WebSockets first: axum's graceful shutdown does not wait for
+        // upgraded connections.
+        let summary = publisher.shutdown(Duration::from_secs(5)).await;
+        tracing::info!(?summary, "websockets closed");
+    })
+    .await?;
     Ok(())
 }
 
