@@ -184,6 +184,27 @@ pub enum ClientEventKind {
 /// [`Publisher::take_client_events`](crate::Publisher::take_client_events).
 ///
 /// Dropping it makes every later event be refused with `event_dropped`.
+///
+/// ```no_run
+/// use tower_ws::{ClientEventKind, WsLayer};
+///
+/// # async fn run() -> Result<(), tower_ws::BuildError> {
+/// let (layer, publisher) = WsLayer::builder().build()?;
+/// let mut events = publisher.take_client_events().expect("taken once");
+/// tokio::spawn(async move {
+///     while let Some(event) = events.recv().await {
+///         if let ClientEventKind::ActionClicked { request_id, action_id } = &event.kind {
+///             // Answer the client that clicked, on its own connection.
+///             let reply = serde_json::json!({"type": "status", "requestId": request_id,
+///                                            "status": format!("running {action_id}")});
+///             publisher.send_to(event.client_id, &reply);
+///         }
+///     }
+/// });
+/// # drop(layer);
+/// # Ok(())
+/// # }
+/// ```
 pub struct ClientEvents {
     rx: mpsc::Receiver<ClientEvent>,
 }

@@ -385,6 +385,26 @@ impl WsLayerBuilder {
     /// that becomes `401` or `403` (logged with its reason as
     /// `websocket_unauthorized`). See [`crate::auth`].
     ///
+    /// ```
+    /// use tower_ws::{Principal, Rejection, WsLayer};
+    ///
+    /// let (layer, publisher) = WsLayer::builder()
+    ///     .authorize(|req| {
+    ///         // A session cookie set by the app's login.
+    ///         let cookie = req.headers().get("cookie").and_then(|v| v.to_str().ok());
+    ///         match cookie.and_then(|c| c.strip_prefix("session=")) {
+    ///             Some(user) => Ok(Principal::new(user)),
+    ///             None => Err(Rejection::unauthorized("no session")),
+    ///         }
+    ///     })
+    ///     // Each user reads only topics named after them.
+    ///     .authorize_subscribe(|principal, topic| {
+    ///         principal.is_some_and(|p| topic.starts_with(&format!("{}:", p.id())))
+    ///     })
+    ///     .build()?;
+    /// # Ok::<(), tower_ws::BuildError>(())
+    /// ```
+    ///
     /// Defaults to none: every handshake that passes the `Origin` check is
     /// accepted, without a principal.
     pub fn authorize<F>(mut self, hook: F) -> Self
@@ -441,6 +461,14 @@ impl WsLayerBuilder {
     }
 
     /// Checks the configuration and makes the layer and its publisher.
+    ///
+    /// # Errors
+    ///
+    /// A [`BuildError`] naming the setting that cannot work: a path that
+    /// does not start with `/`, an allowed origin that does not parse (or
+    /// `"*"`), a zero where a count or duration must be positive, a trusted
+    /// proxy header that is not a header name, `history_bytes` larger than
+    /// `max_queued_bytes`, or a backplane another living layer uses.
     pub fn build(self) -> Result<(WsLayer, Publisher), BuildError> {
         if !self.path.starts_with('/') {
             return Err(BuildError::InvalidPath(self.path));

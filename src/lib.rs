@@ -117,6 +117,13 @@ pub mod fuzzing {
     }
 }
 
+// The README's Rust snippets are compiled (and the runnable ones run) as
+// doc tests, so they cannot drift from the API. Its backplane snippet needs
+// the `redis` feature, as the README's test command enables.
+#[cfg(all(doctest, feature = "redis"))]
+#[doc = include_str!("../README.md")]
+mod readme {}
+
 pub use auth::{Principal, Rejection, UpgradeRequest};
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]

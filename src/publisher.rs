@@ -59,6 +59,35 @@ use crate::ClientId;
 /// [`Stats::backplane_publish_failures`] and logged by every method; use
 /// [`publish_confirmed`](Self::publish_confirmed) to learn the outcome of
 /// each message.
+///
+/// # Example
+///
+/// ```
+/// use serde_json::json;
+/// use tower_ws::WsLayer;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let (_layer, publisher) = WsLayer::builder().build()?;
+///
+/// // A job streams its answer to whoever subscribes to its requestId,
+/// // now or later: the history replays it.
+/// let job = publisher.clone();
+/// tokio::spawn(async move {
+///     job.status("req-1", "searching");
+///     for word in ["Found ", "3 ", "places"] {
+///         job.stream_delta("req-1", word);
+///     }
+///     job.stream_done("req-1", "Found 3 places");
+/// })
+/// .await?;
+///
+/// // Any JSON object; the layer adds its "seq".
+/// publisher.publish("req-2", &json!({"type": "progress", "percent": 40}))?;
+/// assert_eq!(publisher.stats().topics, 2);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone)]
 pub struct Publisher {
     shared: Arc<Shared>,
