@@ -185,12 +185,7 @@ async fn assistant_job(publisher: Publisher, request_id: String, query: String) 
 }
 
 fn action(id: &str, kind: &str, label: &str, icon: &str) -> Action {
-    Action {
-        id: id.into(),
-        kind: kind.into(),
-        label: label.into(),
-        icon: Some(icon.into()),
-    }
+    Action::new(id, kind, label).with_icon(icon)
 }
 
 /// `req-` and 128 random bits: a requestId is all a client needs to read a

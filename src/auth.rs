@@ -1,24 +1,5 @@
-//! Who may connect, and who may read which stream.
-//!
-//! Two optional hooks. [`WsLayerBuilder::authorize`] runs at the
-//! handshake, after the `Origin` check and before the upgrade: it sees the
-//! request ([`UpgradeRequest`]) and returns a [`Principal`] or a
-//! [`Rejection`] (`401` or `403`). [`WsLayerBuilder::authorize_subscribe`]
-//! runs on every `subscribe` with the connection's principal and the topic;
-//! a denied subscribe gets an `error` with code `forbidden` and no data.
-//!
-//! Browsers cannot set headers on a WebSocket handshake, but they can offer
-//! subprotocols: a token sent as one of them (`new WebSocket(url, ["bearer",
-//! token])`) is in [`UpgradeRequest::protocols`], and the principal names
-//! the protocol to accept ([`Principal::with_protocol`]), which the `101`
-//! then carries in `Sec-WebSocket-Protocol` as browsers require.
-//!
-//! Without hooks, anyone who passes the `Origin` check may connect and
-//! subscribe to any topic: a `requestId` is then a bearer secret and must be
-//! unguessable.
-//!
-//! [`WsLayerBuilder::authorize`]: crate::WsLayerBuilder::authorize
-//! [`WsLayerBuilder::authorize_subscribe`]: crate::WsLayerBuilder::authorize_subscribe
+//! Who may connect, and who may read which stream (see the crate docs,
+//! [Authorization](crate#authorization)).
 
 use std::any::Any;
 use std::fmt;

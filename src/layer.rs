@@ -19,37 +19,37 @@ use crate::shared::{Config, ConnectionLimits, Shared};
 use crate::Publisher;
 
 /// The default path, `/ws`.
-pub const DEFAULT_PATH: &str = "/ws";
+const DEFAULT_PATH: &str = "/ws";
 /// The default heartbeat interval, 30 seconds.
-pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(30);
+const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(30);
 /// The default per-connection outbound queue limit, 1 MiB.
-pub const DEFAULT_MAX_QUEUED_BYTES: usize = 1 << 20;
+const DEFAULT_MAX_QUEUED_BYTES: usize = 1 << 20;
 /// The default limit on one inbound message, 64 KiB.
-pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 64 << 10;
+const DEFAULT_MAX_MESSAGE_SIZE: usize = 64 << 10;
 /// The default capacity of the inbound event buffer, 1024 events.
-pub const DEFAULT_EVENT_CAPACITY: usize = 1024;
+const DEFAULT_EVENT_CAPACITY: usize = 1024;
 /// The default number of messages a topic's history holds, 256.
-pub const DEFAULT_HISTORY_MESSAGES: usize = 256;
+const DEFAULT_HISTORY_MESSAGES: usize = 256;
 /// The default number of bytes a topic's history holds, 256 KiB.
-pub const DEFAULT_HISTORY_BYTES: usize = 256 << 10;
+const DEFAULT_HISTORY_BYTES: usize = 256 << 10;
 /// The default age past which history is dropped, 5 minutes.
-pub const DEFAULT_HISTORY_AGE: Duration = Duration::from_secs(300);
+const DEFAULT_HISTORY_AGE: Duration = Duration::from_secs(300);
 /// The default time a finished stream's history is kept, 30 seconds.
-pub const DEFAULT_COMPLETED_GRACE: Duration = Duration::from_secs(30);
+const DEFAULT_COMPLETED_GRACE: Duration = Duration::from_secs(30);
 /// The default limit on open connections, 10,000.
-pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// The default limit on connections from one client address, 256.
-pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 256;
+const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 256;
 /// The default limit on one connection's subscriptions, 128.
-pub const DEFAULT_MAX_SUBSCRIPTIONS: usize = 128;
+const DEFAULT_MAX_SUBSCRIPTIONS: usize = 128;
 /// The default limit on a `requestId`'s length, 256 bytes.
-pub const DEFAULT_MAX_TOPIC_LEN: usize = 256;
+const DEFAULT_MAX_TOPIC_LEN: usize = 256;
 /// The default inbound message rate per connection: 100 per second, in
 /// bursts of up to 200.
-pub const DEFAULT_MESSAGE_RATE: (u32, u32) = (100, 200);
+const DEFAULT_MESSAGE_RATE: (u32, u32) = (100, 200);
 /// The default time a connection has to make its first subscription, 30
 /// seconds.
-pub const DEFAULT_SUBSCRIBE_DEADLINE: Duration = Duration::from_secs(30);
+const DEFAULT_SUBSCRIBE_DEADLINE: Duration = Duration::from_secs(30);
 
 /// A [`Layer`] that upgrades WebSocket requests on one path and passes
 /// every other request to the service it wraps.
@@ -383,7 +383,7 @@ impl WsLayerBuilder {
     /// Authorizes each handshake, after the `Origin` check and before the
     /// upgrade: return the connection's [`Principal`], or a [`Rejection`]
     /// that becomes `401` or `403` (logged with its reason as
-    /// `websocket_unauthorized`). See [`crate::auth`].
+    /// `websocket_unauthorized`). See the crate docs, [Authorization](crate#authorization).
     ///
     /// ```
     /// use tower_ws::{Principal, Rejection, WsLayer};

@@ -62,12 +62,31 @@
 //! The layer spawns one Tokio task per connection, so it must run inside a
 //! Tokio runtime, behind a server that supports HTTP/1.1 upgrades (hyper,
 //! hyper-util, axum).
+//! # Authorization
+//!
+//! Two optional hooks. [`WsLayerBuilder::authorize`] runs at the
+//! handshake, after the `Origin` check and before the upgrade: it sees the
+//! request ([`UpgradeRequest`]) and returns a [`Principal`] or a
+//! [`Rejection`] (`401` or `403`). [`WsLayerBuilder::authorize_subscribe`]
+//! runs on every `subscribe` with the connection's principal and the topic;
+//! a denied subscribe gets an `error` with code `forbidden` and no data.
+//!
+//! Browsers cannot set headers on a WebSocket handshake, but they can offer
+//! subprotocols: a token sent as one of them (`new WebSocket(url, ["bearer",
+//! token])`) is in [`UpgradeRequest::protocols`], and the principal names
+//! the protocol to accept ([`Principal::with_protocol`]), which the `101`
+//! then carries in `Sec-WebSocket-Protocol` as browsers require.
+//!
+//! Without hooks, anyone who passes the `Origin` check may connect and
+//! subscribe to any topic: a `requestId` is then a bearer secret and must be
+//! unguessable.
 
 #![deny(missing_docs)]
+#![deny(unreachable_pub)]
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
-pub mod auth;
+mod auth;
 #[cfg(feature = "redis")]
 mod backplane;
 mod body;
@@ -134,13 +153,7 @@ pub use connection::outbox::SlowClientPolicy;
 pub use error::{BackplaneError, BuildError, PublishError, SerializeError};
 pub use frame::close_code;
 pub use inbound::{ClientEvent, ClientEventKind, ClientEvents, Handled, Inbound, Reply};
-pub use layer::{
-    WsLayer, WsLayerBuilder, DEFAULT_COMPLETED_GRACE, DEFAULT_EVENT_CAPACITY,
-    DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_HISTORY_AGE, DEFAULT_HISTORY_BYTES,
-    DEFAULT_HISTORY_MESSAGES, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_IP,
-    DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_MAX_QUEUED_BYTES, DEFAULT_MAX_SUBSCRIPTIONS,
-    DEFAULT_MAX_TOPIC_LEN, DEFAULT_MESSAGE_RATE, DEFAULT_PATH, DEFAULT_SUBSCRIBE_DEADLINE,
-};
+pub use layer::{WsLayer, WsLayerBuilder};
 pub use publisher::Publisher;
 pub use service::{ResponseFuture, WsService};
 pub use shutdown::ShutdownSummary;

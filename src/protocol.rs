@@ -144,7 +144,15 @@ pub enum ServerMessage<'a> {
 }
 
 /// One action of a [`ServerMessage::Recommendation`].
+///
+/// ```
+/// use tower_ws::protocol::Action;
+///
+/// let call = Action::new("call-1", "CALL", "Call them").with_icon("📞");
+/// assert_eq!(call.label, "Call them");
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Action {
     /// Identifies the action in a later `action_clicked`.
     pub id: String,
@@ -156,6 +164,24 @@ pub struct Action {
     /// An optional icon, e.g. an emoji.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub icon: Option<String>,
+}
+
+impl Action {
+    /// An action without an icon.
+    pub fn new(id: impl Into<String>, kind: impl Into<String>, label: impl Into<String>) -> Self {
+        Self {
+            id: id.into(),
+            kind: kind.into(),
+            label: label.into(),
+            icon: None,
+        }
+    }
+
+    /// Sets the icon, e.g. an emoji.
+    pub fn with_icon(mut self, icon: impl Into<String>) -> Self {
+        self.icon = Some(icon.into());
+        self
+    }
 }
 
 /// The `error` codes the layer itself sends.
@@ -306,12 +332,7 @@ mod tests {
             serde_json::to_value(&m).unwrap(),
             json!({"type":"stream.done","requestId":"r","fullText":"Hi"})
         );
-        let actions = [Action {
-            id: "call".into(),
-            kind: "CALL".into(),
-            label: "Call".into(),
-            icon: None,
-        }];
+        let actions = [Action::new("call", "CALL", "Call")];
         let m = ServerMessage::Recommendation {
             request_id: "r".into(),
             actions: Cow::Borrowed(&actions),
