@@ -83,27 +83,64 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// `POST /publish?topic=…&text=…` publishes a `stream.delta`; anything else
-/// is a 404.
+/// `POST /publish?topic=…&text=…` publishes a `stream.delta` (400 without a
+/// topic); anything else is a 404.
 async fn handle(
     publisher: Publisher,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    if req.method() == Method::POST && req.uri().path() == "/publish" {
-        let query = req.uri().query().unwrap_or("");
-        let param = |name: &str| {
-            query
-                .split('&')
-                .find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))
-                .unwrap_or("")
-                .to_owned()
-        };
-        let queued = publisher.stream_delta(&param("topic"), &param("text"));
-        return Ok(Response::new(Full::new(Bytes::from(format!(
-            "queued for {queued}\n"
-        )))));
+    if req.method() != Method::POST || req.uri().path() != "/publish" {
+        return Ok(respond(StatusCode::NOT_FOUND, "not found\n".into()));
     }
-    let mut not_found = Response::new(Full::new(Bytes::from_static(b"not found\n")));
-    *not_found.status_mut() = StatusCode::NOT_FOUND;
-    Ok(not_found)
+    let query = req.uri().query().unwrap_or("");
+    let param = |name: &str| {
+        query
+            .split('&')
+            .filter_map(|pair| pair.split_once('='))
+            .find(|(key, _)| decode(key) == name)
+            .map(|(_, value)| decode(value))
+    };
+    let Some(topic) = param("topic").filter(|t| !t.is_empty()) else {
+        return Ok(respond(
+            StatusCode::BAD_REQUEST,
+            "topic is required\n".into(),
+        ));
+    };
+    let queued = publisher.stream_delta(&topic, &param("text").unwrap_or_default());
+    Ok(respond(StatusCode::OK, format!("queued for {queued}\n")))
+}
+
+fn respond(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+}
+
+/// Decodes a query component: `+` is a space, `%XX` a byte; invalid
+/// escapes stay as they are, invalid UTF-8 becomes U+FFFD.
+fn decode(component: &str) -> String {
+    let bytes = component.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (b'+', _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
