@@ -168,9 +168,7 @@ pub(crate) struct AuthHooks {
 impl AuthHooks {
     /// Whether `principal` may subscribe to `topic`.
     pub(crate) fn may_subscribe(&self, principal: Option<&Principal>, topic: &str) -> bool {
-        self.subscribe
-            .as_ref()
-            .map_or(true, |f| f(principal, topic))
+        self.subscribe.as_ref().is_none_or(|f| f(principal, topic))
     }
 }
 

@@ -259,23 +259,69 @@ pub(crate) fn parse_client_message(text: &[u8]) -> Result<ClientMessage, Invalid
             message: "requestId must not be empty".into(),
         }),
         Ok(message) => Ok(message),
-        Err(e) => {
-            // Only on the error path: look for a readable requestId so the
-            // client can tell which of its requests the error is about.
-            #[derive(Deserialize)]
-            struct Probe {
-                #[serde(rename = "requestId")]
-                request_id: Option<String>,
+        // Only on the error path: read the message again to say what was
+        // wrong in the protocol's terms, and which request it is about.
+        Err(e) if e.is_syntax() || e.is_eof() => Err(Invalid {
+            request_id: None,
+            message: format!("not valid JSON (line {}, column {})", e.line(), e.column()),
+        }),
+        Err(_) => Err(explain(text)),
+    }
+}
+
+const TYPES: &str = "subscribe, unsubscribe, action_clicked or ui_state_changed";
+
+/// Why a message that is valid JSON is not a client message.
+fn explain(text: &[u8]) -> Invalid {
+    let value: serde_json::Value = serde_json::from_slice(text).unwrap_or_default();
+    let Some(object) = value.as_object() else {
+        return Invalid {
+            request_id: None,
+            message: "a message must be a JSON object".into(),
+        };
+    };
+    let request_id = object
+        .get("requestId")
+        .and_then(|v| v.as_str())
+        .filter(|id| !id.is_empty())
+        .map(str::to_owned);
+    let string = |field: &str| object.get(field).is_some_and(|v| v.is_string());
+    let message = match object.get("type").and_then(|t| t.as_str()) {
+        None => format!("a message needs a \"type\": {TYPES}"),
+        Some(kind)
+            if ![
+                "subscribe",
+                "unsubscribe",
+                "action_clicked",
+                "ui_state_changed",
+            ]
+            .contains(&kind) =>
+        {
+            let mut shown = kind.len().min(64);
+            while !kind.is_char_boundary(shown) {
+                shown -= 1;
             }
-            let request_id = serde_json::from_slice::<Probe>(text)
-                .ok()
-                .and_then(|p| p.request_id)
-                .filter(|id| !id.is_empty());
-            Err(Invalid {
-                request_id,
-                message: e.to_string(),
-            })
+            format!("unknown type \"{}\": expected {TYPES}", &kind[..shown])
         }
+        Some(kind) if !string("requestId") => format!("{kind} needs \"requestId\", a string"),
+        Some("subscribe")
+            if object
+                .get("since")
+                .is_some_and(|v| !v.is_null() && !v.is_u64()) =>
+        {
+            "\"since\" must be a whole number, 0 or more".to_owned()
+        }
+        Some("action_clicked") if !string("actionId") => {
+            "action_clicked needs \"actionId\", a string".to_owned()
+        }
+        Some("ui_state_changed") if !object.contains_key("state") => {
+            "ui_state_changed needs \"state\"".to_owned()
+        }
+        Some(kind) => format!("{kind} message is malformed"),
+    };
+    Invalid {
+        request_id,
+        message,
     }
 }
 
@@ -312,13 +358,34 @@ mod tests {
     fn invalid_messages_keep_a_readable_request_id() {
         let e = parse_client_message(br#"{"type":"nope","requestId":"req-9"}"#).unwrap_err();
         assert_eq!(e.request_id.as_deref(), Some("req-9"));
-        assert!(e.message.contains("unknown variant"), "{}", e.message);
+        assert!(e.message.contains("unknown type \"nope\""), "{}", e.message);
 
         let e = parse_client_message(br#"{"type":"subscribe"}"#).unwrap_err();
         assert_eq!(e.request_id, None);
         assert!(e.message.contains("requestId"), "{}", e.message);
 
         assert!(parse_client_message(b"not json").is_err());
+        let reason = |text: &[u8]| parse_client_message(text).unwrap_err().message;
+        assert_eq!(reason(b"nope"), "not valid JSON (line 1, column 2)");
+        assert_eq!(reason(b"[1]"), "a message must be a JSON object");
+        assert!(reason(br#"{"requestId":"r"}"#).starts_with("a message needs a \"type\""));
+        assert!(reason(br#"{"type":"nope"}"#).starts_with("unknown type \"nope\": expected"));
+        assert_eq!(
+            reason(br#"{"type":"subscribe","requestId":7}"#),
+            "subscribe needs \"requestId\", a string"
+        );
+        assert_eq!(
+            reason(br#"{"type":"subscribe","requestId":"r","since":-1}"#),
+            "\"since\" must be a whole number, 0 or more"
+        );
+        assert_eq!(
+            reason(br#"{"type":"action_clicked","requestId":"r"}"#),
+            "action_clicked needs \"actionId\", a string"
+        );
+        assert_eq!(
+            reason(br#"{"type":"ui_state_changed","requestId":"r"}"#),
+            "ui_state_changed needs \"state\""
+        );
         assert!(parse_client_message(br#"{"type":"subscribe","requestId":""}"#).is_err());
     }
 
