@@ -47,9 +47,9 @@ const DEFAULT_MAX_TOPIC_LEN: usize = 256;
 /// The default inbound message rate per connection: 100 per second, in
 /// bursts of up to 200.
 const DEFAULT_MESSAGE_RATE: (u32, u32) = (100, 200);
-/// The default time a connection has to make its first subscription, 30
-/// seconds.
-const DEFAULT_SUBSCRIBE_DEADLINE: Duration = Duration::from_secs(30);
+/// The default time after which a connection that never subscribed counts
+/// as idle, 30 seconds.
+const DEFAULT_IDLE_AFTER: Duration = Duration::from_secs(30);
 
 /// A [`Layer`] that upgrades WebSocket requests on one path and passes
 /// every other request to the service it wraps.
@@ -145,7 +145,8 @@ impl Default for WsLayerBuilder {
                 max_subscriptions: DEFAULT_MAX_SUBSCRIPTIONS,
                 max_topic_len: DEFAULT_MAX_TOPIC_LEN,
                 message_rate: DEFAULT_MESSAGE_RATE,
-                subscribe_deadline: Some(DEFAULT_SUBSCRIBE_DEADLINE),
+                subscribe_deadline: None,
+                idle_after: Some(DEFAULT_IDLE_AFTER),
             },
             auth: AuthHooks::default(),
             trusted_proxy_header: None,
@@ -371,12 +372,28 @@ impl WsLayerBuilder {
 
     /// How long a connection may stay open without subscribing to anything
     /// (or sending a message the [`on_message`](Self::on_message) hook
-    /// handles) before it is closed with 1008, so idle sockets cannot be
-    /// hoarded. `None` turns the deadline off.
+    /// handles) before it is closed with 1008, whatever the load. `None`
+    /// turns the deadline off.
     ///
-    /// Defaults to 30 seconds.
+    /// Defaults to none: a single-page app opens its socket when it loads
+    /// and may subscribe minutes later. Idle sockets are closed when the
+    /// layer needs room instead (see [`idle_after`](Self::idle_after)).
     pub fn subscribe_deadline(mut self, deadline: Option<Duration>) -> Self {
         self.limits.subscribe_deadline = deadline;
+        self
+    }
+
+    /// How long a connection may go without subscribing (or sending a
+    /// message the [`on_message`](Self::on_message) hook handles) before it
+    /// counts as idle. Idle connections stay open until the layer needs
+    /// room: when a new connection would take the last tenth of
+    /// [`max_connections`](Self::max_connections), idle ones are closed
+    /// with 1008, oldest first, so sockets opened and never used cannot
+    /// lock others out. `None` never counts a connection idle.
+    ///
+    /// Defaults to 30 seconds.
+    pub fn idle_after(mut self, after: Option<Duration>) -> Self {
+        self.limits.idle_after = after;
         self
     }
 

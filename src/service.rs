@@ -247,6 +247,12 @@ fn handshake<B, ResBody>(shared: &Arc<Shared>, mut req: Request<B>) -> Response<
         ip,
     };
     let max_connections = shared.config.limits.max_connections;
+    // Room for this one comes first from connections that never subscribed.
+    let headroom = (max_connections / 10).max(1);
+    let live = shared.tasks.live();
+    if live + headroom >= max_connections {
+        shared.hub.shed_idle(live + headroom + 1 - max_connections);
+    }
     let Some(task) = shared.tasks.try_start(max_connections) else {
         tracing::warn!(max_connections, ip = ?ip, "websocket_connection_limit_reached");
         return reject(StatusCode::SERVICE_UNAVAILABLE, "too many connections\n");

@@ -44,6 +44,7 @@ pub(crate) struct ConnectionLimits {
     pub(crate) max_topic_len: usize,
     pub(crate) message_rate: (u32, u32),
     pub(crate) subscribe_deadline: Option<Duration>,
+    pub(crate) idle_after: Option<Duration>,
 }
 
 /// What the layer, its services, its connections and its publishers share.

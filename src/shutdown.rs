@@ -47,6 +47,11 @@ impl Tasks {
             .map(|_| TaskGuard(self.clone()))
     }
 
+    /// How many tasks are live.
+    pub(crate) fn live(&self) -> usize {
+        self.live.load(Ordering::SeqCst)
+    }
+
     /// Resolves once no task is live.
     pub(crate) async fn idle(&self) {
         loop {

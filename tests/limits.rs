@@ -93,6 +93,38 @@ async fn a_connection_that_never_subscribes_is_closed_with_1008() {
 }
 
 #[tokio::test]
+async fn idle_connections_stay_until_the_layer_needs_room() {
+    let server = axum_server(
+        builder()
+            .max_connections(10)
+            .idle_after(Some(Duration::from_millis(100))),
+    )
+    .await;
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        clients.push(Client::connect(&server).await);
+    }
+    // Long past idle_after, nobody is closed while there is room: a page
+    // that opened its socket at load may subscribe much later.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(server.publisher.stats().connections, 8);
+    clients[0].subscribe("late").await;
+    subscribers(&server.publisher, "late", 1).await;
+
+    // The 10th connection would take the last tenth: the oldest idle one
+    // (not the one that subscribed) makes room.
+    let _ninth = Client::connect(&server).await;
+    let _tenth = Client::connect(&server).await;
+    assert_eq!(clients[1].recv_close().await, Some(CloseCode::Policy));
+    server.publisher.stream_delta("late", "still here");
+    assert_eq!(clients[0].recv_json().await["text"], "still here");
+    eventually("the idle one left", || {
+        server.publisher.stats().connections == 9
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn deeply_nested_json_is_an_invalid_message() {
     let server = axum_server(builder()).await;
     let mut client = Client::connect(&server).await;

@@ -3,7 +3,6 @@
 //! the application).
 
 use std::collections::HashSet;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use super::{Conn, ReadEnd};
@@ -25,7 +24,7 @@ impl Conn<'_> {
     ) -> Result<(), ReadEnd> {
         if let Some(hook) = &self.shared.config.on_message {
             if hook.call(inbound, &Reply::new(&self.shared.hub, self.outbox)) == Handled::Yes {
-                self.engaged.store(true, Relaxed);
+                self.engage();
                 return Ok(());
             }
         }
@@ -93,7 +92,7 @@ impl Conn<'_> {
                 );
             }
             ClientMessage::Subscribe { request_id, since } => {
-                self.engaged.store(true, Relaxed);
+                self.engage();
                 match hub.subscribe(&request_id, self.outbox, since) {
                     Subscribed::New {
                         replayed,

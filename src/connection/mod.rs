@@ -265,6 +265,14 @@ impl<'a> Conn<'a> {
         }
     }
 
+    /// The client subscribed, or sent a message the hook handled: it met
+    /// the subscribe deadline and is not idle.
+    fn engage(&self) {
+        if !self.engaged.swap(true, Relaxed) {
+            self.shared.hub.engaged(self.outbox.client_id());
+        }
+    }
+
     fn discarded(&self, n: usize) {
         Counters::add(&self.shared.hub.counters.messages_dropped, n);
     }

@@ -34,13 +34,12 @@ impl Conn<'_> {
         // Set once the connection starts closing: the last frames must be
         // written by then.
         let mut deadline: Option<Instant> = None;
-        // When a client that never subscribed is closed.
-        let subscribe_by = self
-            .shared
-            .config
-            .limits
-            .subscribe_deadline
-            .map(|d| self.epoch + d);
+        // When a client that never subscribed counts as idle, and when it
+        // is closed whatever the load.
+        let limits = &self.shared.config.limits;
+        let idle_by = limits.idle_after.map(|d| self.epoch + d);
+        let subscribe_by = limits.subscribe_deadline.map(|d| self.epoch + d);
+        let mut marked_idle = false;
         // For a timer branch that is disabled: `select!` still builds its
         // future. Read once, not on every write.
         let unused = Instant::now();
@@ -80,7 +79,16 @@ impl Conn<'_> {
                     }
                     Take::Stop => return WriteEnd::Stopped,
                     Take::Idle => {
-                        let subscribe_by = subscribe_by.filter(|_| !self.engaged.load(Relaxed));
+                        // The next moment a client that has not subscribed is
+                        // looked at again.
+                        let check_at = if self.engaged.load(Relaxed) {
+                            None
+                        } else {
+                            [idle_by.filter(|_| !marked_idle), subscribe_by]
+                                .into_iter()
+                                .flatten()
+                                .min()
+                        };
                         tokio::select! {
                             biased;
                             _ = self.outbox.woken() => {}
@@ -90,12 +98,19 @@ impl Conn<'_> {
                                 }
                                 ping_due = true;
                             }
-                            _ = tokio::time::sleep_until(subscribe_by.unwrap_or(unused)), if subscribe_by.is_some() => {
+                            _ = tokio::time::sleep_until(check_at.unwrap_or(unused)), if check_at.is_some() => {
                                 // It may have subscribed while this waited.
                                 if !self.engaged.load(Relaxed) {
-                                    tracing::info!(client_id = %self.outbox.client_id(), "websocket_subscribe_deadline");
-                                    let close = frame::close(close_code::POLICY_VIOLATION, "no subscription in time");
-                                    self.outbox.close(Some(close), true);
+                                    let now = Instant::now();
+                                    if !marked_idle && idle_by.is_some_and(|at| now >= at) {
+                                        marked_idle = true;
+                                        self.shared.hub.mark_idle(self.outbox.client_id());
+                                    }
+                                    if subscribe_by.is_some_and(|at| now >= at) {
+                                        tracing::info!(client_id = %self.outbox.client_id(), "websocket_subscribe_deadline");
+                                        let close = frame::close(close_code::POLICY_VIOLATION, "no subscription in time");
+                                        self.outbox.close(Some(close), true);
+                                    }
                                 }
                             }
                         }

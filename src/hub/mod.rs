@@ -15,7 +15,7 @@
 //! [`Hub::sweep`] drops history past its age or its stream's grace period,
 //! and then the topic.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
@@ -25,6 +25,7 @@ use tokio::sync::oneshot;
 
 use crate::connection::outbox::{Outbox, Push};
 use crate::error::PublishError;
+use crate::frame::{self, close_code};
 use crate::lock::lock;
 use crate::message::{Draft, Message};
 use crate::protocol;
@@ -93,6 +94,9 @@ pub(crate) struct Hub {
 
 struct Clients {
     map: HashMap<ClientId, Arc<Outbox>>,
+    /// Connections that have not subscribed for `idle_after`: the first
+    /// closed when the layer needs room. Ids grow, so the oldest come first.
+    idle: BTreeSet<ClientId>,
     accepting: bool,
 }
 
@@ -118,6 +122,7 @@ impl Hub {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             clients: Mutex::new(Clients {
                 map: HashMap::new(),
+                idle: BTreeSet::new(),
                 accepting: true,
             }),
             limits,
@@ -151,9 +156,45 @@ impl Hub {
     }
 
     pub(crate) fn deregister(&self, client_id: ClientId) {
-        if lock(&self.clients).map.remove(&client_id).is_some() {
+        let mut clients = lock(&self.clients);
+        clients.idle.remove(&client_id);
+        if clients.map.remove(&client_id).is_some() {
             Counters::sub(&self.counters.connections, 1);
         }
+    }
+
+    /// Counts a connection that has not subscribed in time as idle.
+    pub(crate) fn mark_idle(&self, client_id: ClientId) {
+        let mut clients = lock(&self.clients);
+        if clients.map.contains_key(&client_id) {
+            clients.idle.insert(client_id);
+        }
+    }
+
+    /// A connection subscribed: it is not idle (any more).
+    pub(crate) fn engaged(&self, client_id: ClientId) {
+        lock(&self.clients).idle.remove(&client_id);
+    }
+
+    /// Closes up to `n` idle connections with 1008, oldest first, to make
+    /// room; returns how many.
+    pub(crate) fn shed_idle(&self, n: usize) -> usize {
+        let shed: Vec<Arc<Outbox>> = {
+            let mut clients = lock(&self.clients);
+            let ids: Vec<ClientId> = clients.idle.iter().take(n).copied().collect();
+            ids.iter()
+                .filter_map(|id| {
+                    clients.idle.remove(id);
+                    clients.map.get(id).cloned()
+                })
+                .collect()
+        };
+        let close = frame::close(close_code::POLICY_VIOLATION, "idle; the server needs room");
+        for outbox in &shed {
+            tracing::info!(client_id = %outbox.client_id(), "websocket_idle_closed");
+            outbox.close(Some(close.clone()), true);
+        }
+        shed.len()
     }
 
     /// Refuses new connections from now on and returns the open ones.
