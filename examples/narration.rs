@@ -40,7 +40,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tower::util::MapRequestLayer;
 use tower_http::trace::TraceLayer;
-use tower_ws::protocol::Action;
+use tower_ws::protocol::{Action, ClientMessage};
 use tower_ws::{ClientEventKind, Publisher, WsLayer};
 use tracing_subscriber::EnvFilter;
 
@@ -72,10 +72,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut events = publisher.take_client_events().expect("taken once, here");
     tokio::spawn(async move {
         while let Some(event) = events.recv().await {
-            if let ClientEventKind::ActionClicked {
+            if let ClientEventKind::Message(ClientMessage::ActionClicked {
                 request_id,
                 action_id,
-            } = &event.kind
+            }) = &event.kind
             {
                 // Client text, so logged escaped.
                 tracing::info!(client_id = %event.client_id, ?request_id, ?action_id, "action clicked");

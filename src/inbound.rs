@@ -26,11 +26,13 @@ use std::sync::Arc;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
+use crate::auth::Principal;
 use crate::connection::outbox::Outbox;
 use crate::error::PublishError;
 use crate::frame;
 use crate::hub::Hub;
 use crate::message::Message;
+use crate::protocol::ClientMessage;
 use crate::ClientId;
 
 /// A complete message from a client.
@@ -60,16 +62,27 @@ pub enum Handled {
 pub struct Reply<'a> {
     hub: &'a Hub,
     outbox: &'a Outbox,
+    principal: Option<&'a Principal>,
 }
 
 impl<'a> Reply<'a> {
-    pub(crate) fn new(hub: &'a Hub, outbox: &'a Outbox) -> Self {
-        Self { hub, outbox }
+    pub(crate) fn new(hub: &'a Hub, outbox: &'a Outbox, principal: Option<&'a Principal>) -> Self {
+        Self {
+            hub,
+            outbox,
+            principal,
+        }
     }
 
     /// The client's id.
     pub fn client_id(&self) -> ClientId {
         self.outbox.client_id()
+    }
+
+    /// Who the [`authorize`](crate::WsLayerBuilder::authorize) hook said
+    /// the client is; `None` without the hook.
+    pub fn principal(&self) -> Option<&'a Principal> {
+        self.principal
     }
 
     /// Sends a text message.
@@ -129,12 +142,16 @@ impl fmt::Debug for Hook {
     }
 }
 
-/// An event a client sent, with the connection it came from.
-#[derive(Clone, PartialEq)]
+/// Something a client did, with the connection it came from and who the
+/// connection belongs to.
+#[derive(Clone)]
 #[non_exhaustive]
 pub struct ClientEvent {
     /// The connection; answer it with [`Publisher::send_to`](crate::Publisher::send_to).
     pub client_id: ClientId,
+    /// Who the [`authorize`](crate::WsLayerBuilder::authorize) hook said
+    /// the client is; `None` without the hook.
+    pub principal: Option<Principal>,
     /// What happened.
     pub kind: ClientEventKind,
 }
@@ -144,40 +161,39 @@ impl fmt::Debug for ClientEvent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut d = f.debug_struct("ClientEvent");
         d.field("client_id", &self.client_id);
+        d.field("principal", &self.principal.as_ref().map(Principal::id));
         match &self.kind {
-            ClientEventKind::ActionClicked {
+            ClientEventKind::Connected => d.field("kind", &"connected"),
+            ClientEventKind::Disconnected => d.field("kind", &"disconnected"),
+            ClientEventKind::Message(ClientMessage::ActionClicked {
                 request_id,
                 action_id,
-            } => d
+            }) => d
                 .field("kind", &"action_clicked")
                 .field("request_id", request_id)
                 .field("action_id", action_id),
-            ClientEventKind::UiStateChanged { request_id, .. } => d
-                .field("kind", &"ui_state_changed")
-                .field("request_id", request_id),
+            ClientEventKind::Message(message) => d
+                .field("kind", &message.kind())
+                .field("request_id", &message.request_id()),
         };
         d.finish_non_exhaustive()
     }
 }
 
-/// The kinds of [`ClientEvent`].
+/// What a [`ClientEvent`] is about.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum ClientEventKind {
-    /// `{"type":"action_clicked","requestId":…,"actionId":…}`
-    ActionClicked {
-        /// The request the action belongs to.
-        request_id: String,
-        /// The clicked action's id.
-        action_id: String,
-    },
-    /// `{"type":"ui_state_changed","requestId":…,"state":…}`
-    UiStateChanged {
-        /// The request the state belongs to.
-        request_id: String,
-        /// Application-defined state.
-        state: serde_json::Value,
-    },
+    /// The connection was accepted. Only with
+    /// [`connection_events`](crate::WsLayerBuilder::connection_events).
+    Connected,
+    /// A message of the default protocol that is the application's to
+    /// handle: [`ClientMessage::ActionClicked`] or
+    /// [`ClientMessage::UiStateChanged`] (the layer handles the others).
+    Message(ClientMessage),
+    /// The connection ended. Only with
+    /// [`connection_events`](crate::WsLayerBuilder::connection_events).
+    Disconnected,
 }
 
 /// The receiver of [`ClientEvent`]s, from
@@ -186,6 +202,7 @@ pub enum ClientEventKind {
 /// Dropping it makes every later event be refused with `event_dropped`.
 ///
 /// ```no_run
+/// use tower_ws::protocol::ClientMessage;
 /// use tower_ws::{ClientEventKind, WsLayer};
 ///
 /// # async fn run() -> Result<(), tower_ws::BuildError> {
@@ -193,7 +210,9 @@ pub enum ClientEventKind {
 /// let mut events = publisher.take_client_events().expect("taken once");
 /// tokio::spawn(async move {
 ///     while let Some(event) = events.recv().await {
-///         if let ClientEventKind::ActionClicked { request_id, action_id } = &event.kind {
+///         if let ClientEventKind::Message(ClientMessage::ActionClicked { request_id, action_id }) =
+///             &event.kind
+///         {
 ///             // Answer the client that clicked, on its own connection.
 ///             let reply = serde_json::json!({"type": "status", "requestId": request_id,
 ///                                            "status": format!("running {action_id}")});

@@ -110,6 +110,7 @@ pub struct WsLayerBuilder {
     max_queued_bytes: usize,
     max_message_size: usize,
     event_capacity: usize,
+    connection_events: bool,
     slow_client_policy: SlowClientPolicy,
     history: HistoryLimits,
     on_message: Option<Hook>,
@@ -131,6 +132,7 @@ impl Default for WsLayerBuilder {
             max_queued_bytes: DEFAULT_MAX_QUEUED_BYTES,
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             event_capacity: DEFAULT_EVENT_CAPACITY,
+            connection_events: false,
             slow_client_policy: SlowClientPolicy::default(),
             history: HistoryLimits {
                 messages: DEFAULT_HISTORY_MESSAGES,
@@ -238,6 +240,20 @@ impl WsLayerBuilder {
     /// Defaults to 1024.
     pub fn event_capacity(mut self, events: usize) -> Self {
         self.event_capacity = events;
+        self
+    }
+
+    /// Whether the application also receives a [`ClientEventKind::Connected`]
+    /// and a [`ClientEventKind::Disconnected`] event for every connection,
+    /// among the other events of [`Publisher::take_client_events`]. They
+    /// share its buffer: an application that turns them on must take them.
+    ///
+    /// Defaults to off.
+    ///
+    /// [`ClientEventKind::Connected`]: crate::ClientEventKind::Connected
+    /// [`ClientEventKind::Disconnected`]: crate::ClientEventKind::Disconnected
+    pub fn connection_events(mut self, on: bool) -> Self {
+        self.connection_events = on;
         self
     }
 
@@ -555,6 +571,7 @@ impl WsLayerBuilder {
             limits: self.limits,
             auth: self.auth,
             trusted_proxy_header,
+            connection_events: self.connection_events,
             sweep_interval: (self.history.completed_grace.min(self.history.age) / 2)
                 .clamp(Duration::from_millis(10), Duration::from_secs(1)),
         };

@@ -83,6 +83,16 @@ impl ClientMessage {
             | Self::UiStateChanged { request_id, .. } => request_id,
         }
     }
+
+    /// The message's `type`, as on the wire.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Subscribe { .. } => "subscribe",
+            Self::Unsubscribe { .. } => "unsubscribe",
+            Self::ActionClicked { .. } => "action_clicked",
+            Self::UiStateChanged { .. } => "ui_state_changed",
+        }
+    }
 }
 
 /// A message the server sends to clients.

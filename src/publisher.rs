@@ -13,7 +13,7 @@ use std::future::Future;
 use tokio::sync::oneshot;
 
 use crate::error::{BackplaneError, PublishError};
-use crate::frame;
+use crate::frame::{self, close_code};
 use crate::inbound::ClientEvents;
 use crate::message::Draft;
 use crate::protocol::{Action, ServerMessage};
@@ -236,6 +236,37 @@ impl Publisher {
     ) -> Result<bool, PublishError> {
         let frame = frame::json_text(message).map_err(PublishError::serialize)?;
         Ok(self.shared.hub.send_to(client, frame))
+    }
+
+    /// Sends a message to every connection of one principal on this
+    /// instance (a user's tabs), as [`send_to`](Self::send_to) does to one.
+    /// `principal` is the [`Principal::id`](crate::Principal::id) the
+    /// [`authorize`](crate::WsLayerBuilder::authorize) hook gave. Returns
+    /// for how many connections it was queued.
+    ///
+    /// # Errors
+    ///
+    /// [`PublishError::Serialize`] if `message` cannot be serialized.
+    pub fn send_to_principal<T: Serialize + ?Sized>(
+        &self,
+        principal: &str,
+        message: &T,
+    ) -> Result<usize, PublishError> {
+        let frame = frame::json_text(message).map_err(PublishError::serialize)?;
+        Ok(self.shared.hub.send_to_principal(principal, frame))
+    }
+
+    /// Closes one connection: what it has queued is written, then a Close
+    /// frame with `code` and `reason` (cut to fit a Close frame), as at
+    /// shutdown. Returns whether the close began: `false` if the client is
+    /// not open on this instance, or `code` is not one a Close frame may
+    /// carry (1000–1003, 1007–1014, 3000–4999).
+    pub fn close_client(&self, client: ClientId, code: u16, reason: &str) -> bool {
+        close_code::may_be_sent(code)
+            && self
+                .shared
+                .hub
+                .close_client(client, frame::close(code, reason))
     }
 
     /// How many connections on this instance are subscribed to `topic`.

@@ -9,14 +9,16 @@ use std::time::Duration;
 use hyper::header::HeaderName;
 use tokio::sync::mpsc;
 
-use crate::auth::AuthHooks;
+use crate::auth::{AuthHooks, Principal};
+use crate::client_id::ClientId;
 use crate::client_ip::PerIp;
 use crate::connection::outbox::SlowClientPolicy;
 use crate::hub::Hub;
 use crate::inbound::Hook;
-use crate::inbound::{ClientEvent, ClientEvents};
+use crate::inbound::{ClientEvent, ClientEventKind, ClientEvents};
 use crate::origin::OriginPolicy;
 use crate::shutdown::Tasks;
+use crate::stats::Counters;
 
 /// The validated configuration.
 #[derive(Debug)]
@@ -33,6 +35,7 @@ pub(crate) struct Config {
     pub(crate) auth: AuthHooks,
     pub(crate) trusted_proxy_header: Option<HeaderName>,
     pub(crate) sweep_interval: Duration,
+    pub(crate) connection_events: bool,
 }
 
 /// Per-connection and global limits.
@@ -59,6 +62,32 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Hands an event to the application without waiting; when it cannot
+    /// be taken, it is counted and given back with the reason.
+    pub(crate) fn send_event(
+        &self,
+        client_id: ClientId,
+        principal: Option<&Principal>,
+        kind: ClientEventKind,
+    ) -> Result<(), (Box<ClientEvent>, &'static str)> {
+        let event = ClientEvent {
+            client_id,
+            principal: principal.cloned(),
+            kind,
+        };
+        let refused = match self.events.try_send(event) {
+            Ok(()) => return Ok(()),
+            Err(mpsc::error::TrySendError::Full(event)) => {
+                (Box::new(event), "the server is busy; event not taken")
+            }
+            Err(mpsc::error::TrySendError::Closed(event)) => {
+                (Box::new(event), "the server does not take events")
+            }
+        };
+        Counters::add(&self.hub.counters.events_dropped, 1);
+        Err(refused)
+    }
+
     pub(crate) fn new(config: Config, hub: Arc<Hub>, event_capacity: usize) -> Arc<Self> {
         let (events, receiver) = ClientEvents::channel(event_capacity);
         Arc::new(Self {

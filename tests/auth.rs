@@ -101,3 +101,79 @@ async fn a_forbidden_subscribe_gets_an_error_and_no_data() {
     server.publisher.stream_delta("alice-1", "mine");
     assert_eq!(alice.recv_json().await["text"], "mine");
 }
+
+/// `?user=<name>` names the principal.
+fn by_user() -> WsLayerBuilder {
+    builder().authorize(
+        |req| match req.uri().query().and_then(|q| q.strip_prefix("user=")) {
+            Some(user) => Ok(Principal::new(user)),
+            None => Err(Rejection::unauthorized("no user")),
+        },
+    )
+}
+
+#[tokio::test]
+async fn the_application_knows_who_connects_and_can_reach_and_close_them() {
+    let server = axum_server(
+        by_user()
+            .connection_events(true)
+            .on_message(|inbound, reply| match inbound {
+                tower_ws::Inbound::Text("whoami") => {
+                    reply.text(reply.principal().map_or("?", Principal::id));
+                    tower_ws::Handled::Yes
+                }
+                _ => tower_ws::Handled::No,
+            }),
+    )
+    .await;
+    let mut events = server.publisher.take_client_events().unwrap();
+    let mut tab1 = connect(&server, "?user=ann", None).await.unwrap();
+    let mut tab2 = connect(&server, "?user=ann", None).await.unwrap();
+    let mut other = connect(&server, "?user=bob", None).await.unwrap();
+
+    let mut connected = Vec::new();
+    for _ in 0..3 {
+        let event = within(events.recv()).await.unwrap();
+        assert_eq!(event.kind, tower_ws::ClientEventKind::Connected);
+        connected.push((event.client_id, event.principal.unwrap().id().to_owned()));
+    }
+    let ann: Vec<_> = connected.iter().filter(|(_, p)| p == "ann").collect();
+    assert_eq!(ann.len(), 2);
+
+    // The hook sees the principal too.
+    tab1.send_text("whoami").await;
+    assert_eq!(tab1.recv_text().await, "ann");
+
+    // A user's tabs, and only theirs.
+    let sent = server
+        .publisher
+        .send_to_principal("ann", &serde_json::json!({"type": "notice"}))
+        .unwrap();
+    assert_eq!(sent, 2);
+    assert_eq!(tab1.recv_json().await["type"], "notice");
+    assert_eq!(tab2.recv_json().await["type"], "notice");
+
+    // Events carry the principal.
+    tab2.send_json(serde_json::json!({"type":"action_clicked","requestId":"r","actionId":"a"}))
+        .await;
+    let clicked = within(events.recv()).await.unwrap();
+    assert_eq!(clicked.principal.unwrap().id(), "ann");
+
+    // The server closes one client.
+    let bob = connected.iter().find(|(_, p)| p == "bob").unwrap().0;
+    assert!(!server.publisher.close_client(bob, 1005, "reserved code"));
+    assert!(server
+        .publisher
+        .close_client(bob, 4001, "account suspended"));
+    assert_eq!(
+        other.recv_close().await,
+        Some(tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::from(4001))
+    );
+    drop(other);
+    let gone = within(events.recv()).await.unwrap();
+    assert_eq!(
+        (gone.client_id, gone.kind),
+        (bob, tower_ws::ClientEventKind::Disconnected)
+    );
+    assert!(!server.publisher.close_client(bob, 1000, "again"));
+}

@@ -3,6 +3,8 @@
 
 mod support;
 
+use tower_ws::protocol::ClientMessage;
+
 use serde_json::json;
 use support::*;
 use tower_ws::ClientEventKind;
@@ -67,14 +69,14 @@ async fn events_reach_the_application_with_the_client_id() {
     let first = within(events.recv()).await.unwrap();
     assert_eq!(
         first.kind,
-        ClientEventKind::ActionClicked {
+        ClientEventKind::Message(ClientMessage::ActionClicked {
             request_id: "req-1".into(),
             action_id: "call".into()
-        }
+        })
     );
     let second = within(events.recv()).await.unwrap();
     assert!(
-        matches!(second.kind, ClientEventKind::UiStateChanged { ref state, .. } if state["zoom"] == 14)
+        matches!(second.kind, ClientEventKind::Message(ClientMessage::UiStateChanged { ref state, .. }) if state["zoom"] == 14)
     );
     assert_eq!(first.client_id, second.client_id);
 

@@ -9,11 +9,10 @@ use super::{Conn, ReadEnd};
 use crate::auth::Principal;
 use crate::frame;
 use crate::hub::{Subscribed, TopicDigest};
-use crate::inbound::{ClientEvent, ClientEventKind};
+use crate::inbound::ClientEventKind;
 use crate::inbound::{Handled, Inbound, Reply};
 use crate::message::Message;
 use crate::protocol::{self, error_code, ClientMessage, ServerMessage};
-use crate::stats::Counters;
 
 impl Conn<'_> {
     /// Handles one complete message. `Err` ends the connection.
@@ -23,7 +22,8 @@ impl Conn<'_> {
         topics: &mut HashSet<Arc<str>>,
     ) -> Result<(), ReadEnd> {
         if let Some(hook) = &self.shared.config.on_message {
-            if hook.call(inbound, &Reply::new(&self.shared.hub, self.outbox)) == Handled::Yes {
+            let reply = Reply::new(&self.shared.hub, self.outbox, self.principal);
+            if hook.call(inbound, &reply) == Handled::Yes {
                 self.engage();
                 return Ok(());
             }
@@ -113,15 +113,9 @@ impl Conn<'_> {
                     tracing::info!(%client_id, topic = %TopicDigest(&request_id), "websocket_unsubscribed");
                 }
             }
-            ClientMessage::ActionClicked {
-                request_id,
-                action_id,
-            } => self.forward(ClientEventKind::ActionClicked {
-                request_id,
-                action_id,
-            }),
-            ClientMessage::UiStateChanged { request_id, state } => {
-                self.forward(ClientEventKind::UiStateChanged { request_id, state })
+            message @ (ClientMessage::ActionClicked { .. }
+            | ClientMessage::UiStateChanged { .. }) => {
+                self.forward(ClientEventKind::Message(message))
             }
         }
         Ok(())
@@ -129,24 +123,15 @@ impl Conn<'_> {
 
     /// Hands an event to the application, or tells the client it could not.
     fn forward(&self, kind: ClientEventKind) {
-        let event = ClientEvent {
-            client_id: self.outbox.client_id(),
-            kind,
+        let Err(refused) = self
+            .shared
+            .send_event(self.outbox.client_id(), self.principal, kind)
+        else {
+            return;
         };
-        if let Err(e) = self.shared.events.try_send(event) {
-            let (event, why) = match e {
-                tokio::sync::mpsc::error::TrySendError::Full(event) => {
-                    (event, "the server is busy; event not taken")
-                }
-                tokio::sync::mpsc::error::TrySendError::Closed(event) => {
-                    (event, "the server does not take events")
-                }
-            };
-            Counters::add(&self.shared.hub.counters.events_dropped, 1);
-            let request_id = match &event.kind {
-                ClientEventKind::ActionClicked { request_id, .. }
-                | ClientEventKind::UiStateChanged { request_id, .. } => request_id,
-            };
+        let (event, why) = refused;
+        if let ClientEventKind::Message(message) = &event.kind {
+            let request_id = message.request_id();
             tracing::warn!(client_id = %event.client_id, topic = %TopicDigest(request_id), why, "websocket_event_dropped");
             self.send_error(request_id, error_code::EVENT_DROPPED, why);
         }

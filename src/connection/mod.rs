@@ -29,6 +29,7 @@ use crate::client_id::ClientId;
 use crate::client_ip::IpSlot;
 use crate::frame::{self, close_code, Decoder};
 use crate::hub::TopicDigest;
+use crate::inbound::ClientEventKind;
 use crate::shared::Shared;
 use crate::shutdown::TaskGuard;
 
@@ -71,7 +72,8 @@ pub(crate) async fn serve(
         shared.config.max_queued_bytes,
         shared.config.slow_client_policy,
     ));
-    if !shared.hub.register(outbox.clone()) {
+    let principal_id = peer.principal.as_ref().map(Principal::id);
+    if !shared.hub.register(outbox.clone(), principal_id) {
         // Shutdown began while this client was upgrading.
         let close = frame::close(close_code::GOING_AWAY, "server shutting down");
         let goodbye = async {
@@ -89,6 +91,11 @@ pub(crate) async fn serve(
         ip = ?peer.ip,
         "websocket_connected"
     );
+    let connection_events = shared.config.connection_events;
+    if connection_events {
+        let connected = ClientEventKind::Connected;
+        let _ = shared.send_event(client_id, peer.principal.as_ref(), connected);
+    }
 
     let conn = Conn::new(&shared, &outbox, peer.principal.as_ref());
     let mut topics = HashSet::new();
@@ -100,7 +107,11 @@ pub(crate) async fn serve(
         }
     }
     Counters::add(&shared.hub.counters.messages_dropped, outbox.kill());
-    shared.hub.deregister(client_id);
+    shared.hub.deregister(client_id, principal_id);
+    if connection_events {
+        let disconnected = ClientEventKind::Disconnected;
+        let _ = shared.send_event(client_id, peer.principal.as_ref(), disconnected);
+    }
     if reason == Reason::CloseTimeout && !shared.hub.is_accepting() {
         counted.0.cut_off();
     }

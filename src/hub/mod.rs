@@ -94,6 +94,8 @@ pub(crate) struct Hub {
 
 struct Clients {
     map: HashMap<ClientId, Arc<Outbox>>,
+    /// Each principal's connections (a user's tabs), by the principal's id.
+    by_principal: HashMap<Arc<str>, Vec<Arc<Outbox>>>,
     /// Connections that have not subscribed for `idle_after`: the first
     /// closed when the layer needs room. Ids grow, so the oldest come first.
     idle: BTreeSet<ClientId>,
@@ -122,6 +124,7 @@ impl Hub {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             clients: Mutex::new(Clients {
                 map: HashMap::new(),
+                by_principal: HashMap::new(),
                 idle: BTreeSet::new(),
                 accepting: true,
             }),
@@ -144,23 +147,60 @@ impl Hub {
         self.relay.get()
     }
 
-    /// Adds a connection; `false` once shutdown has begun.
-    pub(crate) fn register(&self, outbox: Arc<Outbox>) -> bool {
+    /// Adds a connection, of the principal with id `principal` if it has
+    /// one; `false` once shutdown has begun.
+    pub(crate) fn register(&self, outbox: Arc<Outbox>, principal: Option<&str>) -> bool {
         let mut clients = lock(&self.clients);
         if !clients.accepting {
             return false;
+        }
+        if let Some(principal) = principal {
+            clients
+                .by_principal
+                .entry(principal.into())
+                .or_default()
+                .push(outbox.clone());
         }
         clients.map.insert(outbox.client_id(), outbox);
         Counters::add(&self.counters.connections, 1);
         true
     }
 
-    pub(crate) fn deregister(&self, client_id: ClientId) {
+    pub(crate) fn deregister(&self, client_id: ClientId, principal: Option<&str>) {
         let mut clients = lock(&self.clients);
         clients.idle.remove(&client_id);
+        if let Some(principal) = principal {
+            if let Some(outboxes) = clients.by_principal.get_mut(principal) {
+                outboxes.retain(|o| o.client_id() != client_id);
+                if outboxes.is_empty() {
+                    clients.by_principal.remove(principal);
+                }
+            }
+        }
         if clients.map.remove(&client_id).is_some() {
             Counters::sub(&self.counters.connections, 1);
         }
+    }
+
+    /// Queues a frame for every connection of a principal; returns for how
+    /// many it was queued.
+    pub(crate) fn send_to_principal(&self, principal: &str, frame: Bytes) -> usize {
+        let outboxes = lock(&self.clients)
+            .by_principal
+            .get(principal)
+            .cloned()
+            .unwrap_or_default();
+        self.push_all(&outboxes, Message::plain(frame))
+    }
+
+    /// Starts closing one connection with `close`, after what it has
+    /// queued; `false` if it is not open here.
+    pub(crate) fn close_client(&self, client_id: ClientId, close: Bytes) -> bool {
+        let outbox = lock(&self.clients).map.get(&client_id).cloned();
+        outbox.is_some_and(|outbox| {
+            outbox.close(Some(close), true);
+            true
+        })
     }
 
     /// Counts a connection that has not subscribed in time as idle.
@@ -468,7 +508,7 @@ pub(super) mod tests {
             1 << 20,
             SlowClientPolicy::Close,
         ));
-        assert!(hub.register(outbox.clone()));
+        assert!(hub.register(outbox.clone(), None));
         outbox
     }
 
@@ -500,8 +540,8 @@ pub(super) mod tests {
         assert!(!hub.unsubscribe("t", &a));
         assert_eq!(hub.subscriber_count("t"), 1);
         assert!(hub.unsubscribe("t", &b));
-        hub.deregister(a.client_id());
-        hub.deregister(b.client_id());
+        hub.deregister(a.client_id(), None);
+        hub.deregister(b.client_id(), None);
         hub.sweep();
         let stats = hub.counters.snapshot();
         assert_eq!(
@@ -548,11 +588,10 @@ pub(super) mod tests {
         let open = hub.stop_accepting();
         assert_eq!(open.len(), 1);
         assert!(Arc::ptr_eq(&open[0], &a));
-        assert!(!hub.register(Arc::new(Outbox::new(
-            ClientId::next(),
-            1,
-            SlowClientPolicy::Close
-        ))));
+        assert!(!hub.register(
+            Arc::new(Outbox::new(ClientId::next(), 1, SlowClientPolicy::Close)),
+            None
+        ));
         assert!(!hub.is_accepting());
     }
 }

@@ -168,6 +168,17 @@ impl Client {
         }
     }
 
+    /// The next text message as it is; panics on close, binary or timeout.
+    pub async fn recv_text(&mut self) -> String {
+        loop {
+            match self.next().await {
+                Message::Text(text) => return text.to_string(),
+                Message::Ping(_) | Message::Pong(_) => continue,
+                other => panic!("expected a text message, got {other:?}"),
+            }
+        }
+    }
+
     /// Reads until the server's Close frame; returns its code.
     pub async fn recv_close(&mut self) -> Option<CloseCode> {
         loop {
