@@ -3,10 +3,13 @@
 
 use std::any::Any;
 use std::fmt;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use hyper::header::{self, HeaderMap};
+use hyper::http::Extensions;
 use hyper::Uri;
 
 /// The handshake request, as the [`authorize`](crate::WsLayerBuilder::authorize)
@@ -14,6 +17,7 @@ use hyper::Uri;
 pub struct UpgradeRequest<'a> {
     pub(crate) uri: &'a Uri,
     pub(crate) headers: &'a HeaderMap,
+    pub(crate) extensions: &'a Extensions,
     pub(crate) peer: Option<SocketAddr>,
 }
 
@@ -21,6 +25,12 @@ impl<'a> UpgradeRequest<'a> {
     /// The request's headers (cookies included).
     pub fn headers(&self) -> &'a HeaderMap {
         self.headers
+    }
+
+    /// The request's extensions: what middleware in front of the layer
+    /// put there, a session or an authenticated user, say.
+    pub fn extensions(&self) -> &'a Extensions {
+        self.extensions
     }
 
     /// The request URI, with its query.
@@ -155,13 +165,23 @@ impl fmt::Debug for Rejection {
     }
 }
 
+/// What an async `authorize` hook's future resolves to.
+pub(crate) type Decision = Pin<Box<dyn Future<Output = Result<Principal, Rejection>> + Send>>;
 type AuthorizeFn = dyn Fn(&UpgradeRequest<'_>) -> Result<Principal, Rejection> + Send + Sync;
+pub(crate) type AuthorizeLaterFn = dyn Fn(&UpgradeRequest<'_>) -> Decision + Send + Sync;
 type SubscribeFn = dyn Fn(Option<&Principal>, &str) -> bool + Send + Sync;
+
+/// The `authorize` hook: deciding at once, or with a future.
+#[derive(Clone)]
+pub(crate) enum Authorize {
+    Now(Arc<AuthorizeFn>),
+    Later(Arc<AuthorizeLaterFn>),
+}
 
 /// The configured hooks; `Debug` does not show the closures.
 #[derive(Clone, Default)]
 pub(crate) struct AuthHooks {
-    pub(crate) authorize: Option<Arc<AuthorizeFn>>,
+    pub(crate) authorize: Option<Authorize>,
     pub(crate) subscribe: Option<Arc<SubscribeFn>>,
 }
 
@@ -174,8 +194,13 @@ impl AuthHooks {
 
 impl fmt::Debug for AuthHooks {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let authorize = match &self.authorize {
+            None => "none",
+            Some(Authorize::Now(_)) => "sync",
+            Some(Authorize::Later(_)) => "async",
+        };
         f.debug_struct("AuthHooks")
-            .field("authorize", &self.authorize.is_some())
+            .field("authorize", &authorize)
             .field("subscribe", &self.subscribe.is_some())
             .finish()
     }

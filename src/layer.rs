@@ -1,13 +1,14 @@
 //! The builder and the [`WsLayer`] it makes.
 
 use std::fmt;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::header::HeaderName;
 use tower::Layer;
 
-use crate::auth::{AuthHooks, Principal, Rejection, UpgradeRequest};
+use crate::auth::{AuthHooks, Authorize, AuthorizeLaterFn, Principal, Rejection, UpgradeRequest};
 use crate::connection::outbox::SlowClientPolicy;
 use crate::error::BuildError;
 use crate::hub::HistoryLimits;
@@ -444,7 +445,52 @@ impl WsLayerBuilder {
     where
         F: Fn(&UpgradeRequest<'_>) -> Result<Principal, Rejection> + Send + Sync + 'static,
     {
-        self.auth.authorize = Some(Arc::new(hook));
+        self.auth.authorize = Some(Authorize::Now(Arc::new(hook)));
+        self
+    }
+
+    /// As [`authorize`](Self::authorize), for a decision that waits on I/O
+    /// (a session store, a token service): the hook reads what it needs
+    /// from the request and returns a future that decides. The handshake's
+    /// response waits for it; other connections do not. Replaces a hook
+    /// set with `authorize`, and the other way round.
+    ///
+    /// ```
+    /// use tower_ws::{Principal, Rejection, WsLayer};
+    ///
+    /// #[derive(Clone)]
+    /// struct Session(String); // put in the extensions by a session layer
+    ///
+    /// async fn user_of(session: &str) -> Option<String> {
+    ///     // look the session up in your store
+    ///     (session == "s1").then(|| "ann".to_owned())
+    /// }
+    ///
+    /// let (layer, publisher) = WsLayer::builder()
+    ///     .authorize_async(|req| {
+    ///         let session = req.extensions().get::<Session>().cloned();
+    ///         async move {
+    ///             let Some(Session(id)) = session else {
+    ///                 return Err(Rejection::unauthorized("no session"));
+    ///             };
+    ///             match user_of(&id).await {
+    ///                 Some(user) => Ok(Principal::new(user)),
+    ///                 None => Err(Rejection::forbidden("unknown session")),
+    ///             }
+    ///         }
+    ///     })
+    ///     .build()?;
+    /// # Ok::<(), tower_ws::BuildError>(())
+    /// ```
+    ///
+    /// Defaults to none, as `authorize`.
+    pub fn authorize_async<F, Fut>(mut self, hook: F) -> Self
+    where
+        F: Fn(&UpgradeRequest<'_>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Principal, Rejection>> + Send + 'static,
+    {
+        let later: Arc<AuthorizeLaterFn> = Arc::new(move |req| Box::pin(hook(req)));
+        self.auth.authorize = Some(Authorize::Later(later));
         self
     }
 

@@ -16,17 +16,18 @@
 
 use std::fmt;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use bytes::Bytes;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode, Version};
 use pin_project_lite::pin_project;
 use tower::Service;
 
-use crate::auth::{header_tokens, UpgradeRequest};
+use crate::auth::{header_tokens, Authorize, Principal, Rejection, UpgradeRequest};
 use crate::body::WsBody;
 use crate::client_ip::client_ip;
 use crate::connection::{self, Peer};
@@ -97,11 +98,13 @@ where
                 },
             };
         }
-        ResponseFuture {
-            kind: Kind::Ready {
-                response: Some(handshake(&self.shared, req)),
+        let kind = match handshake(&self.shared, req) {
+            Admission::Answered(response) => Kind::Ready {
+                response: Some(response.map(WsBody::own)),
             },
-        }
+            Admission::Authorizing(future) => Kind::Authorizing { future },
+        };
+        ResponseFuture { kind }
     }
 }
 
@@ -118,6 +121,7 @@ pin_project! {
     enum Kind<F, B> {
         Inner { #[pin] future: F },
         Ready { response: Option<Response<WsBody<B>>> },
+        Authorizing { future: Pin<Box<dyn Future<Output = Response<Bytes>> + Send>> },
     }
 }
 
@@ -133,6 +137,9 @@ where
             KindProj::Ready { response } => Poll::Ready(Ok(response
                 .take()
                 .expect("ResponseFuture polled after completion"))),
+            KindProj::Authorizing { future } => {
+                future.as_mut().poll(cx).map(|r| Ok(r.map(WsBody::own)))
+            }
         }
     }
 }
@@ -144,33 +151,49 @@ impl<F, B> fmt::Debug for ResponseFuture<F, B> {
 }
 
 /// Answers a request to the WebSocket path.
-fn handshake<B, ResBody>(shared: &Arc<Shared>, mut req: Request<B>) -> Response<WsBody<ResBody>> {
+/// The answer to a handshake: now, or once an async `authorize` hook has
+/// decided.
+enum Admission {
+    Answered(Response<Bytes>),
+    Authorizing(Pin<Box<dyn Future<Output = Response<Bytes>> + Send>>),
+}
+
+/// What admission learned of the client before authorizing it.
+struct Client {
+    ip: Option<IpAddr>,
+    origin: Option<String>,
+}
+
+fn handshake<B>(shared: &Arc<Shared>, req: Request<B>) -> Admission {
     let headers = req.headers();
     if req.method() != Method::GET
         || req.version() < Version::HTTP_11
         || !has_token(headers, header::CONNECTION, "upgrade")
         || !has_token(headers, header::UPGRADE, "websocket")
     {
-        return reject(
+        return Admission::Answered(reject(
             StatusCode::UPGRADE_REQUIRED,
             "this endpoint only accepts WebSocket connections\n",
-        );
+        ));
     }
     if headers
         .get(header::SEC_WEBSOCKET_VERSION)
         .map(HeaderValue::as_bytes)
         != Some(b"13")
     {
-        return reject(
+        return Admission::Answered(reject(
             StatusCode::UPGRADE_REQUIRED,
             "unsupported WebSocket version; use 13\n",
-        );
+        ));
     }
     if !headers.contains_key(header::SEC_WEBSOCKET_KEY) {
-        return reject(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key\n");
+        return Admission::Answered(reject(
+            StatusCode::BAD_REQUEST,
+            "missing Sec-WebSocket-Key\n",
+        ));
     }
     if !shared.hub.is_accepting() {
-        return reject(StatusCode::SERVICE_UNAVAILABLE, "server is shutting down\n");
+        return Admission::Answered(shutting_down());
     }
     let ip = client_ip(
         headers,
@@ -190,56 +213,79 @@ fn handshake<B, ResBody>(shared: &Arc<Shared>, mut req: Request<B>) -> Response<
             ip = ?ip,
             "websocket_origin_rejected"
         );
-        return reject(StatusCode::FORBIDDEN, "origin not allowed\n");
+        return Admission::Answered(reject(StatusCode::FORBIDDEN, "origin not allowed\n"));
     }
-    let principal = match &shared.config.auth.authorize {
-        None => None,
-        Some(authorize) => {
-            let request = UpgradeRequest {
-                uri: req.uri(),
-                headers: req.headers(),
-                peer: req.extensions().get::<SocketAddr>().copied(),
-            };
-            match authorize(&request) {
-                Ok(principal) => {
-                    if let Some(protocol) = principal.protocol() {
-                        if !request.protocols().any(|p| p == protocol) {
-                            tracing::error!(
-                                protocol,
-                                "websocket_unauthorized: the principal's protocol was not offered"
-                            );
-                            return reject(
-                                StatusCode::INTERNAL_SERVER_ERROR,
-                                "server misconfigured\n",
-                            );
-                        }
-                    }
-                    Some(principal)
-                }
-                Err(rejection) => {
-                    tracing::warn!(
-                        status = rejection.status,
-                        reason = ?rejection.reason,
-                        origin = ?origin.as_deref(),
-                        ip = ?ip,
-                        "websocket_unauthorized"
-                    );
-                    return match rejection.status {
-                        401 => reject(StatusCode::UNAUTHORIZED, "unauthorized\n"),
-                        _ => reject(StatusCode::FORBIDDEN, "forbidden\n"),
-                    };
-                }
-            }
-        }
+    let client = Client { ip, origin };
+    let request = UpgradeRequest {
+        uri: req.uri(),
+        headers: req.headers(),
+        extensions: req.extensions(),
+        peer: req.extensions().get::<SocketAddr>().copied(),
     };
+    match &shared.config.auth.authorize {
+        None => Admission::Answered(admit(shared, req, client, None)),
+        Some(Authorize::Now(authorize)) => match authorize(&request) {
+            Ok(principal) => Admission::Answered(admit(shared, req, client, Some(principal))),
+            Err(rejection) => Admission::Answered(unauthorized(&rejection, &client)),
+        },
+        Some(Authorize::Later(authorize)) => {
+            let decision = authorize(&request);
+            // The body is not needed: what the upgrade reads is in the parts.
+            let req = Request::from_parts(req.into_parts().0, ());
+            let shared = shared.clone();
+            Admission::Authorizing(Box::pin(async move {
+                match decision.await {
+                    Ok(principal) => admit(&shared, req, client, Some(principal)),
+                    Err(rejection) => unauthorized(&rejection, &client),
+                }
+            }))
+        }
+    }
+}
+
+fn unauthorized(rejection: &Rejection, client: &Client) -> Response<Bytes> {
+    tracing::warn!(
+        status = rejection.status,
+        reason = ?rejection.reason,
+        origin = ?client.origin.as_deref(),
+        ip = ?client.ip,
+        "websocket_unauthorized"
+    );
+    match rejection.status {
+        401 => reject(StatusCode::UNAUTHORIZED, "unauthorized\n"),
+        _ => reject(StatusCode::FORBIDDEN, "forbidden\n"),
+    }
+}
+
+/// Admits an authorized client: limits, upgrade, and its connection task.
+fn admit<B>(
+    shared: &Arc<Shared>,
+    mut req: Request<B>,
+    client: Client,
+    principal: Option<Principal>,
+) -> Response<Bytes> {
+    if let Some(protocol) = principal.as_ref().and_then(Principal::protocol) {
+        if !header_tokens(req.headers(), header::SEC_WEBSOCKET_PROTOCOL).any(|p| p == protocol) {
+            tracing::error!(
+                protocol,
+                "websocket_unauthorized: the principal's protocol was not offered"
+            );
+            return reject(StatusCode::INTERNAL_SERVER_ERROR, "server misconfigured\n");
+        }
+    }
     if tokio::runtime::Handle::try_current().is_err() {
         tracing::error!("websocket_upgrade_failed: the layer must run inside a Tokio runtime");
         return reject(StatusCode::INTERNAL_SERVER_ERROR, "server misconfigured\n");
+    }
+    // An async hook may have taken a while.
+    if !shared.hub.is_accepting() {
+        return shutting_down();
     }
     let protocol = principal
         .as_ref()
         .and_then(|p| p.protocol())
         .map(str::to_owned);
+    let Client { ip, origin } = client;
     let peer = Peer {
         origin,
         user_agent: text(req.headers(), header::USER_AGENT),
@@ -289,7 +335,7 @@ fn handshake<B, ResBody>(shared: &Arc<Shared>, mut req: Request<B>) -> Response<
         peer,
         (task, ip_slot),
     ));
-    let mut response = response.map(|_| WsBody::own(bytes::Bytes::new()));
+    let mut response = response.map(|_| Bytes::new());
     if let Some(value) = protocol.and_then(|p| HeaderValue::from_str(&p).ok()) {
         response
             .headers_mut()
@@ -298,8 +344,12 @@ fn handshake<B, ResBody>(shared: &Arc<Shared>, mut req: Request<B>) -> Response<
     response
 }
 
-fn reject<B>(status: StatusCode, body: &'static str) -> Response<WsBody<B>> {
-    let mut response = Response::new(WsBody::own(body));
+fn shutting_down() -> Response<Bytes> {
+    reject(StatusCode::SERVICE_UNAVAILABLE, "server is shutting down\n")
+}
+
+fn reject(status: StatusCode, body: &'static str) -> Response<Bytes> {
+    let mut response = Response::new(Bytes::from_static(body.as_bytes()));
     *response.status_mut() = status;
     let headers = response.headers_mut();
     headers.insert(

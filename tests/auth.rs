@@ -177,3 +177,77 @@ async fn the_application_knows_who_connects_and_can_reach_and_close_them() {
     );
     assert!(!server.publisher.close_client(bob, 1000, "again"));
 }
+
+#[derive(Clone)]
+struct Session(String);
+
+#[tokio::test]
+async fn an_async_hook_sees_what_middleware_put_in_the_request_and_may_wait() {
+    use axum::extract::Request;
+    use tower::util::MapRequestLayer;
+
+    // A session store that answers for "slow" only when the test says so.
+    let store = std::sync::Arc::new(tokio::sync::Notify::new());
+    let answer = store.clone();
+    let (layer, publisher) = builder()
+        .authorize_async(move |req| {
+            let session = req.extensions().get::<Session>().cloned();
+            let store = store.clone();
+            async move {
+                let Some(Session(id)) = session else {
+                    return Err(Rejection::unauthorized("no session"));
+                };
+                if id == "slow" {
+                    store.notified().await;
+                }
+                tokio::task::yield_now().await;
+                match id.as_str() {
+                    "s1" | "slow" => Ok(Principal::new(format!("user-of-{id}"))),
+                    _ => Err(Rejection::forbidden("unknown session")),
+                }
+            }
+        })
+        .connection_events(true)
+        .build()
+        .unwrap();
+    // A session layer in front of the WebSocket layer.
+    let app = axum::Router::new()
+        .layer(layer)
+        .layer(MapRequestLayer::new(|mut req: Request| {
+            let session = req
+                .headers()
+                .get("x-session")
+                .map(|v| v.to_str().unwrap().to_owned());
+            if let Some(id) = session {
+                req.extensions_mut().insert(Session(id));
+            }
+            req
+        }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let mut events = publisher.take_client_events().unwrap();
+
+    let slow = tokio::spawn(async move {
+        raw_handshake(addr, &handshake_request("/ws", "X-Session: slow\r\n")).await
+    });
+    let started = tokio::time::Instant::now();
+    let (status, _s1) = raw_handshake(addr, &handshake_request("/ws", "X-Session: s1\r\n")).await;
+    assert_eq!(status, 101);
+    assert!(
+        started.elapsed() < std::time::Duration::from_millis(1500),
+        "not behind the slow one"
+    );
+    let connected = within(events.recv()).await.unwrap();
+    assert_eq!(connected.principal.unwrap().id(), "user-of-s1");
+
+    assert_eq!(
+        raw_handshake(addr, &handshake_request("/ws", "")).await.0,
+        401
+    );
+    let (status, _) = raw_handshake(addr, &handshake_request("/ws", "X-Session: other\r\n")).await;
+    assert_eq!(status, 403);
+    assert!(!slow.is_finished());
+    answer.notify_one();
+    assert_eq!(within(slow).await.unwrap().0, 101);
+}
