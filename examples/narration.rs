@@ -83,12 +83,22 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     });
 
-    let app = Router::new()
+    let router = Router::new()
         .route(
             "/",
             get(|| async { Html(include_str!("narration/index.html")) }),
         )
-        .route("/api/search", post(search))
+        .route("/api/search", post(search));
+    // With `--features metrics`: the layer's metrics in Prometheus text.
+    #[cfg(feature = "metrics")]
+    let router = {
+        let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
+        router.route(
+            "/metrics",
+            get(move || std::future::ready(metrics.render())),
+        )
+    };
+    let app = router
         .with_state(publisher.clone())
         .layer(ws)
         // The layer limits connections per client address and logs it; it

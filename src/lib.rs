@@ -100,6 +100,8 @@ mod inbound;
 mod layer;
 mod lock;
 mod message;
+#[cfg(feature = "metrics")]
+mod metrics;
 mod origin;
 pub mod protocol;
 mod publisher;

@@ -19,7 +19,7 @@ use crate::message::Draft;
 use crate::protocol::{Action, ServerMessage};
 use crate::shared::Shared;
 use crate::shutdown::{self, ShutdownSummary};
-use crate::stats::Stats;
+use crate::stats::{Counters, Stats};
 use crate::ClientId;
 
 /// Publishes JSON to the clients subscribed to a topic (a `requestId`).
@@ -137,6 +137,7 @@ impl Publisher {
     ) -> impl Future<Output = Result<u64, PublishError>> + Send + 'static {
         let outcome = Draft::json(message).and_then(|draft| {
             self.shared.ensure_sweeper();
+            Counters::add(&self.shared.hub.counters.messages_published, 1);
             match self.shared.hub.relay() {
                 Some(relay) => {
                     let (ack, confirmed) = oneshot::channel();
@@ -327,6 +328,7 @@ impl Publisher {
         complete: bool,
     ) -> Result<usize, PublishError> {
         self.shared.ensure_sweeper();
+        Counters::add(&self.shared.hub.counters.messages_published, 1);
         let queued = match self.shared.hub.relay() {
             Some(relay) => {
                 relay.publish(topic, draft, complete, None)?;

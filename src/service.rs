@@ -32,6 +32,7 @@ use crate::body::WsBody;
 use crate::client_ip::client_ip;
 use crate::connection::{self, Peer};
 use crate::shared::Shared;
+use crate::stats::Refused;
 
 /// The service a [`WsLayer`](crate::WsLayer) makes around an inner service.
 pub struct WsService<S> {
@@ -172,6 +173,8 @@ fn handshake<B>(shared: &Arc<Shared>, req: Request<B>) -> Admission {
         || !has_token(headers, header::UPGRADE, "websocket")
     {
         return Admission::Answered(reject(
+            shared,
+            Refused::NotWebSocket,
             StatusCode::UPGRADE_REQUIRED,
             "this endpoint only accepts WebSocket connections\n",
         ));
@@ -182,18 +185,22 @@ fn handshake<B>(shared: &Arc<Shared>, req: Request<B>) -> Admission {
         != Some(b"13")
     {
         return Admission::Answered(reject(
+            shared,
+            Refused::NotWebSocket,
             StatusCode::UPGRADE_REQUIRED,
             "unsupported WebSocket version; use 13\n",
         ));
     }
     if !headers.contains_key(header::SEC_WEBSOCKET_KEY) {
         return Admission::Answered(reject(
+            shared,
+            Refused::NotWebSocket,
             StatusCode::BAD_REQUEST,
             "missing Sec-WebSocket-Key\n",
         ));
     }
     if !shared.hub.is_accepting() {
-        return Admission::Answered(shutting_down());
+        return Admission::Answered(shutting_down(shared));
     }
     let ip = client_ip(
         headers,
@@ -213,7 +220,12 @@ fn handshake<B>(shared: &Arc<Shared>, req: Request<B>) -> Admission {
             ip = ?ip,
             "websocket_origin_rejected"
         );
-        return Admission::Answered(reject(StatusCode::FORBIDDEN, "origin not allowed\n"));
+        return Admission::Answered(reject(
+            shared,
+            Refused::Origin,
+            StatusCode::FORBIDDEN,
+            "origin not allowed\n",
+        ));
     }
     let client = Client { ip, origin };
     let request = UpgradeRequest {
@@ -226,7 +238,7 @@ fn handshake<B>(shared: &Arc<Shared>, req: Request<B>) -> Admission {
         None => Admission::Answered(admit(shared, req, client, None)),
         Some(Authorize::Now(authorize)) => match authorize(&request) {
             Ok(principal) => Admission::Answered(admit(shared, req, client, Some(principal))),
-            Err(rejection) => Admission::Answered(unauthorized(&rejection, &client)),
+            Err(rejection) => Admission::Answered(unauthorized(shared, &rejection, &client)),
         },
         Some(Authorize::Later(authorize)) => {
             let decision = authorize(&request);
@@ -236,14 +248,14 @@ fn handshake<B>(shared: &Arc<Shared>, req: Request<B>) -> Admission {
             Admission::Authorizing(Box::pin(async move {
                 match decision.await {
                     Ok(principal) => admit(&shared, req, client, Some(principal)),
-                    Err(rejection) => unauthorized(&rejection, &client),
+                    Err(rejection) => unauthorized(&shared, &rejection, &client),
                 }
             }))
         }
     }
 }
 
-fn unauthorized(rejection: &Rejection, client: &Client) -> Response<Bytes> {
+fn unauthorized(shared: &Shared, rejection: &Rejection, client: &Client) -> Response<Bytes> {
     tracing::warn!(
         status = rejection.status,
         reason = ?rejection.reason,
@@ -252,8 +264,18 @@ fn unauthorized(rejection: &Rejection, client: &Client) -> Response<Bytes> {
         "websocket_unauthorized"
     );
     match rejection.status {
-        401 => reject(StatusCode::UNAUTHORIZED, "unauthorized\n"),
-        _ => reject(StatusCode::FORBIDDEN, "forbidden\n"),
+        401 => reject(
+            shared,
+            Refused::Unauthorized,
+            StatusCode::UNAUTHORIZED,
+            "unauthorized\n",
+        ),
+        _ => reject(
+            shared,
+            Refused::Unauthorized,
+            StatusCode::FORBIDDEN,
+            "forbidden\n",
+        ),
     }
 }
 
@@ -270,16 +292,26 @@ fn admit<B>(
                 protocol,
                 "websocket_unauthorized: the principal's protocol was not offered"
             );
-            return reject(StatusCode::INTERNAL_SERVER_ERROR, "server misconfigured\n");
+            return reject(
+                shared,
+                Refused::Misconfigured,
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server misconfigured\n",
+            );
         }
     }
     if tokio::runtime::Handle::try_current().is_err() {
         tracing::error!("websocket_upgrade_failed: the layer must run inside a Tokio runtime");
-        return reject(StatusCode::INTERNAL_SERVER_ERROR, "server misconfigured\n");
+        return reject(
+            shared,
+            Refused::Misconfigured,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server misconfigured\n",
+        );
     }
     // An async hook may have taken a while.
     if !shared.hub.is_accepting() {
-        return shutting_down();
+        return shutting_down(shared);
     }
     let protocol = principal
         .as_ref()
@@ -301,7 +333,12 @@ fn admit<B>(
     }
     let Some(task) = shared.tasks.try_start(max_connections) else {
         tracing::warn!(max_connections, ip = ?ip, "websocket_connection_limit_reached");
-        return reject(StatusCode::SERVICE_UNAVAILABLE, "too many connections\n");
+        return reject(
+            shared,
+            Refused::ConnectionLimit,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many connections\n",
+        );
     };
     let max_per_ip = shared.config.limits.max_connections_per_ip;
     let ip_slot = match ip {
@@ -318,6 +355,8 @@ fn admit<B>(
             None => {
                 tracing::warn!(max_per_ip, %ip, "websocket_connection_limit_reached");
                 return reject(
+                    shared,
+                    Refused::AddressLimit,
                     StatusCode::SERVICE_UNAVAILABLE,
                     "too many connections from your address\n",
                 );
@@ -326,7 +365,14 @@ fn admit<B>(
     };
     let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(parts) => parts,
-        Err(_) => return reject(StatusCode::BAD_REQUEST, "invalid WebSocket handshake\n"),
+        Err(_) => {
+            return reject(
+                shared,
+                Refused::NotWebSocket,
+                StatusCode::BAD_REQUEST,
+                "invalid WebSocket handshake\n",
+            )
+        }
     };
     shared.ensure_sweeper();
     tokio::spawn(connection::serve(
@@ -344,11 +390,23 @@ fn admit<B>(
     response
 }
 
-fn shutting_down() -> Response<Bytes> {
-    reject(StatusCode::SERVICE_UNAVAILABLE, "server is shutting down\n")
+fn shutting_down(shared: &Shared) -> Response<Bytes> {
+    reject(
+        shared,
+        Refused::ShuttingDown,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "server is shutting down\n",
+    )
 }
 
-fn reject(status: StatusCode, body: &'static str) -> Response<Bytes> {
+/// A refusal, counted by its reason.
+fn reject(
+    shared: &Shared,
+    why: Refused,
+    status: StatusCode,
+    body: &'static str,
+) -> Response<Bytes> {
+    shared.hub.counters.refused(why);
     let mut response = Response::new(Bytes::from_static(body.as_bytes()));
     *response.status_mut() = status;
     let headers = response.headers_mut();

@@ -122,7 +122,11 @@ impl Shared {
             loop {
                 ticker.tick().await;
                 match shared.upgrade() {
-                    Some(shared) => shared.hub.sweep(),
+                    Some(shared) => {
+                        shared.hub.sweep();
+                        #[cfg(feature = "metrics")]
+                        crate::metrics::export(&shared);
+                    }
                     None => return,
                 }
             }

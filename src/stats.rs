@@ -15,6 +15,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 pub struct Stats {
     /// Upgraded connections now open.
     pub connections: u64,
+    /// Connections upgraded since the layer was built.
+    pub connections_opened: u64,
     /// Topics this instance holds: those with a subscriber, and those
     /// whose history is still kept (until it expires).
     pub topics: u64,
@@ -22,6 +24,9 @@ pub struct Stats {
     pub subscriptions: u64,
     /// Bytes of messages held in topic histories.
     pub history_bytes: u64,
+    /// Messages published on this instance (each counted once, however
+    /// many subscribers it reached).
+    pub messages_published: u64,
     /// Messages written to client sockets.
     pub messages_sent: u64,
     /// Messages meant for a client that it never got: discarded from the
@@ -46,10 +51,88 @@ pub struct Stats {
     pub backplane_publish_failures: u64,
 }
 
+/// Why a connection ended, as counted.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Ended {
+    ClientClosed = 0,
+    ServerClosed,
+    Gone,
+    HeartbeatTimeout,
+    CloseTimeout,
+    Killed,
+}
+
+#[cfg(feature = "metrics")]
+impl Ended {
+    pub(crate) const ALL: [Self; 6] = [
+        Self::ClientClosed,
+        Self::ServerClosed,
+        Self::Gone,
+        Self::HeartbeatTimeout,
+        Self::CloseTimeout,
+        Self::Killed,
+    ];
+
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Self::ClientClosed => "client_closed",
+            Self::ServerClosed => "server_closed",
+            Self::Gone => "gone",
+            Self::HeartbeatTimeout => "heartbeat_timeout",
+            Self::CloseTimeout => "close_timeout",
+            Self::Killed => "killed",
+        }
+    }
+}
+
+/// Why a handshake was refused, as counted.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Refused {
+    NotWebSocket = 0,
+    Origin,
+    Unauthorized,
+    ConnectionLimit,
+    AddressLimit,
+    ShuttingDown,
+    Misconfigured,
+}
+
+#[cfg(feature = "metrics")]
+impl Refused {
+    pub(crate) const ALL: [Self; 7] = [
+        Self::NotWebSocket,
+        Self::Origin,
+        Self::Unauthorized,
+        Self::ConnectionLimit,
+        Self::AddressLimit,
+        Self::ShuttingDown,
+        Self::Misconfigured,
+    ];
+
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Self::NotWebSocket => "not_websocket",
+            Self::Origin => "origin",
+            Self::Unauthorized => "unauthorized",
+            Self::ConnectionLimit => "connection_limit",
+            Self::AddressLimit => "address_limit",
+            Self::ShuttingDown => "shutting_down",
+            Self::Misconfigured => "misconfigured",
+        }
+    }
+}
+
 /// The live counters behind [`Stats`].
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
     pub(crate) connections: AtomicU64,
+    pub(crate) connections_opened: AtomicU64,
+    /// By [`Ended`] and [`Refused`]; only exported as metrics.
+    #[cfg(feature = "metrics")]
+    pub(crate) closed: [AtomicU64; Ended::ALL.len()],
+    #[cfg(feature = "metrics")]
+    pub(crate) refused: [AtomicU64; Refused::ALL.len()],
+    pub(crate) messages_published: AtomicU64,
     pub(crate) topics: AtomicU64,
     pub(crate) subscriptions: AtomicU64,
     pub(crate) history_bytes: AtomicU64,
@@ -75,6 +158,20 @@ impl Counters {
         }
     }
 
+    pub(crate) fn closed(&self, why: Ended) {
+        #[cfg(feature = "metrics")]
+        self.closed[why as usize].fetch_add(1, Relaxed);
+        #[cfg(not(feature = "metrics"))]
+        let _ = why;
+    }
+
+    pub(crate) fn refused(&self, why: Refused) {
+        #[cfg(feature = "metrics")]
+        self.refused[why as usize].fetch_add(1, Relaxed);
+        #[cfg(not(feature = "metrics"))]
+        let _ = why;
+    }
+
     pub(crate) fn add_history_bytes(&self, delta: isize) {
         if delta >= 0 {
             Self::add(&self.history_bytes, delta as usize);
@@ -86,6 +183,8 @@ impl Counters {
     pub(crate) fn snapshot(&self) -> Stats {
         Stats {
             connections: self.connections.load(Relaxed),
+            connections_opened: self.connections_opened.load(Relaxed),
+            messages_published: self.messages_published.load(Relaxed),
             topics: self.topics.load(Relaxed),
             subscriptions: self.subscriptions.load(Relaxed),
             history_bytes: self.history_bytes.load(Relaxed),

@@ -400,6 +400,11 @@ impl Relay for RedisLink {
     fn unlisten(&self, topic: &str) {
         let _ = self.listens.send(Listen::Stop(topic.into()));
     }
+
+    #[cfg(feature = "metrics")]
+    fn is_connected(&self) -> bool {
+        self.state.up.load(Ordering::Relaxed)
+    }
 }
 
 /// How to reach Redis.

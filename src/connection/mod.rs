@@ -34,7 +34,7 @@ use crate::shared::Shared;
 use crate::shutdown::TaskGuard;
 
 use self::outbox::{Outbox, Status};
-use crate::stats::Counters;
+use crate::stats::{Counters, Ended};
 
 /// How long a closing connection may take to write its last frames and
 /// receive the peer's Close before the socket is dropped.
@@ -112,6 +112,7 @@ pub(crate) async fn serve(
         let disconnected = ClientEventKind::Disconnected;
         let _ = shared.send_event(client_id, peer.principal.as_ref(), disconnected);
     }
+    shared.hub.counters.closed(reason.counted());
     if reason == Reason::CloseTimeout && !shared.hub.is_accepting() {
         counted.0.cut_off();
     }
@@ -131,6 +132,19 @@ enum Reason {
     HeartbeatTimeout,
     CloseTimeout,
     Killed,
+}
+
+impl Reason {
+    fn counted(self) -> Ended {
+        match self {
+            Self::ClientClosed(_) => Ended::ClientClosed,
+            Self::ServerClosed(_) => Ended::ServerClosed,
+            Self::Gone => Ended::Gone,
+            Self::HeartbeatTimeout => Ended::HeartbeatTimeout,
+            Self::CloseTimeout => Ended::CloseTimeout,
+            Self::Killed => Ended::Killed,
+        }
+    }
 }
 
 impl fmt::Display for Reason {

@@ -78,6 +78,10 @@ pub(crate) trait Relay: Send + Sync + 'static {
 
     /// Stops listening to a topic that no longer has local subscribers.
     fn unlisten(&self, topic: &str);
+
+    /// Whether the backplane can take publishes now.
+    #[cfg(feature = "metrics")]
+    fn is_connected(&self) -> bool;
 }
 /// Room kept in a queue for a `history_gap`, besides its topic.
 const GAP_ROOM: usize = 128;
@@ -163,6 +167,7 @@ impl Hub {
         }
         clients.map.insert(outbox.client_id(), outbox);
         Counters::add(&self.counters.connections, 1);
+        Counters::add(&self.counters.connections_opened, 1);
         true
     }
 

@@ -288,6 +288,10 @@ mod tests {
         fn unlisten(&self, topic: &str) {
             lock(&self.listening).retain(|t| t != topic);
         }
+        #[cfg(feature = "metrics")]
+        fn is_connected(&self) -> bool {
+            true
+        }
     }
 
     fn replicated_hub() -> (Hub, Arc<Recorder>) {
