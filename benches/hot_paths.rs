@@ -28,7 +28,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::runtime::Runtime;
 use tower::ServiceBuilder;
-use tower_ws::{Publisher, WsLayer};
+use tower_ws::{MessageRate, Publisher, WsLayer};
 
 /// Messages published per timed round; small enough that no queue fills.
 const ROUND: u64 = 32;
@@ -51,7 +51,7 @@ impl App {
     fn new() -> Self {
         let (ws, publisher) = WsLayer::builder()
             .max_connections(100_000)
-            .message_rate(u32::MAX, u32::MAX)
+            .message_rate(MessageRate::per_second(u32::MAX).burst(u32::MAX))
             .event_capacity(1 << 16)
             .subscribe_deadline(None)
             .build()

@@ -27,7 +27,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .max_message_size(64 << 20)
         .max_queued_bytes(64 << 20)
         // It sends thousands of messages a second on one connection.
-        .message_rate(1_000_000, 1_000_000)
+        .message_rate(tower_ws::MessageRate::per_second(1_000_000).burst(1_000_000))
         .on_message(|message, reply| {
             match message {
                 Inbound::Text(text) => reply.text(text),

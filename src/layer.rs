@@ -15,6 +15,7 @@ use crate::hub::HistoryLimits;
 use crate::hub::Hub;
 use crate::inbound::{Handled, Hook, Inbound, Reply};
 use crate::origin::{Origin, OriginPolicy};
+use crate::rate_limit::MessageRate;
 use crate::service::WsService;
 use crate::shared::{Config, ConnectionLimits, Shared};
 use crate::Publisher;
@@ -47,7 +48,7 @@ const DEFAULT_MAX_SUBSCRIPTIONS: usize = 128;
 const DEFAULT_MAX_TOPIC_LEN: usize = 256;
 /// The default inbound message rate per connection: 100 per second, in
 /// bursts of up to 200.
-const DEFAULT_MESSAGE_RATE: (u32, u32) = (100, 200);
+const DEFAULT_MESSAGE_RATE: MessageRate = MessageRate::per_second(100);
 /// The default time after which a connection that never subscribed counts
 /// as idle, 30 seconds.
 const DEFAULT_IDLE_AFTER: Duration = Duration::from_secs(30);
@@ -376,14 +377,14 @@ impl WsLayerBuilder {
         self
     }
 
-    /// How many messages (and pings) a connection may send: `per_second` on
-    /// average, in bursts of up to `burst` (a token bucket). A message past
-    /// the rate is not processed and gets an `error` `rate_limited`; a
-    /// client that sends `burst` more while over it is closed with 1008.
+    /// How many messages (and pings) a connection may send (see
+    /// [`MessageRate`]). A message past the rate is not processed and gets
+    /// an `error` `rate_limited`; a client that sends a burst more while
+    /// over it is closed with 1008.
     ///
     /// Defaults to 100 per second, bursts of 200.
-    pub fn message_rate(mut self, per_second: u32, burst: u32) -> Self {
-        self.limits.message_rate = (per_second, burst);
+    pub fn message_rate(mut self, rate: MessageRate) -> Self {
+        self.limits.message_rate = rate;
         self
     }
 
@@ -586,7 +587,7 @@ impl WsLayerBuilder {
             ("max topic length", self.limits.max_topic_len == 0),
             (
                 "message rate",
-                self.limits.message_rate.0 == 0 || self.limits.message_rate.1 == 0,
+                self.limits.message_rate.per_second == 0 || self.limits.message_rate.burst == 0,
             ),
         ] {
             if zero {

@@ -157,6 +157,7 @@ pub use frame::close_code;
 pub use inbound::{ClientEvent, ClientEventKind, ClientEvents, Handled, Inbound, Reply};
 pub use layer::{WsLayer, WsLayerBuilder};
 pub use publisher::Publisher;
+pub use rate_limit::MessageRate;
 pub use service::{ResponseFuture, WsService};
 pub use shutdown::ShutdownSummary;
 pub use stats::Stats;

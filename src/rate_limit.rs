@@ -2,6 +2,39 @@
 
 use tokio::time::Instant;
 
+/// How many messages (and pings) a connection may send: a sustained rate,
+/// and the burst it may send at once (a token bucket). See
+/// [`WsLayerBuilder::message_rate`](crate::WsLayerBuilder::message_rate).
+///
+/// ```
+/// use tower_ws::{MessageRate, WsLayer};
+///
+/// let rate = MessageRate::per_second(20).burst(50);
+/// let (layer, publisher) = WsLayer::builder().message_rate(rate).build()?;
+/// # Ok::<(), tower_ws::BuildError>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MessageRate {
+    pub(crate) per_second: u32,
+    pub(crate) burst: u32,
+}
+
+impl MessageRate {
+    /// `n` messages a second on average, in bursts of up to twice that.
+    pub const fn per_second(n: u32) -> Self {
+        Self {
+            per_second: n,
+            burst: n.saturating_mul(2),
+        }
+    }
+
+    /// Bursts of up to `n` messages.
+    pub const fn burst(mut self, n: u32) -> Self {
+        self.burst = n;
+        self
+    }
+}
+
 /// What the bucket says about one message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Verdict {

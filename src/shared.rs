@@ -17,6 +17,7 @@ use crate::hub::Hub;
 use crate::inbound::Hook;
 use crate::inbound::{ClientEvent, ClientEventKind, ClientEvents};
 use crate::origin::OriginPolicy;
+use crate::rate_limit::MessageRate;
 use crate::shutdown::Tasks;
 use crate::stats::Counters;
 
@@ -45,7 +46,7 @@ pub(crate) struct ConnectionLimits {
     pub(crate) max_connections_per_ip: usize,
     pub(crate) max_subscriptions: usize,
     pub(crate) max_topic_len: usize,
-    pub(crate) message_rate: (u32, u32),
+    pub(crate) message_rate: MessageRate,
     pub(crate) subscribe_deadline: Option<Duration>,
     pub(crate) idle_after: Option<Duration>,
 }

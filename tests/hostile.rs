@@ -98,7 +98,7 @@ async fn hostile_clients_get_their_codes_while_good_clients_get_everything() {
     let server = axum_server(
         builder()
             .max_message_size(64 << 10)
-            .message_rate(1000, 2000)
+            .message_rate(tower_ws::MessageRate::per_second(1000).burst(2000))
             .subscribe_deadline(Some(Duration::from_secs(5))),
     )
     .await;

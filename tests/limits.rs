@@ -67,7 +67,8 @@ async fn long_topics_get_an_error_and_the_connection_stays() {
 
 #[tokio::test]
 async fn a_flood_is_refused_then_closed_with_1008() {
-    let server = axum_server(builder().message_rate(5, 5)).await;
+    let server =
+        axum_server(builder().message_rate(tower_ws::MessageRate::per_second(5).burst(5))).await;
     let mut client = Client::connect(&server).await;
     let hello = json!({"type":"unsubscribe","requestId":"none"}).to_string();
     // Five pass, the next five are refused with an error each, then 1008.

@@ -11,7 +11,7 @@ use super::{Conn, ReadEnd};
 use crate::frame::{self, close_code, DecodeError, Decoded, Decoder};
 use crate::inbound::Inbound;
 use crate::protocol::{self, error_code};
-use crate::rate_limit::{RateLimit, Verdict};
+use crate::rate_limit::{MessageRate, RateLimit, Verdict};
 
 impl Conn<'_> {
     /// Reads and handles frames until the connection ends. After a
@@ -39,7 +39,7 @@ impl Conn<'_> {
         decoder: &mut Decoder<impl AsyncRead + Unpin>,
         topics: &mut HashSet<Arc<str>>,
     ) -> ReadEnd {
-        let (per_second, burst) = self.shared.config.limits.message_rate;
+        let MessageRate { per_second, burst } = self.shared.config.limits.message_rate;
         let mut rate = RateLimit::new(per_second, burst, Instant::now());
         loop {
             let decoded = match decoder.next().await {
