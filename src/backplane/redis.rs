@@ -312,6 +312,9 @@ impl LinkState {
     }
 
     fn count_failures(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
         if let Some(hub) = self.hub() {
             Counters::add(&hub.counters.backplane_publish_failures, n);
         }
@@ -332,9 +335,6 @@ enum Command {
         draft: Draft,
         done: bool,
         ack: Option<Ack>,
-    },
-    Fetch {
-        topic: Arc<str>,
     },
     Complete {
         topic: Arc<str>,
@@ -549,7 +549,7 @@ impl CommandWorker {
             backoff.reset();
             self.state.up.store(true, Ordering::Relaxed);
             for topic in std::mem::take(&mut self.retry) {
-                self.fetch_later(topic, Duration::ZERO);
+                send_fetch(&self.fetches, topic);
             }
             loop {
                 let Some(batch) = next_batch(&mut inbox).await else {
@@ -579,9 +579,6 @@ impl CommandWorker {
                         }
                     }
                     Some(Command::Complete { .. }) => {}
-                    Some(Command::Fetch { topic }) => {
-                        self.retry.insert(topic);
-                    }
                     None => return false,
                 },
                 Some(topic) = inbox.1.recv() => {
@@ -599,7 +596,7 @@ impl CommandWorker {
     async fn send(
         &mut self,
         conn: &mut MultiplexedConnection,
-        batch: Vec<Command>,
+        units: Vec<Unit>,
     ) -> RedisResult<()> {
         let Some(limits) = self.state.limits() else {
             return Ok(());
@@ -607,7 +604,6 @@ impl CommandWorker {
         // Without a hub (its layer is gone) publishes still go out: they
         // were taken. Nothing is delivered here then.
         let hub = self.state.hub();
-        let units = group(batch);
         let mut failures = 0;
         let refused = self
             .query(conn, hub.as_deref(), &limits, units, &mut failures)
@@ -619,7 +615,7 @@ impl CommandWorker {
             );
             if let Err(e) = Settings::load_scripts(conn).await {
                 failures += self.fail_all(refused, &e);
-                self.count(hub.as_deref(), failures, &e);
+                self.count(failures, &e);
                 return Err(e);
             }
             for unit in self
@@ -631,11 +627,7 @@ impl CommandWorker {
                 });
             }
         }
-        if failures > 0 {
-            if let Some(hub) = &hub {
-                Counters::add(&hub.counters.backplane_publish_failures, failures);
-            }
-        }
+        self.state.count_failures(failures);
         Ok(())
     }
 
@@ -658,7 +650,7 @@ impl CommandWorker {
             Ok(replies) => replies,
             Err(e) => {
                 *failures += self.fail_all(units, &e);
-                self.count(hub, std::mem::take(failures), &e);
+                self.count(std::mem::take(failures), &e);
                 return Err(e);
             }
         };
@@ -699,7 +691,7 @@ impl CommandWorker {
                     (Some(_), None) => {}
                     (None, _) => {
                         tracing::warn!(topic = %TopicDigest(&topic), "websocket_backplane_history_unreadable");
-                        self.fetch_later(topic, FETCH_RETRY);
+                        self.fetch_later(topic);
                     }
                 },
                 (Unit::Complete(_), Ok(_)) => {}
@@ -774,11 +766,10 @@ impl CommandWorker {
             .sum()
     }
 
-    fn count(&self, hub: Option<&Hub>, failures: usize, e: &redis::RedisError) {
+    /// Counts and logs the publishes a broken pipeline failed.
+    fn count(&self, failures: usize, e: &redis::RedisError) {
         if failures > 0 {
-            if let Some(hub) = hub {
-                Counters::add(&hub.counters.backplane_publish_failures, failures);
-            }
+            self.state.count_failures(failures);
             tracing::warn!(failures, error = %e, "websocket_backplane_publish_failed");
         }
     }
@@ -797,49 +788,56 @@ impl CommandWorker {
                 failed
             }
             Unit::Fetch(topic) => {
-                self.fetch_later(topic, FETCH_RETRY);
+                self.fetch_later(topic);
                 0
             }
             Unit::Complete(_) => 0,
         }
     }
 
-    /// Asks for a history read again after `wait`; if Redis is still away
-    /// then, it waits in `retry` for the reconnect.
-    fn fetch_later(&self, topic: Arc<str>, wait: Duration) {
+    /// Asks for a history read again after [`FETCH_RETRY`]; if Redis is
+    /// still away then, it waits in `retry` for the reconnect.
+    fn fetch_later(&self, topic: Arc<str>) {
         let fetches = self.fetches.clone();
         tokio::spawn(async move {
-            tokio::time::sleep(wait).await;
-            if let Some(fetches) = fetches.upgrade() {
-                let _ = fetches.send(topic);
-            }
+            tokio::time::sleep(FETCH_RETRY).await;
+            send_fetch(&fetches, topic);
         });
+    }
+}
+
+/// Asks the command worker for a history read, unless the backplane is gone.
+fn send_fetch(fetches: &mpsc::WeakUnboundedSender<Arc<str>>, topic: Arc<str>) {
+    if let Some(fetches) = fetches.upgrade() {
+        let _ = fetches.send(topic);
     }
 }
 
 /// Waits for work, then takes what else is queued, up to [`MAX_BATCH`]:
 /// history reads first, as a copy waits for them. `None` once the
 /// backplane's handle is gone.
-async fn next_batch(inbox: &mut Inbox) -> Option<Vec<Command>> {
-    let first = tokio::select! {
+async fn next_batch(inbox: &mut Inbox) -> Option<Vec<Unit>> {
+    let mut units = Vec::new();
+    let mut commands = Vec::new();
+    tokio::select! {
         biased;
-        Some(topic) = inbox.1.recv() => Command::Fetch { topic },
-        command = inbox.0.recv() => command?,
-    };
-    let mut batch = vec![first];
-    while batch.len() < MAX_BATCH {
+        Some(topic) = inbox.1.recv() => units.push(Unit::Fetch(topic)),
+        command = inbox.0.recv() => commands.push(command?),
+    }
+    while units.len() < MAX_BATCH {
         match inbox.1.try_recv() {
-            Ok(topic) => batch.push(Command::Fetch { topic }),
+            Ok(topic) => units.push(Unit::Fetch(topic)),
             Err(_) => break,
         }
     }
-    while batch.len() < MAX_BATCH {
+    while units.len() + commands.len() < MAX_BATCH {
         match inbox.0.try_recv() {
-            Ok(command) => batch.push(command),
+            Ok(command) => commands.push(command),
             Err(_) => break,
         }
     }
-    Some(batch)
+    units.extend(group(commands));
+    Some(units)
 }
 
 /// Gathers consecutive publishes into calls of the publish script, at
@@ -866,7 +864,6 @@ fn group(batch: Vec<Command>) -> Vec<Unit> {
                 }
                 Unit::Publishes(std::mem::take(&mut publishes))
             }
-            Command::Fetch { topic } => Unit::Fetch(topic),
             Command::Complete { topic } => Unit::Complete(topic),
         };
         if !publishes.is_empty() && !matches!(unit, Unit::Publishes(_)) {
@@ -921,9 +918,7 @@ impl Listener {
     }
 
     fn fetch(&self, topic: Arc<str>) {
-        if let Some(fetches) = self.fetches.upgrade() {
-            let _ = fetches.send(topic);
-        }
+        send_fetch(&self.fetches, topic);
     }
 
     /// Keeps the list of wanted topics up to date until `wait` is over;

@@ -64,7 +64,7 @@ pub(crate) async fn serve(
         }
     };
     let (read_half, mut write_half) = tokio::io::split(io);
-    let mut reader = Decoder::new(read_half, shared.config.max_message_size);
+    let mut decoder = Decoder::new(read_half, shared.config.max_message_size);
 
     let client_id = ClientId::next();
     let outbox = Arc::new(Outbox::new(
@@ -87,19 +87,21 @@ pub(crate) async fn serve(
         %client_id,
         origin = ?peer.origin.as_deref(),
         user_agent = ?peer.user_agent.as_deref(),
-        principal = ?peer.principal.as_ref().map(Principal::id),
+        principal = ?principal_id,
         ip = ?peer.ip,
         "websocket_connected"
     );
-    let connection_events = shared.config.connection_events;
-    if connection_events {
-        let connected = ClientEventKind::Connected;
-        let _ = shared.send_event(client_id, peer.principal.as_ref(), connected);
-    }
+    // Connect and disconnect events, when the application asked for them.
+    let tell = |kind| {
+        if shared.config.connection_events {
+            let _ = shared.send_event(client_id, peer.principal.as_ref(), kind);
+        }
+    };
+    tell(ClientEventKind::Connected);
 
     let conn = Conn::new(&shared, &outbox, peer.principal.as_ref());
     let mut topics = HashSet::new();
-    let reason = conn.run(&mut reader, &mut write_half, &mut topics).await;
+    let reason = conn.run(&mut decoder, &mut write_half, &mut topics).await;
 
     for topic in &topics {
         if shared.hub.unsubscribe(topic, &outbox) {
@@ -108,10 +110,7 @@ pub(crate) async fn serve(
     }
     Counters::add(&shared.hub.counters.messages_dropped, outbox.kill());
     shared.hub.deregister(client_id, principal_id);
-    if connection_events {
-        let disconnected = ClientEventKind::Disconnected;
-        let _ = shared.send_event(client_id, peer.principal.as_ref(), disconnected);
-    }
+    tell(ClientEventKind::Disconnected);
     shared.hub.counters.closed(reason.counted());
     if reason == Reason::CloseTimeout && !shared.hub.is_accepting() {
         counted.0.cut_off();
@@ -216,11 +215,11 @@ impl<'a> Conn<'a> {
 
     async fn run(
         &self,
-        reader: &mut Decoder<impl AsyncRead + Unpin>,
+        decoder: &mut Decoder<impl AsyncRead + Unpin>,
         writer: &mut (impl AsyncWrite + Unpin),
         topics: &mut HashSet<Arc<str>>,
     ) -> Reason {
-        let read = self.read_loop(reader, topics);
+        let read = self.read_loop(decoder, topics);
         let write = self.write_loop(writer);
         tokio::pin!(read, write);
         let mut read_end: Option<Reason> = None;
@@ -330,7 +329,7 @@ mod tests {
         let (server_io, client_io) = tokio::io::duplex(1 << 16);
         let client = client(client_io);
         let (read_half, mut write_half) = tokio::io::split(server_io);
-        let mut reader = Decoder::new(read_half, shared.config.max_message_size);
+        let mut decoder = Decoder::new(read_half, shared.config.max_message_size);
         let outbox = Arc::new(Outbox::new(
             ClientId::next(),
             1 << 20,
@@ -338,9 +337,9 @@ mod tests {
         ));
         let conn = Conn::new(&shared, &outbox, None);
         let reason = conn
-            .run(&mut reader, &mut write_half, &mut HashSet::new())
+            .run(&mut decoder, &mut write_half, &mut HashSet::new())
             .await;
-        drop((reader, write_half));
+        drop((decoder, write_half));
         (reason, client.await.unwrap())
     }
 

@@ -21,15 +21,15 @@ impl Conn<'_> {
     /// lose the Close frame that says why.
     pub(super) async fn read_loop(
         &self,
-        reader: &mut Decoder<impl AsyncRead + Unpin>,
+        decoder: &mut Decoder<impl AsyncRead + Unpin>,
         topics: &mut HashSet<Arc<str>>,
     ) -> ReadEnd {
-        let end = self.read_frames(reader, topics).await;
+        let end = self.read_frames(decoder, topics).await;
         if let ReadEnd::Violation { code, reason } = end {
             tracing::debug!(client_id = %self.outbox.client_id(), code, reason, "websocket_protocol_violation");
             // What was queued before the violation still goes out first.
             self.discarded(self.outbox.close(Some(frame::close(code, reason)), true));
-            reader.drain().await;
+            decoder.drain().await;
         }
         end
     }

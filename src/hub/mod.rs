@@ -19,9 +19,8 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
-use tokio::time::Instant;
-
 use tokio::sync::oneshot;
+use tokio::time::Instant;
 
 use crate::connection::outbox::{Outbox, Push};
 use crate::error::PublishError;
@@ -50,7 +49,7 @@ const SHARDS: usize = 64;
 pub(crate) type Ack = oneshot::Sender<Result<u64, PublishError>>;
 
 /// What the hub asks of a backplane, which numbers and keeps the topics'
-/// messages instead of the hub (see [`crate::backplane`]). None of these
+/// messages instead of the hub (the `backplane` module). None of these
 /// wait: each hands work to the backplane's own tasks.
 pub(crate) trait Relay: Send + Sync + 'static {
     /// Hands a message to the backplane to be numbered and broadcast. An
@@ -83,6 +82,7 @@ pub(crate) trait Relay: Send + Sync + 'static {
     #[cfg(feature = "metrics")]
     fn is_connected(&self) -> bool;
 }
+
 /// Room kept in a queue for a `history_gap`, besides its topic.
 const GAP_ROOM: usize = 128;
 
@@ -201,11 +201,14 @@ impl Hub {
     /// Starts closing one connection with `close`, after what it has
     /// queued; `false` if it is not open here.
     pub(crate) fn close_client(&self, client_id: ClientId, close: Bytes) -> bool {
-        let outbox = lock(&self.clients).map.get(&client_id).cloned();
-        outbox.is_some_and(|outbox| {
-            outbox.close(Some(close), true);
-            true
-        })
+        self.client(client_id)
+            .map(|outbox| outbox.close(Some(close), true))
+            .is_some()
+    }
+
+    /// An open connection.
+    fn client(&self, client_id: ClientId) -> Option<Arc<Outbox>> {
+        lock(&self.clients).map.get(&client_id).cloned()
     }
 
     /// Counts a connection that has not subscribed in time as idle.
@@ -222,24 +225,23 @@ impl Hub {
     }
 
     /// Closes up to `n` idle connections with 1008, oldest first, to make
-    /// room; returns how many.
-    pub(crate) fn shed_idle(&self, n: usize) -> usize {
-        let shed: Vec<Arc<Outbox>> = {
+    /// room.
+    pub(crate) fn shed_idle(&self, n: usize) {
+        let mut shed = Vec::new();
+        {
             let mut clients = lock(&self.clients);
-            let ids: Vec<ClientId> = clients.idle.iter().take(n).copied().collect();
-            ids.iter()
-                .filter_map(|id| {
-                    clients.idle.remove(id);
-                    clients.map.get(id).cloned()
-                })
-                .collect()
-        };
+            while shed.len() < n {
+                let Some(id) = clients.idle.pop_first() else {
+                    break;
+                };
+                shed.extend(clients.map.get(&id).cloned());
+            }
+        }
         let close = frame::close(close_code::POLICY_VIOLATION, "idle; the server needs room");
-        for outbox in &shed {
+        for outbox in shed {
             tracing::info!(client_id = %outbox.client_id(), "websocket_idle_closed");
             outbox.close(Some(close.clone()), true);
         }
-        shed.len()
     }
 
     /// Refuses new connections from now on and returns the open ones.
@@ -383,8 +385,8 @@ impl Hub {
 
     /// Queues a frame for one connection; `false` if it is not open here.
     pub(crate) fn send_to(&self, client_id: ClientId, frame: Bytes) -> bool {
-        let outbox = lock(&self.clients).map.get(&client_id).cloned();
-        outbox.is_some_and(|outbox| self.push(&outbox, Message::plain(frame)))
+        self.client(client_id)
+            .is_some_and(|outbox| self.push(&outbox, Message::plain(frame)))
     }
 
     pub(crate) fn subscriber_count(&self, topic: &str) -> usize {

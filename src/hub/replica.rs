@@ -127,9 +127,7 @@ impl Replica {
     /// are held.
     pub(crate) fn hold(&mut self, message: Numbered) {
         self.held.insert((message.epoch, message.seq), message);
-        if self.held.len() > MAX_HELD {
-            self.held.pop_first();
-        }
+        self.bound_held();
     }
 
     /// Notes a broadcast: the channel brings every `seq` in order, so

@@ -24,7 +24,8 @@ enum Road {
     Broadcast,
 }
 
-/// The copy of a topic [`Hub::with_copy`] found.
+/// The copy of a topic [`Hub::with_copy`] found; everything below runs
+/// inside it.
 fn copy(state: &mut TopicState) -> &mut Replica {
     state
         .replica
@@ -76,21 +77,17 @@ impl Hub {
             if road == Road::Broadcast {
                 replica.heard(epoch, seq);
             }
-            match replica.classify(next_seq, epoch, seq) {
-                Arrival::Stale => {}
-                Arrival::Early => replica.hold(Numbered {
+            let arrival = replica.classify(next_seq, epoch, seq);
+            if arrival != Arrival::Stale {
+                let message = Numbered {
                     epoch,
                     seq,
                     done,
                     draft: draft(),
-                }),
-                Arrival::Next | Arrival::Begin => {
-                    let message = Numbered {
-                        epoch,
-                        seq,
-                        done,
-                        draft: draft(),
-                    };
+                };
+                if arrival == Arrival::Early {
+                    replica.hold(message);
+                } else {
                     self.apply(topic, state, message, true);
                     self.catch_up(topic, state, true);
                 }
@@ -113,9 +110,7 @@ impl Hub {
     /// Fetches for a copy that waits for a `seq` no broadcast will bring.
     fn fetch_if_stuck(&self, topic: &str, state: &mut TopicState) {
         let next_seq = state.next_seq();
-        let Some(replica) = state.replica.as_mut() else {
-            return;
-        };
+        let replica = copy(state);
         if replica.is_stuck(next_seq) {
             if let Some(relay) = self.relay() {
                 tracing::debug!(next_seq, "websocket_backplane_copy_behind");
@@ -190,11 +185,7 @@ impl Hub {
     fn catch_up(&self, topic: &str, state: &mut TopicState, trim: bool) {
         loop {
             let next_seq = state.next_seq();
-            let Some(message) = state
-                .replica
-                .as_mut()
-                .and_then(|replica| replica.take_next(next_seq))
-            else {
+            let Some(message) = copy(state).take_next(next_seq) else {
                 return;
             };
             self.apply(topic, state, message, trim);
@@ -203,8 +194,7 @@ impl Hub {
 
     /// Appends a message to the copy and queues it for its subscribers.
     fn apply(&self, topic: &str, state: &mut TopicState, message: Numbered, trim: bool) {
-        let epoch = state.replica.as_ref().and_then(|r| r.epoch);
-        if epoch != Some(message.epoch) {
+        if copy(state).epoch != Some(message.epoch) {
             self.begin(topic, state, message.epoch, message.seq);
         }
         let now = Instant::now();
@@ -230,9 +220,7 @@ impl Hub {
     /// forgets them and tells its subscribers where the new one starts.
     fn begin(&self, topic: &str, state: &mut TopicState, epoch: u64, first_seq: u64) {
         let had_messages = state.next_seq() > 1;
-        if let Some(replica) = state.replica.as_mut() {
-            replica.epoch = Some(epoch);
-        }
+        copy(state).epoch = Some(epoch);
         if had_messages {
             self.skip_to(topic, state, first_seq);
         } else {
