@@ -1,6 +1,7 @@
 //! The response body of a [`WsService`](crate::WsService): the inner
-//! service's body, or the layer's own short body (a `101`'s empty one, or
-//! the text of a `403`, `426` or `503`).
+//! service's body, or the layer's own: a short one (a `101`'s empty one,
+//! the text of a `403`, `426` or `503`), or an event stream's chunks as
+//! its task writes them.
 
 use std::fmt;
 use std::pin::Pin;
@@ -9,6 +10,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
+use tokio::sync::mpsc;
 
 pin_project! {
     /// The body of responses from a [`WsService`](crate::WsService).
@@ -23,7 +25,27 @@ pin_project! {
     #[project = KindProj]
     enum Kind<B> {
         Inner { #[pin] body: B },
-        Own { data: Option<Bytes> },
+        Own { body: LayerBody },
+    }
+}
+
+/// A body the layer writes itself.
+pub(crate) enum LayerBody {
+    /// All of it at once.
+    Full(Option<Bytes>),
+    /// Chunks until the sender is dropped.
+    Stream(mpsc::Receiver<Bytes>),
+}
+
+impl From<Bytes> for LayerBody {
+    fn from(data: Bytes) -> Self {
+        Self::Full((!data.is_empty()).then_some(data))
+    }
+}
+
+impl From<&'static str> for LayerBody {
+    fn from(text: &'static str) -> Self {
+        Bytes::from_static(text.as_bytes()).into()
     }
 }
 
@@ -34,12 +56,9 @@ impl<B> WsBody<B> {
         }
     }
 
-    pub(crate) fn own(data: impl Into<Bytes>) -> Self {
-        let data: Bytes = data.into();
+    pub(crate) fn own(body: LayerBody) -> Self {
         Self {
-            kind: Kind::Own {
-                data: (!data.is_empty()).then_some(data),
-            },
+            kind: Kind::Own { body },
         }
     }
 }
@@ -57,21 +76,36 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.project().kind.project() {
             KindProj::Inner { body } => body.poll_frame(cx),
-            KindProj::Own { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            KindProj::Own {
+                body: LayerBody::Full(data),
+            } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            KindProj::Own {
+                body: LayerBody::Stream(chunks),
+            } => chunks.poll_recv(cx).map(|c| c.map(|c| Ok(Frame::data(c)))),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Inner { body } => body.is_end_stream(),
-            Kind::Own { data } => data.is_none(),
+            Kind::Own {
+                body: LayerBody::Full(data),
+            } => data.is_none(),
+            Kind::Own {
+                body: LayerBody::Stream(_),
+            } => false,
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Inner { body } => body.size_hint(),
-            Kind::Own { data } => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+            Kind::Own {
+                body: LayerBody::Full(data),
+            } => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+            Kind::Own {
+                body: LayerBody::Stream(_),
+            } => SizeHint::default(),
         }
     }
 }

@@ -15,6 +15,10 @@ impl ClientId {
         Self(NEXT.fetch_add(1, Relaxed))
     }
 
+    pub(crate) fn from_u64(id: u64) -> Self {
+        Self(id)
+    }
+
     /// The id as a number, unique within this process.
     pub fn as_u64(self) -> u64 {
         self.0

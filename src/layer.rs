@@ -113,6 +113,7 @@ pub struct WsLayerBuilder {
     max_message_size: usize,
     event_capacity: usize,
     connection_events: bool,
+    event_streams: bool,
     slow_client_policy: SlowClientPolicy,
     history: HistoryLimits,
     on_message: Option<Hook>,
@@ -135,6 +136,7 @@ impl Default for WsLayerBuilder {
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             event_capacity: DEFAULT_EVENT_CAPACITY,
             connection_events: false,
+            event_streams: true,
             slow_client_policy: SlowClientPolicy::default(),
             history: HistoryLimits {
                 messages: DEFAULT_HISTORY_MESSAGES,
@@ -256,6 +258,18 @@ impl WsLayerBuilder {
     /// [`ClientEventKind::Disconnected`]: crate::ClientEventKind::Disconnected
     pub fn connection_events(mut self, on: bool) -> Self {
         self.connection_events = on;
+        self
+    }
+
+    /// Whether the path also serves Server-Sent Events: a `GET` with
+    /// `Accept: text/event-stream` streams one topic, and a `POST` carries a
+    /// client message for such a stream (see [`crate::sse`]). Off, those
+    /// requests get `426 Upgrade Required` like any other that is not a
+    /// WebSocket handshake.
+    ///
+    /// Defaults to on.
+    pub fn server_sent_events(mut self, on: bool) -> Self {
+        self.event_streams = on;
         self
     }
 
@@ -619,6 +633,7 @@ impl WsLayerBuilder {
             auth: self.auth,
             trusted_proxy_header,
             connection_events: self.connection_events,
+            event_streams: self.event_streams,
             sweep_interval: (self.history.completed_grace.min(self.history.age) / 2)
                 .clamp(Duration::from_millis(10), Duration::from_secs(1)),
         };

@@ -109,6 +109,7 @@ mod rate_limit;
 mod service;
 mod shared;
 mod shutdown;
+pub mod sse;
 mod stats;
 
 /// Entry points for `cargo fuzz` (`fuzz/`), built only with

@@ -10,8 +10,13 @@
 //! A `stream.delta` also records where its `requestId` and `text` lie in
 //! the frame, so a slow subscriber's queue can merge consecutive deltas
 //! ([`MergedDelta`]) without parsing JSON.
+//!
+//! Other encodings of the same message (a Server-Sent Event) are made from
+//! the frame's payload the first time a subscriber needs one, and kept with
+//! it: once per message, not per subscriber, and never when no subscriber
+//! uses that transport.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use serde::Serialize;
@@ -58,7 +63,22 @@ pub(crate) struct Message(Arc<Sealed>);
 #[derive(Debug)]
 struct Sealed {
     frame: Bytes,
+    /// The topic's sequence number; 0 for a message to one client.
+    seq: u64,
     delta: Option<(u64, Spans)>,
+    /// The Server-Sent Event, made on first use.
+    event: OnceLock<Bytes>,
+}
+
+impl Sealed {
+    fn new(frame: Bytes, seq: u64, delta: Option<(u64, Spans)>) -> Self {
+        Self {
+            frame,
+            seq,
+            delta,
+            event: OnceLock::new(),
+        }
+    }
 }
 
 impl Draft {
@@ -139,10 +159,11 @@ impl Draft {
                 },
             )
         });
-        Message(Arc::new(Sealed {
-            frame: frame::framed(self.buf, start),
+        Message(Arc::new(Sealed::new(
+            frame::framed(self.buf, start),
+            seq,
             delta,
-        }))
+        )))
     }
 }
 
@@ -150,12 +171,20 @@ impl Message {
     /// A frame that is not a topic message (an error to one client, a
     /// message sent to one client).
     pub(crate) fn plain(frame: Bytes) -> Self {
-        Self(Arc::new(Sealed { frame, delta: None }))
+        Self(Arc::new(Sealed::new(frame, 0, None)))
     }
 
     /// The complete frame, header included.
     pub(crate) fn frame(&self) -> &Bytes {
         &self.0.frame
+    }
+
+    /// The message as one Server-Sent Event: `id:` its `seq` (a topic
+    /// message only), `data:` the frame's JSON.
+    pub(crate) fn event(&self) -> &Bytes {
+        self.0
+            .event
+            .get_or_init(|| event(self.0.seq, frame::payload(&self.0.frame)))
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -260,8 +289,31 @@ impl MergedDelta {
         buf.extend_from_slice(self.seq_start.to_string().as_bytes());
         buf.push(b'}');
         let start = frame::write_header_before(&mut buf, HEADROOM);
-        Message::plain(frame::framed(buf, start))
+        Message(Arc::new(Sealed::new(
+            frame::framed(buf, start),
+            self.seq_end,
+            None,
+        )))
     }
+}
+
+/// A Server-Sent Event carrying `data`, with `id: seq` unless `seq` is 0.
+/// serde_json writes no line breaks, but JSON from elsewhere (a backplane)
+/// may have some between tokens: each line goes in a `data:` line of its
+/// own, and the reader joins them with `\n`, still whitespace to JSON.
+fn event(seq: u64, data: &[u8]) -> Bytes {
+    use std::io::Write;
+    let mut out = Vec::with_capacity(data.len() + 32);
+    if seq != 0 {
+        write!(out, "id: {seq}\n").expect("writing to a Vec");
+    }
+    for line in data.split(|&b| b == b'\n' || b == b'\r') {
+        out.extend_from_slice(b"data: ");
+        out.extend_from_slice(line);
+        out.push(b'\n');
+    }
+    out.push(b'\n');
+    out.into()
 }
 
 #[cfg(feature = "redis")]
@@ -355,7 +407,7 @@ mod tests {
     use serde_json::{json, Value};
 
     fn payload(frame: &[u8]) -> Value {
-        serde_json::from_slice(crate::frame::payload_of(frame)).unwrap()
+        serde_json::from_slice(crate::frame::payload(frame)).unwrap()
     }
 
     #[test]

@@ -28,6 +28,7 @@ pub(crate) fn export(shared: &Shared) {
     set("tower_ws_connections", s.connections);
     set("tower_ws_subscriptions", s.subscriptions);
     set("tower_ws_topics", s.topics);
+    set("tower_ws_event_streams", s.event_streams);
     set("tower_ws_history_bytes", s.history_bytes);
     let total = |name: &'static str, value: u64| {
         counter!(name, "path" => path.clone()).absolute(value);
@@ -63,7 +64,14 @@ pub(crate) fn export(shared: &Shared) {
 }
 
 fn describe() {
-    describe_gauge!("tower_ws_connections", "WebSocket connections open");
+    describe_gauge!(
+        "tower_ws_connections",
+        "connections open (WebSocket and event streams)"
+    );
+    describe_gauge!(
+        "tower_ws_event_streams",
+        "event streams (Server-Sent Events) open"
+    );
     describe_gauge!(
         "tower_ws_subscriptions",
         "subscriptions over all connections"

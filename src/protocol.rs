@@ -9,6 +9,9 @@
 //! | client → server | `unsubscribe` | `requestId` |
 //! | client → server | `action_clicked` | `requestId`, `actionId` |
 //! | client → server | `ui_state_changed` | `requestId`, `state` (any JSON) |
+//! | client → server | `ping` | none; answered with `pong` |
+//! | server → client | `subscribed` | `requestId`, `clientId`, `lastSeq`, `recovered` (only when resuming) |
+//! | server → client | `pong` | none |
 //! | server → client | `status` | `requestId`, `status` |
 //! | server → client | `stream.delta` | `requestId`, `text` |
 //! | server → client | `stream.done` | `requestId`, `fullText` |
@@ -24,6 +27,13 @@
 //! first. `subscribe` replays the topic's history, or with `since` only
 //! what came after that `seq`; when the history no longer reaches back that
 //! far, an `error` with code `history_gap` and `firstSeq` comes first.
+//!
+//! `subscribed` acknowledges a `subscribe` before any of its replay:
+//! `lastSeq` is the topic's last sequence number (0 when nothing was
+//! published yet), and with `since`, `recovered` says whether everything
+//! after it is on its way (`false`: a `history_gap` follows). Clients that
+//! ignore types they do not know can ignore it. `ping` lets a client whose
+//! WebSocket API hides protocol pings (a browser's) check the connection.
 
 use std::borrow::Cow;
 
@@ -151,6 +161,35 @@ pub enum ServerMessage<'a> {
         /// A human-readable explanation.
         message: Cow<'a, str>,
     },
+    /// A `subscribe` was taken; its replay, if any, follows.
+    #[serde(rename = "subscribed")]
+    Subscribed {
+        /// The topic.
+        #[serde(rename = "requestId")]
+        request_id: Cow<'a, str>,
+        /// The connection, as [`ClientId::as_u64`](crate::ClientId::as_u64).
+        #[serde(rename = "clientId")]
+        client_id: u64,
+        /// The topic's last sequence number; 0 if it has published nothing.
+        #[serde(rename = "lastSeq")]
+        last_seq: u64,
+        /// With `since`: whether everything after it will be replayed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        recovered: Option<bool>,
+    },
+    /// The answer to a client's `ping`.
+    #[serde(rename = "pong")]
+    Pong,
+}
+
+/// Whether a client message is `{"type":"ping"}`, as clients send it.
+pub(crate) fn is_ping(text: &[u8]) -> bool {
+    text.trim_ascii() == br#"{"type":"ping"}"#
+}
+
+/// The answer to a `ping`.
+pub(crate) fn pong() -> bytes::Bytes {
+    crate::frame::text(br#"{"type":"pong"}"#)
 }
 
 /// One action of a [`ServerMessage::Recommendation`].

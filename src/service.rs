@@ -5,7 +5,10 @@
 //! | request | response |
 //! |---|---|
 //! | a WebSocket handshake that passes every check | `101 Switching Protocols`; the connection is served in a task of its own |
-//! | not a WebSocket handshake (not `GET`, no `Connection: upgrade` or `Upgrade: websocket`) | `426 Upgrade Required` |
+//! | `GET` with `Accept: text/event-stream` and a `requestId` | `200` and an event stream (see [`crate::sse`]) |
+//! | `POST` with a `clientId`: a client message for an event stream | `202 Accepted` (see [`crate::sse`]) |
+//! | `requestId`, `since` or `clientId` missing or malformed | `400 Bad Request` |
+//! | anything else (not `GET`, no `Connection: upgrade` or `Upgrade: websocket`) | `426 Upgrade Required` |
 //! | `Sec-WebSocket-Version` other than 13 | `426 Upgrade Required` with `Sec-WebSocket-Version: 13` |
 //! | no `Sec-WebSocket-Key` | `400 Bad Request` |
 //! | after shutdown began, or at the connection limit | `503 Service Unavailable` with `Retry-After` |
@@ -22,16 +25,19 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use hyper::body::Body;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode, Version};
 use pin_project_lite::pin_project;
 use tower::Service;
 
 use crate::auth::{header_tokens, Authorize, Principal, Rejection, UpgradeRequest};
-use crate::body::WsBody;
-use crate::client_ip::client_ip;
+use crate::body::{LayerBody, WsBody};
+use crate::client_ip::{client_ip, IpSlot};
 use crate::connection::{self, Peer};
 use crate::shared::Shared;
+use crate::shutdown::TaskGuard;
+use crate::sse::{self, StreamId, Subscription};
 use crate::stats::Refused;
 
 /// The service a [`WsLayer`](crate::WsLayer) makes around an inner service.
@@ -82,6 +88,8 @@ impl<S: fmt::Debug> fmt::Debug for WsService<S> {
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for WsService<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ReqBody: Body + Send + 'static,
+    ReqBody::Data: Send,
 {
     type Response = Response<WsBody<ResBody>>;
     type Error = S::Error;
@@ -99,11 +107,11 @@ where
                 },
             };
         }
-        let kind = match handshake(&self.shared, req) {
+        let kind = match admission(&self.shared, req) {
             Admission::Answered(response) => Kind::Ready {
                 response: Some(response.map(WsBody::own)),
             },
-            Admission::Authorizing(future) => Kind::Authorizing { future },
+            Admission::Pending(future) => Kind::Pending { future },
         };
         ResponseFuture { kind }
     }
@@ -122,7 +130,7 @@ pin_project! {
     enum Kind<F, B> {
         Inner { #[pin] future: F },
         Ready { response: Option<Response<WsBody<B>>> },
-        Authorizing { future: Pin<Box<dyn Future<Output = Response<Bytes>> + Send>> },
+        Pending { future: Pin<Box<dyn Future<Output = Response<LayerBody>> + Send>> },
     }
 }
 
@@ -138,7 +146,7 @@ where
             KindProj::Ready { response } => Poll::Ready(Ok(response
                 .take()
                 .expect("ResponseFuture polled after completion"))),
-            KindProj::Authorizing { future } => {
+            KindProj::Pending { future } => {
                 future.as_mut().poll(cx).map(|r| Ok(r.map(WsBody::own)))
             }
         }
@@ -151,57 +159,94 @@ impl<F, B> fmt::Debug for ResponseFuture<F, B> {
     }
 }
 
-/// Answers a request to the WebSocket path.
-/// The answer to a handshake: now, or once an async `authorize` hook has
-/// decided.
+/// The answer to a request on the layer's path: now, or once an async
+/// `authorize` hook has decided (or a posted message was read).
 enum Admission {
-    Answered(Response<Bytes>),
-    Authorizing(Pin<Box<dyn Future<Output = Response<Bytes>> + Send>>),
+    Answered(Response<LayerBody>),
+    Pending(Pin<Box<dyn Future<Output = Response<LayerBody>> + Send>>),
 }
 
 /// What admission learned of the client before authorizing it.
-struct Client {
-    ip: Option<IpAddr>,
-    origin: Option<String>,
+pub(crate) struct Client {
+    pub(crate) ip: Option<IpAddr>,
+    pub(crate) origin: Option<String>,
 }
 
-fn handshake<B>(shared: &Arc<Shared>, req: Request<B>) -> Admission {
+/// What the request asks for.
+enum Transport {
+    WebSocket,
+    EventStream(Subscription),
+    Post(StreamId),
+}
+
+/// Sorts a request out by what it asks for, refusing one that is none of
+/// them.
+fn transport<B>(shared: &Shared, req: &Request<B>) -> Result<Transport, Response<LayerBody>> {
     let headers = req.headers();
-    if req.method() != Method::GET
-        || req.version() < Version::HTTP_11
-        || !has_token(headers, header::CONNECTION, "upgrade")
-        || !has_token(headers, header::UPGRADE, "websocket")
+    if req.method() == Method::GET
+        && req.version() >= Version::HTTP_11
+        && has_token(headers, header::CONNECTION, "upgrade")
+        && has_token(headers, header::UPGRADE, "websocket")
     {
-        return Admission::Answered(reject(
-            shared,
-            Refused::NotWebSocket,
-            StatusCode::UPGRADE_REQUIRED,
-            "this endpoint only accepts WebSocket connections\n",
-        ));
+        if headers
+            .get(header::SEC_WEBSOCKET_VERSION)
+            .map(HeaderValue::as_bytes)
+            != Some(b"13")
+        {
+            return Err(reject(
+                shared,
+                Refused::NotWebSocket,
+                StatusCode::UPGRADE_REQUIRED,
+                "unsupported WebSocket version; use 13\n",
+            ));
+        }
+        if !headers.contains_key(header::SEC_WEBSOCKET_KEY) {
+            return Err(reject(
+                shared,
+                Refused::NotWebSocket,
+                StatusCode::BAD_REQUEST,
+                "missing Sec-WebSocket-Key\n",
+            ));
+        }
+        return Ok(Transport::WebSocket);
     }
-    if headers
-        .get(header::SEC_WEBSOCKET_VERSION)
-        .map(HeaderValue::as_bytes)
-        != Some(b"13")
-    {
-        return Admission::Answered(reject(
-            shared,
-            Refused::NotWebSocket,
-            StatusCode::UPGRADE_REQUIRED,
-            "unsupported WebSocket version; use 13\n",
-        ));
+    if shared.config.event_streams {
+        if req.method() == Method::GET && has_token(headers, header::ACCEPT, "text/event-stream") {
+            return sse::subscription(req.uri(), headers, &shared.config.limits)
+                .map(Transport::EventStream)
+                .map_err(|why| reject(shared, Refused::BadRequest, StatusCode::BAD_REQUEST, why));
+        }
+        if req.method() == Method::POST {
+            return sse::posted_to(req.uri())
+                .map(Transport::Post)
+                .map_err(|why| reject(shared, Refused::BadRequest, StatusCode::BAD_REQUEST, why));
+        }
     }
-    if !headers.contains_key(header::SEC_WEBSOCKET_KEY) {
-        return Admission::Answered(reject(
-            shared,
-            Refused::NotWebSocket,
-            StatusCode::BAD_REQUEST,
-            "missing Sec-WebSocket-Key\n",
-        ));
-    }
+    Err(reject(
+        shared,
+        Refused::NotWebSocket,
+        StatusCode::UPGRADE_REQUIRED,
+        if shared.config.event_streams {
+            "this endpoint accepts WebSocket connections and event streams (Accept: text/event-stream)\n"
+        } else {
+            "this endpoint only accepts WebSocket connections\n"
+        },
+    ))
+}
+
+fn admission<B>(shared: &Arc<Shared>, req: Request<B>) -> Admission
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+{
+    let transport = match transport(shared, &req) {
+        Ok(transport) => transport,
+        Err(response) => return Admission::Answered(response),
+    };
     if !shared.hub.is_accepting() {
         return Admission::Answered(shutting_down(shared));
     }
+    let headers = req.headers();
     let ip = client_ip(
         headers,
         req.extensions(),
@@ -235,19 +280,22 @@ fn handshake<B>(shared: &Arc<Shared>, req: Request<B>) -> Admission {
         peer: req.extensions().get::<SocketAddr>().copied(),
     };
     match &shared.config.auth.authorize {
-        None => Admission::Answered(admit(shared, req, client, None)),
+        None => proceed(shared, req, client, None, transport),
         Some(Authorize::Now(authorize)) => match authorize(&request) {
-            Ok(principal) => Admission::Answered(admit(shared, req, client, Some(principal))),
+            Ok(principal) => proceed(shared, req, client, Some(principal), transport),
             Err(rejection) => Admission::Answered(unauthorized(shared, &rejection, &client)),
         },
         Some(Authorize::Later(authorize)) => {
             let decision = authorize(&request);
-            // The body is not needed: what the upgrade reads is in the parts.
-            let req = Request::from_parts(req.into_parts().0, ());
             let shared = shared.clone();
-            Admission::Authorizing(Box::pin(async move {
+            Admission::Pending(Box::pin(async move {
                 match decision.await {
-                    Ok(principal) => admit(&shared, req, client, Some(principal)),
+                    Ok(principal) => {
+                        match proceed(&shared, req, client, Some(principal), transport) {
+                            Admission::Answered(response) => response,
+                            Admission::Pending(future) => future.await,
+                        }
+                    }
                     Err(rejection) => unauthorized(&shared, &rejection, &client),
                 }
             }))
@@ -255,7 +303,37 @@ fn handshake<B>(shared: &Arc<Shared>, req: Request<B>) -> Admission {
     }
 }
 
-fn unauthorized(shared: &Shared, rejection: &Rejection, client: &Client) -> Response<Bytes> {
+/// Goes on with an authorized request.
+fn proceed<B>(
+    shared: &Arc<Shared>,
+    req: Request<B>,
+    client: Client,
+    principal: Option<Principal>,
+    transport: Transport,
+) -> Admission
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+{
+    match transport {
+        Transport::WebSocket => Admission::Answered(admit(shared, req, client, principal)),
+        Transport::EventStream(subscription) => Admission::Answered(sse::open(
+            shared,
+            req.headers(),
+            client,
+            principal,
+            subscription,
+        )),
+        Transport::Post(stream) => Admission::Pending(Box::pin(sse::post(
+            shared.clone(),
+            req.into_body(),
+            principal,
+            stream,
+        ))),
+    }
+}
+
+fn unauthorized(shared: &Shared, rejection: &Rejection, client: &Client) -> Response<LayerBody> {
     tracing::warn!(
         status = rejection.status,
         reason = ?rejection.reason,
@@ -279,13 +357,14 @@ fn unauthorized(shared: &Shared, rejection: &Rejection, client: &Client) -> Resp
     }
 }
 
-/// Admits an authorized client: limits, upgrade, and its connection task.
+/// Admits an authorized WebSocket client: limits, upgrade, and its
+/// connection task.
 fn admit<B>(
     shared: &Arc<Shared>,
     mut req: Request<B>,
     client: Client,
     principal: Option<Principal>,
-) -> Response<Bytes> {
+) -> Response<LayerBody> {
     if let Some(protocol) = principal.as_ref().and_then(Principal::protocol) {
         if !header_tokens(req.headers(), header::SEC_WEBSOCKET_PROTOCOL).any(|p| p == protocol) {
             tracing::error!(
@@ -300,19 +379,10 @@ fn admit<B>(
             );
         }
     }
-    if tokio::runtime::Handle::try_current().is_err() {
-        tracing::error!("websocket_upgrade_failed: the layer must run inside a Tokio runtime");
-        return reject(
-            shared,
-            Refused::Misconfigured,
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "server misconfigured\n",
-        );
-    }
-    // An async hook may have taken a while.
-    if !shared.hub.is_accepting() {
-        return shutting_down(shared);
-    }
+    let slots = match take_slots(shared, req.headers(), client.ip) {
+        Ok(slots) => slots,
+        Err(response) => return response,
+    };
     let protocol = principal
         .as_ref()
         .and_then(|p| p.protocol())
@@ -323,45 +393,6 @@ fn admit<B>(
         user_agent: text(req.headers(), header::USER_AGENT),
         principal,
         ip,
-    };
-    let max_connections = shared.config.limits.max_connections;
-    // Room for this one comes first from connections that never subscribed.
-    let headroom = (max_connections / 10).max(1);
-    let live = shared.tasks.live();
-    if live + headroom >= max_connections {
-        shared.hub.shed_idle(live + headroom + 1 - max_connections);
-    }
-    let Some(task) = shared.tasks.try_start(max_connections) else {
-        tracing::warn!(max_connections, ip = ?ip, "websocket_connection_limit_reached");
-        return reject(
-            shared,
-            Refused::ConnectionLimit,
-            StatusCode::SERVICE_UNAVAILABLE,
-            "too many connections\n",
-        );
-    };
-    let max_per_ip = shared.config.limits.max_connections_per_ip;
-    let ip_slot = match ip {
-        None => None,
-        Some(ip) => match shared.per_ip.try_take(ip, max_per_ip) {
-            Some((slot, held)) => {
-                if shared.config.trusted_proxy_header.is_none() {
-                    shared
-                        .per_ip
-                        .warn_if_proxied(req.headers(), ip, held, max_per_ip);
-                }
-                Some(slot)
-            }
-            None => {
-                tracing::warn!(max_per_ip, %ip, "websocket_connection_limit_reached");
-                return reject(
-                    shared,
-                    Refused::AddressLimit,
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "too many connections from your address\n",
-                );
-            }
-        },
     };
     let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(parts) => parts,
@@ -374,14 +405,8 @@ fn admit<B>(
             )
         }
     };
-    shared.ensure_sweeper();
-    tokio::spawn(connection::serve(
-        shared.clone(),
-        upgrade,
-        peer,
-        (task, ip_slot),
-    ));
-    let mut response = response.map(|_| Bytes::new());
+    tokio::spawn(connection::serve(shared.clone(), upgrade, peer, slots));
+    let mut response = response.map(|_| LayerBody::from(Bytes::new()));
     if let Some(value) = protocol.and_then(|p| HeaderValue::from_str(&p).ok()) {
         response
             .headers_mut()
@@ -390,7 +415,68 @@ fn admit<B>(
     response
 }
 
-fn shutting_down(shared: &Shared) -> Response<Bytes> {
+/// Takes a place for a new connection under the global and per-address
+/// limits, and starts the sweeper with the first one.
+pub(crate) fn take_slots(
+    shared: &Arc<Shared>,
+    headers: &HeaderMap,
+    ip: Option<IpAddr>,
+) -> Result<(TaskGuard, Option<IpSlot>), Response<LayerBody>> {
+    if tokio::runtime::Handle::try_current().is_err() {
+        tracing::error!("websocket_upgrade_failed: the layer must run inside a Tokio runtime");
+        return Err(reject(
+            shared,
+            Refused::Misconfigured,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server misconfigured\n",
+        ));
+    }
+    // An async hook may have taken a while.
+    if !shared.hub.is_accepting() {
+        return Err(shutting_down(shared));
+    }
+    let max_connections = shared.config.limits.max_connections;
+    // Room for this one comes first from connections that never subscribed.
+    let headroom = (max_connections / 10).max(1);
+    let live = shared.tasks.live();
+    if live + headroom >= max_connections {
+        shared.hub.shed_idle(live + headroom + 1 - max_connections);
+    }
+    let Some(task) = shared.tasks.try_start(max_connections) else {
+        tracing::warn!(max_connections, ip = ?ip, "websocket_connection_limit_reached");
+        return Err(reject(
+            shared,
+            Refused::ConnectionLimit,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many connections\n",
+        ));
+    };
+    let max_per_ip = shared.config.limits.max_connections_per_ip;
+    let ip_slot = match ip {
+        None => None,
+        Some(ip) => match shared.per_ip.try_take(ip, max_per_ip) {
+            Some((slot, held)) => {
+                if shared.config.trusted_proxy_header.is_none() {
+                    shared.per_ip.warn_if_proxied(headers, ip, held, max_per_ip);
+                }
+                Some(slot)
+            }
+            None => {
+                tracing::warn!(max_per_ip, %ip, "websocket_connection_limit_reached");
+                return Err(reject(
+                    shared,
+                    Refused::AddressLimit,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "too many connections from your address\n",
+                ));
+            }
+        },
+    };
+    shared.ensure_sweeper();
+    Ok((task, ip_slot))
+}
+
+fn shutting_down(shared: &Shared) -> Response<LayerBody> {
     reject(
         shared,
         Refused::ShuttingDown,
@@ -400,14 +486,14 @@ fn shutting_down(shared: &Shared) -> Response<Bytes> {
 }
 
 /// A refusal, counted by its reason.
-fn reject(
+pub(crate) fn reject(
     shared: &Shared,
     why: Refused,
     status: StatusCode,
     body: &'static str,
-) -> Response<Bytes> {
+) -> Response<LayerBody> {
     shared.hub.counters.refused(why);
-    let mut response = Response::new(Bytes::from_static(body.as_bytes()));
+    let mut response = Response::new(LayerBody::from(body));
     *response.status_mut() = status;
     let headers = response.headers_mut();
     headers.insert(
@@ -432,7 +518,7 @@ fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool
     header_tokens(headers, name).any(|t| t.eq_ignore_ascii_case(token))
 }
 
-fn text(headers: &HeaderMap, name: header::HeaderName) -> Option<String> {
+pub(crate) fn text(headers: &HeaderMap, name: header::HeaderName) -> Option<String> {
     headers
         .get(name)
         .and_then(|v| v.to_str().ok())

@@ -37,6 +37,7 @@ pub(crate) struct Config {
     pub(crate) trusted_proxy_header: Option<HeaderName>,
     pub(crate) sweep_interval: Duration,
     pub(crate) connection_events: bool,
+    pub(crate) event_streams: bool,
 }
 
 /// Per-connection and global limits.
@@ -59,6 +60,8 @@ pub(crate) struct Shared {
     pub(crate) per_ip: Arc<PerIp>,
     pub(crate) events: mpsc::Sender<ClientEvent>,
     pub(crate) receiver: Mutex<Option<ClientEvents>>,
+    /// The open event streams, for the client messages posted to them.
+    pub(crate) streams: crate::sse::Streams,
     sweeping: AtomicBool,
 }
 
@@ -98,6 +101,7 @@ impl Shared {
             per_ip: Arc::default(),
             events,
             receiver: Mutex::new(Some(receiver)),
+            streams: crate::sse::Streams::default(),
             sweeping: AtomicBool::new(false),
         })
     }

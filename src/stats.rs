@@ -7,15 +7,18 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 /// A snapshot of the layer's gauges and counters.
 ///
-/// Gauges (`connections`, `topics`, `subscriptions`) are current values;
+/// Gauges (`connections`, `event_streams`, `topics`, `subscriptions`) are current values;
 /// the rest count since the layer was built. Each field is read on its own,
 /// so a snapshot taken while clients come and go may mix instants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub struct Stats {
-    /// Upgraded connections now open.
+    /// Connections now open: WebSocket connections and event streams.
     pub connections: u64,
-    /// Connections upgraded since the layer was built.
+    /// Event streams (Server-Sent Events) now open, also counted in
+    /// `connections`.
+    pub event_streams: u64,
+    /// Connections opened since the layer was built.
     pub connections_opened: u64,
     /// Topics this instance holds: those with a subscriber, and those
     /// whose history is still kept (until it expires).
@@ -95,11 +98,12 @@ pub(crate) enum Refused {
     AddressLimit,
     ShuttingDown,
     Misconfigured,
+    BadRequest,
 }
 
 #[cfg(feature = "metrics")]
 impl Refused {
-    pub(crate) const ALL: [Self; 7] = [
+    pub(crate) const ALL: [Self; 8] = [
         Self::NotWebSocket,
         Self::Origin,
         Self::Unauthorized,
@@ -107,6 +111,7 @@ impl Refused {
         Self::AddressLimit,
         Self::ShuttingDown,
         Self::Misconfigured,
+        Self::BadRequest,
     ];
 
     pub(crate) fn label(self) -> &'static str {
@@ -118,6 +123,7 @@ impl Refused {
             Self::AddressLimit => "address_limit",
             Self::ShuttingDown => "shutting_down",
             Self::Misconfigured => "misconfigured",
+            Self::BadRequest => "bad_request",
         }
     }
 }
@@ -127,6 +133,7 @@ impl Refused {
 pub(crate) struct Counters {
     pub(crate) connections: AtomicU64,
     pub(crate) connections_opened: AtomicU64,
+    pub(crate) event_streams: AtomicU64,
     /// By [`Ended`] and [`Refused`]; only exported as metrics.
     #[cfg(feature = "metrics")]
     pub(crate) closed: [AtomicU64; Ended::ALL.len()],
@@ -184,6 +191,7 @@ impl Counters {
         Stats {
             connections: self.connections.load(Relaxed),
             connections_opened: self.connections_opened.load(Relaxed),
+            event_streams: self.event_streams.load(Relaxed),
             messages_published: self.messages_published.load(Relaxed),
             topics: self.topics.load(Relaxed),
             subscriptions: self.subscriptions.load(Relaxed),

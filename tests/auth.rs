@@ -51,7 +51,10 @@ async fn connect(server: &Server, query: &str, protocols: Option<&str>) -> Resul
             if protocols.is_some() {
                 assert_eq!(response.headers()["sec-websocket-protocol"], "bearer");
             }
-            Ok(Client { ws })
+            Ok(Client {
+                ws,
+                keep_acks: false,
+            })
         }
         Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
             Err(response.status().as_u16())

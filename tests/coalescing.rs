@@ -84,6 +84,7 @@ where
                 last_ping = tokio::time::Instant::now();
                 continue;
             }
+            Message::Text(text) if support::is_ack(&text) => continue,
             Message::Text(text) => {
                 let v: Value = serde_json::from_str(&text).unwrap();
                 let seq = v["seq"].as_u64().unwrap();

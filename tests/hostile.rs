@@ -120,6 +120,9 @@ async fn hostile_clients_get_their_codes_while_good_clients_get_everything() {
                     let Message::Text(text) = message else {
                         continue;
                     };
+                    if support::is_ack(&text) {
+                        continue;
+                    }
                     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
                     if v["text"] == "end" {
                         return next - 1;

@@ -36,7 +36,8 @@ async fn the_layers_counters_are_exported() {
         r#"tower_ws_connections{path="/ws"} 0"#,
         r#"tower_ws_connections_opened_total{path="/ws"} 1"#,
         r#"tower_ws_messages_published_total{path="/ws"} 3"#,
-        r#"tower_ws_messages_delivered_total{path="/ws"} 3"#,
+        // The three deltas and the `subscribed` acknowledgement.
+        r#"tower_ws_messages_delivered_total{path="/ws"} 4"#,
         r#"tower_ws_handshakes_refused_total{path="/ws",reason="origin"} 1"#,
         r#"tower_ws_connections_closed_total{path="/ws",reason="gone"} 1"#,
     ];
@@ -46,6 +47,6 @@ async fn the_layers_counters_are_exported() {
     })
     .await;
     let text = metrics.render();
-    assert!(text.contains("# HELP tower_ws_connections WebSocket connections open"));
+    assert!(text.contains("# HELP tower_ws_connections connections open (WebSocket and event streams)"));
     assert!(!text.contains(r#"topic=""#), "no topic label");
 }

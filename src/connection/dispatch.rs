@@ -21,6 +21,10 @@ impl Conn<'_> {
         inbound: Inbound<'_>,
         topics: &mut HashSet<Arc<str>>,
     ) -> Result<(), ReadEnd> {
+        if matches!(inbound, Inbound::Text(text) if protocol::is_ping(text.as_bytes())) {
+            self.outbox.push_control(protocol::pong());
+            return Ok(());
+        }
         if let Some(hook) = &self.shared.config.on_message {
             let reply = Reply::new(&self.shared.hub, self.outbox, self.principal);
             if hook.call(inbound, &reply) == Handled::Yes {

@@ -118,6 +118,26 @@ pub(crate) async fn serve(
     tracing::info!(%client_id, %reason, "websocket_disconnected");
 }
 
+/// Handles one client message that came without a socket: one posted for
+/// an event stream, whose subscriptions are `topics`.
+pub(crate) fn handle_posted(
+    shared: &Shared,
+    outbox: &Arc<Outbox>,
+    principal: Option<&Principal>,
+    text: &str,
+    topics: &mut HashSet<Arc<str>>,
+) {
+    let conn = Conn::new(shared, outbox, principal);
+    // Only a socket's reader ends a connection for a message.
+    let _ = conn.on_message(crate::inbound::Inbound::Text(text), topics);
+}
+
+/// Tells a client without a socket that its message was refused, as its
+/// socket's reader would.
+pub(crate) fn refuse_posted(shared: &Shared, outbox: &Arc<Outbox>, error: &str, message: &str) {
+    Conn::new(shared, outbox, None).send_error(crate::protocol::UNKNOWN_REQUEST_ID, error, message);
+}
+
 /// Why a connection ended, for the logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Reason {

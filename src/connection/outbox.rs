@@ -489,7 +489,7 @@ mod tests {
         let mut next_seq = 1;
         for message in &batch {
             let v: serde_json::Value =
-                serde_json::from_slice(crate::frame::payload_of(message.frame())).unwrap();
+                serde_json::from_slice(crate::frame::payload(message.frame())).unwrap();
             let first = v
                 .get("seqStart")
                 .map_or(v["seq"].as_u64(), |s| s.as_u64())

@@ -183,13 +183,13 @@ fn write_header(out: &mut [u8; MAX_HEADER], opcode: OpCode, payload_len: usize) 
     }
 }
 
-/// The payload of an unmasked frame, for tests.
-#[cfg(test)]
-pub(crate) fn payload_of(frame: &[u8]) -> &[u8] {
-    match frame[1] {
-        126 => &frame[4..],
-        127 => &frame[10..],
-        _ => &frame[2..],
+/// The payload of an unmasked frame this module wrote.
+pub(crate) fn payload(frame: &[u8]) -> &[u8] {
+    match frame.get(1) {
+        Some(126) => &frame[4..],
+        Some(127) => &frame[10..],
+        Some(_) => &frame[2..],
+        None => &[],
     }
 }
 
@@ -212,7 +212,7 @@ mod tests {
             let json_len = text.len() + 2;
             assert_eq!(frame.len(), header_len + json_len, "len {len}");
             assert_eq!(frame[0], 0x81);
-            assert_eq!(payload_of(&frame), serde_json::to_vec(&text).unwrap());
+            assert_eq!(payload(&frame), serde_json::to_vec(&text).unwrap());
         }
     }
 

@@ -27,7 +27,7 @@ use crate::error::PublishError;
 use crate::frame::{self, close_code};
 use crate::lock::lock;
 use crate::message::{Draft, Message};
-use crate::protocol;
+use crate::protocol::{self, ServerMessage};
 use crate::stats::Counters;
 use crate::ClientId;
 
@@ -85,6 +85,8 @@ pub(crate) trait Relay: Send + Sync + 'static {
 
 /// Room kept in a queue for a `history_gap`, besides its topic.
 const GAP_ROOM: usize = 128;
+/// Room for a `subscribed` acknowledgement, besides its topic.
+const ACK_ROOM: usize = 128;
 
 type Shard = HashMap<Arc<str>, Arc<Topic>>;
 
@@ -334,8 +336,17 @@ impl Hub {
         outbox: Arc<Outbox>,
         since: Option<u64>,
     ) -> Subscribed {
-        let room = outbox.room().saturating_sub(GAP_ROOM + topic.len());
+        let room = outbox.room().saturating_sub(ACK_ROOM + GAP_ROOM + 2 * topic.len());
         let replay = state.replay(since, room);
+        let ack = ServerMessage::Subscribed {
+            request_id: topic.into(),
+            client_id: outbox.client_id().as_u64(),
+            last_seq: state.next_seq() - 1,
+            recovered: since.map(|_| replay.gap_first_seq.is_none()),
+        };
+        if let Ok(frame) = frame::json_text(&ack) {
+            self.push(&outbox, Message::plain(frame));
+        }
         if let Some(first) = replay.gap_first_seq {
             self.push(&outbox, Message::plain(protocol::history_gap(topic, first)));
         }
@@ -541,7 +552,8 @@ pub(super) mod tests {
             (1, 0)
         );
         let mut batch = Vec::new();
-        assert_eq!(a.take(&mut batch), Take::Frames { data_frames: 1 });
+        // The acknowledgement, then the delta.
+        assert_eq!(a.take(&mut batch), Take::Frames { data_frames: 2 });
 
         assert!(hub.unsubscribe("t", &a));
         assert!(!hub.unsubscribe("t", &a));

@@ -315,12 +315,13 @@ mod tests {
             .iter()
             .map(|frame| {
                 let v: serde_json::Value =
-                    serde_json::from_slice(crate::frame::payload_of(frame.frame())).unwrap();
-                match v["seq"].as_u64() {
+                    serde_json::from_slice(crate::frame::payload(frame.frame())).unwrap();
+                (v["type"] != "subscribed").then(|| match v["seq"].as_u64() {
                     Some(seq) => Ok(seq),
                     None => Err(v["firstSeq"].as_u64().unwrap()),
-                }
+                })
             })
+            .flatten()
             .collect()
     }
 

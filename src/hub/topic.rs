@@ -303,7 +303,7 @@ mod tests {
             .iter()
             .map(|m| {
                 let v: serde_json::Value =
-                    serde_json::from_slice(crate::frame::payload_of(m.frame())).unwrap();
+                    serde_json::from_slice(crate::frame::payload(m.frame())).unwrap();
                 v["seq"].as_u64().unwrap()
             })
             .collect()

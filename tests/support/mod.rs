@@ -114,6 +114,8 @@ pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 /// A tungstenite client.
 pub struct Client {
     pub ws: Ws,
+    /// Whether `recv_*` return `subscribed` acknowledgements too.
+    pub keep_acks: bool,
 }
 
 impl Client {
@@ -133,7 +135,10 @@ impl Client {
                 .insert("Origin", origin.parse().unwrap());
         }
         match tokio::time::timeout(TIMEOUT, tokio_tungstenite::connect_async(request)).await {
-            Ok(Ok((ws, _))) => Ok(Client { ws }),
+            Ok(Ok((ws, _))) => Ok(Client {
+                ws,
+                keep_acks: false,
+            }),
             Ok(Err(tokio_tungstenite::tungstenite::Error::Http(response))) => {
                 Err(response.status().as_u16())
             }
@@ -190,7 +195,19 @@ impl Client {
         }
     }
 
+    /// The next message, passing over `subscribed` acknowledgements
+    /// unless `keep_acks` is set.
     async fn next(&mut self) -> Message {
+        loop {
+            let message = self.next_any().await;
+            match &message {
+                Message::Text(text) if !self.keep_acks && is_ack(text) => {}
+                _ => return message,
+            }
+        }
+    }
+
+    async fn next_any(&mut self) -> Message {
         match tokio::time::timeout(TIMEOUT, self.ws.next()).await {
             Ok(Some(Ok(message))) => message,
             Ok(Some(Err(e))) => panic!("read failed: {e}"),
@@ -210,6 +227,11 @@ impl Client {
             }
         }
     }
+}
+
+/// Whether a text message is a `subscribed` acknowledgement.
+pub fn is_ack(text: &str) -> bool {
+    text.starts_with(r#"{"type":"subscribed""#)
 }
 
 /// Waits until `condition` holds; panics after TIMEOUT.

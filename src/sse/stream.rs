@@ -1,0 +1,239 @@
+//! An event stream's task: it writes the outbox's messages as events into
+//! the response body, a comment when the stream was quiet for a heartbeat
+//! interval, and the `close` event last; then it cleans up as a WebSocket
+//! connection does.
+//!
+//! The body takes one chunk at a time: while the client reads slowly, the
+//! messages wait in the outbox, whose limit and policy apply as they do to
+//! a WebSocket.
+
+use std::fmt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio::time::{Instant, MissedTickBehavior};
+
+use super::Stream;
+use crate::auth::Principal;
+use crate::client_ip::IpSlot;
+use crate::connection::outbox::{Status, Take};
+use crate::hub::TopicDigest;
+use crate::lock::lock;
+use crate::message::Message;
+use crate::shared::Shared;
+use crate::shutdown::TaskGuard;
+use crate::stats::{Counters, Ended};
+
+/// How long a closing stream may take to hand over its last events.
+const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Written when the stream was quiet for a heartbeat interval.
+const HEARTBEAT: &[u8] = b": heartbeat\n\n";
+
+/// Why a stream ended, for the logs and the counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// The server ended it with this code (in the `close` event).
+    ServerClosed(u16),
+    /// The client went away (the response body was dropped).
+    Gone,
+    CloseTimeout,
+    Killed,
+}
+
+impl End {
+    fn counted(self) -> Ended {
+        match self {
+            Self::ServerClosed(_) => Ended::ServerClosed,
+            Self::Gone => Ended::Gone,
+            Self::CloseTimeout => Ended::CloseTimeout,
+            Self::Killed => Ended::Killed,
+        }
+    }
+}
+
+impl fmt::Display for End {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::ServerClosed(code) => write!(f, "server closed ({code})"),
+            Self::Gone => f.write_str("connection lost"),
+            Self::CloseTimeout => f.write_str("close timed out"),
+            Self::Killed => f.write_str("terminated at shutdown deadline"),
+        }
+    }
+}
+
+/// Runs one stream from its first event to the end of cleanup.
+pub(super) async fn serve(
+    shared: Arc<Shared>,
+    stream: Arc<Stream>,
+    chunks: mpsc::Sender<Bytes>,
+    // Held until the stream's cleanup is done.
+    counted: (TaskGuard, Option<IpSlot>),
+) {
+    let end = write(&shared, &stream, &chunks).await;
+    drop(chunks);
+
+    let outbox = &stream.outbox;
+    let client_id = outbox.client_id();
+    lock(&shared.streams.open).remove(&client_id);
+    let topics = std::mem::take(&mut *lock(&stream.topics));
+    for topic in &topics {
+        if shared.hub.unsubscribe(topic, outbox) {
+            tracing::info!(%client_id, topic = %TopicDigest(topic), "websocket_unsubscribed");
+        }
+    }
+    Counters::add(&shared.hub.counters.messages_dropped, outbox.kill());
+    let principal_id = stream.principal.as_ref().map(Principal::id);
+    shared.hub.deregister(client_id, principal_id);
+    Counters::sub(&shared.hub.counters.event_streams, 1);
+    if shared.config.connection_events {
+        let _ = shared.send_event(
+            client_id,
+            stream.principal.as_ref(),
+            crate::ClientEventKind::Disconnected,
+        );
+    }
+    shared.hub.counters.closed(end.counted());
+    if end == End::CloseTimeout && !shared.hub.is_accepting() {
+        counted.0.cut_off();
+    }
+    tracing::info!(%client_id, reason = %end, "event_stream_disconnected");
+}
+
+/// Writes events until the outbox closes or the client goes away.
+async fn write(shared: &Shared, stream: &Stream, chunks: &mpsc::Sender<Bytes>) -> End {
+    let outbox = &stream.outbox;
+    let interval = shared.config.heartbeat_interval;
+    let mut ticker = tokio::time::interval_at(Instant::now() + interval, interval);
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut batch: Vec<Message> = Vec::new();
+    let mut control = Vec::new();
+    // Whether something was written since the last tick.
+    let mut written = true;
+    let mut deadline: Option<Instant> = None;
+    let unused = Instant::now();
+    loop {
+        // Pongs answer WebSocket pings; a stream has none to answer.
+        outbox.take_control(&mut control);
+        control.clear();
+        let mut data_frames = 0;
+        let mut close = None;
+        let chunk = match outbox.take(&mut batch) {
+            Take::Frames { data_frames: n } => {
+                data_frames = n;
+                let chunk = events(&batch);
+                batch.clear();
+                chunk
+            }
+            Take::Close(frame) => {
+                let (code, event) = close_event(&frame);
+                close = Some(code);
+                event
+            }
+            Take::Stop if outbox.status() == Status::Killed => return End::Killed,
+            Take::Stop => return End::Gone,
+            Take::Idle => {
+                tokio::select! {
+                    biased;
+                    _ = outbox.woken() => continue,
+                    _ = chunks.closed() => return End::Gone,
+                    _ = ticker.tick() => {
+                        if std::mem::take(&mut written) {
+                            continue;
+                        }
+                        Bytes::from_static(HEARTBEAT)
+                    }
+                }
+            }
+        };
+        if outbox.status() != Status::Open {
+            deadline.get_or_insert_with(|| Instant::now() + CLOSE_TIMEOUT);
+        }
+        // Reserving is cancel-safe: the chunk is only handed over once
+        // there is room, so a wake in between loses nothing.
+        loop {
+            tokio::select! {
+                biased;
+                permit = chunks.reserve() => match permit {
+                    Ok(permit) => {
+                        permit.send(chunk);
+                        break;
+                    }
+                    Err(_) => return End::Gone,
+                },
+                _ = outbox.woken() => match outbox.status() {
+                    Status::Killed => return End::Killed,
+                    Status::Closing => {
+                        deadline.get_or_insert_with(|| Instant::now() + CLOSE_TIMEOUT);
+                    }
+                    Status::Open => {}
+                },
+                _ = tokio::time::sleep_until(deadline.unwrap_or(unused)), if deadline.is_some() => {
+                    return End::CloseTimeout;
+                }
+            }
+        }
+        written = true;
+        Counters::add(&shared.hub.counters.messages_sent, data_frames);
+        if let Some(code) = close {
+            return End::ServerClosed(code);
+        }
+    }
+}
+
+/// The events of a batch, as one chunk.
+fn events(batch: &[Message]) -> Bytes {
+    if let [one] = batch {
+        return one.event().clone();
+    }
+    let len = batch.iter().map(|m| m.event().len()).sum();
+    let mut chunk = Vec::with_capacity(len);
+    for message in batch {
+        chunk.extend_from_slice(message.event());
+    }
+    chunk.into()
+}
+
+/// The `close` event for a WebSocket Close frame: its code and reason.
+fn close_event(frame: &[u8]) -> (u16, Bytes) {
+    let code = match frame.get(2..4) {
+        Some(&[a, b]) => u16::from_be_bytes([a, b]),
+        _ => crate::close_code::NORMAL,
+    };
+    let reason = frame
+        .get(4..)
+        .map(String::from_utf8_lossy)
+        .unwrap_or_default();
+    let data = serde_json::json!({ "code": code, "reason": reason });
+    (code, format!("event: close\ndata: {data}\n\n").into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::Draft;
+
+    #[test]
+    fn a_batch_is_one_chunk_of_events() {
+        let a = Draft::delta("t", "a\nb").seal(1);
+        let b = Message::plain(crate::frame::text(br#"{"type":"x"}"#));
+        let chunk = events(&[a, b]);
+        assert_eq!(
+            &chunk[..],
+            b"id: 1\ndata: {\"seq\":1,\"type\":\"stream.delta\",\"requestId\":\"t\",\"text\":\"a\\nb\"}\n\n\
+              data: {\"type\":\"x\"}\n\n"
+        );
+    }
+
+    #[test]
+    fn a_close_frame_becomes_a_close_event() {
+        let (code, event) = close_event(&crate::frame::close(1001, "server shutting down"));
+        assert_eq!(code, 1001);
+        assert_eq!(
+            &event[..],
+            b"event: close\ndata: {\"code\":1001,\"reason\":\"server shutting down\"}\n\n"
+        );
+    }
+}
