@@ -305,7 +305,7 @@ fn event(seq: u64, data: &[u8]) -> Bytes {
     use std::io::Write;
     let mut out = Vec::with_capacity(data.len() + 32);
     if seq != 0 {
-        write!(out, "id: {seq}\n").expect("writing to a Vec");
+        writeln!(out, "id: {seq}").expect("writing to a Vec");
     }
     for line in data.split(|&b| b == b'\n' || b == b'\r') {
         out.extend_from_slice(b"data: ");
@@ -521,5 +521,20 @@ mod tests {
         ] {
             assert!(Draft::json(&fine).is_ok(), "{fine}");
         }
+    }
+
+    #[test]
+    fn the_event_is_made_once_and_splits_lines() {
+        let m = Draft::json(&json!({"type":"x"})).unwrap().seal(9);
+        assert_eq!(
+            &m.event()[..],
+            b"id: 9\ndata: {\"seq\":9,\"type\":\"x\"}\n\n"
+        );
+        assert!(
+            std::ptr::eq(m.event(), m.clone().event()),
+            "kept with the message"
+        );
+        let raw = event(0, b"{\n\"a\":1\r\n}");
+        assert_eq!(&raw[..], b"data: {\ndata: \"a\":1\ndata: \ndata: }\n\n");
     }
 }

@@ -181,7 +181,7 @@ enum Transport {
 
 /// Sorts a request out by what it asks for, refusing one that is none of
 /// them.
-fn transport<B>(shared: &Shared, req: &Request<B>) -> Result<Transport, Response<LayerBody>> {
+fn transport<B>(shared: &Shared, req: &Request<B>) -> Result<Transport, Refusal> {
     let headers = req.headers();
     if req.method() == Method::GET
         && req.version() >= Version::HTTP_11
@@ -193,16 +193,14 @@ fn transport<B>(shared: &Shared, req: &Request<B>) -> Result<Transport, Response
             .map(HeaderValue::as_bytes)
             != Some(b"13")
         {
-            return Err(reject(
-                shared,
+            return Err(Refusal(
                 Refused::NotWebSocket,
                 StatusCode::UPGRADE_REQUIRED,
                 "unsupported WebSocket version; use 13\n",
             ));
         }
         if !headers.contains_key(header::SEC_WEBSOCKET_KEY) {
-            return Err(reject(
-                shared,
+            return Err(Refusal(
                 Refused::NotWebSocket,
                 StatusCode::BAD_REQUEST,
                 "missing Sec-WebSocket-Key\n",
@@ -214,16 +212,15 @@ fn transport<B>(shared: &Shared, req: &Request<B>) -> Result<Transport, Response
         if req.method() == Method::GET && has_token(headers, header::ACCEPT, "text/event-stream") {
             return sse::subscription(req.uri(), headers, &shared.config.limits)
                 .map(Transport::EventStream)
-                .map_err(|why| reject(shared, Refused::BadRequest, StatusCode::BAD_REQUEST, why));
+                .map_err(|why| Refusal(Refused::BadRequest, StatusCode::BAD_REQUEST, why));
         }
         if req.method() == Method::POST {
             return sse::posted_to(req.uri())
                 .map(Transport::Post)
-                .map_err(|why| reject(shared, Refused::BadRequest, StatusCode::BAD_REQUEST, why));
+                .map_err(|why| Refusal(Refused::BadRequest, StatusCode::BAD_REQUEST, why));
         }
     }
-    Err(reject(
-        shared,
+    Err(Refusal(
         Refused::NotWebSocket,
         StatusCode::UPGRADE_REQUIRED,
         if shared.config.event_streams {
@@ -241,7 +238,7 @@ where
 {
     let transport = match transport(shared, &req) {
         Ok(transport) => transport,
-        Err(response) => return Admission::Answered(response),
+        Err(refusal) => return Admission::Answered(refusal.answer(shared)),
     };
     if !shared.hub.is_accepting() {
         return Admission::Answered(shutting_down(shared));
@@ -381,7 +378,7 @@ fn admit<B>(
     }
     let slots = match take_slots(shared, req.headers(), client.ip) {
         Ok(slots) => slots,
-        Err(response) => return response,
+        Err(refusal) => return refusal.answer(shared),
     };
     let protocol = principal
         .as_ref()
@@ -421,11 +418,10 @@ pub(crate) fn take_slots(
     shared: &Arc<Shared>,
     headers: &HeaderMap,
     ip: Option<IpAddr>,
-) -> Result<(TaskGuard, Option<IpSlot>), Response<LayerBody>> {
+) -> Result<(TaskGuard, Option<IpSlot>), Refusal> {
     if tokio::runtime::Handle::try_current().is_err() {
         tracing::error!("websocket_upgrade_failed: the layer must run inside a Tokio runtime");
-        return Err(reject(
-            shared,
+        return Err(Refusal(
             Refused::Misconfigured,
             StatusCode::INTERNAL_SERVER_ERROR,
             "server misconfigured\n",
@@ -433,7 +429,7 @@ pub(crate) fn take_slots(
     }
     // An async hook may have taken a while.
     if !shared.hub.is_accepting() {
-        return Err(shutting_down(shared));
+        return Err(SHUTTING_DOWN);
     }
     let max_connections = shared.config.limits.max_connections;
     // Room for this one comes first from connections that never subscribed.
@@ -444,8 +440,7 @@ pub(crate) fn take_slots(
     }
     let Some(task) = shared.tasks.try_start(max_connections) else {
         tracing::warn!(max_connections, ip = ?ip, "websocket_connection_limit_reached");
-        return Err(reject(
-            shared,
+        return Err(Refusal(
             Refused::ConnectionLimit,
             StatusCode::SERVICE_UNAVAILABLE,
             "too many connections\n",
@@ -463,8 +458,7 @@ pub(crate) fn take_slots(
             }
             None => {
                 tracing::warn!(max_per_ip, %ip, "websocket_connection_limit_reached");
-                return Err(reject(
-                    shared,
+                return Err(Refusal(
                     Refused::AddressLimit,
                     StatusCode::SERVICE_UNAVAILABLE,
                     "too many connections from your address\n",
@@ -477,12 +471,22 @@ pub(crate) fn take_slots(
 }
 
 fn shutting_down(shared: &Shared) -> Response<LayerBody> {
-    reject(
-        shared,
-        Refused::ShuttingDown,
-        StatusCode::SERVICE_UNAVAILABLE,
-        "server is shutting down\n",
-    )
+    SHUTTING_DOWN.answer(shared)
+}
+
+/// A refusal not yet answered: why, the status, and the text.
+pub(crate) struct Refusal(Refused, StatusCode, &'static str);
+
+const SHUTTING_DOWN: Refusal = Refusal(
+    Refused::ShuttingDown,
+    StatusCode::SERVICE_UNAVAILABLE,
+    "server is shutting down\n",
+);
+
+impl Refusal {
+    pub(crate) fn answer(self, shared: &Shared) -> Response<LayerBody> {
+        reject(shared, self.0, self.1, self.2)
+    }
 }
 
 /// A refusal, counted by its reason.

@@ -47,6 +47,8 @@ async fn the_layers_counters_are_exported() {
     })
     .await;
     let text = metrics.render();
-    assert!(text.contains("# HELP tower_ws_connections connections open (WebSocket and event streams)"));
+    assert!(
+        text.contains("# HELP tower_ws_connections connections open (WebSocket and event streams)")
+    );
     assert!(!text.contains(r#"topic=""#), "no topic label");
 }

@@ -50,10 +50,13 @@ async fn plain_requests_to_the_path_get_426() {
             text.to_ascii_lowercase().contains("upgrade: websocket"),
             "{text}"
         );
-        assert!(text.contains("only accepts WebSocket"), "{text}");
+        assert!(text.contains("accepts WebSocket connections"), "{text}");
 
+        // A POST is a client message for an event stream, which it names.
         let post = "POST /ws HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
-        assert_eq!(raw_http(server.addr, post).await.0, 426);
+        assert_eq!(raw_http(server.addr, post).await.0, 400);
+        let put = "PUT /ws HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+        assert_eq!(raw_http(server.addr, put).await.0, 426);
     }
 }
 

@@ -336,7 +336,9 @@ impl Hub {
         outbox: Arc<Outbox>,
         since: Option<u64>,
     ) -> Subscribed {
-        let room = outbox.room().saturating_sub(ACK_ROOM + GAP_ROOM + 2 * topic.len());
+        let room = outbox
+            .room()
+            .saturating_sub(ACK_ROOM + GAP_ROOM + 2 * topic.len());
         let replay = state.replay(since, room);
         let ack = ServerMessage::Subscribed {
             request_id: topic.into(),

@@ -313,7 +313,7 @@ mod tests {
         while let Take::Frames { .. } = outbox.take(&mut batch) {}
         batch
             .iter()
-            .map(|frame| {
+            .filter_map(|frame| {
                 let v: serde_json::Value =
                     serde_json::from_slice(crate::frame::payload(frame.frame())).unwrap();
                 (v["type"] != "subscribed").then(|| match v["seq"].as_u64() {
@@ -321,7 +321,6 @@ mod tests {
                     None => Err(v["firstSeq"].as_u64().unwrap()),
                 })
             })
-            .flatten()
             .collect()
     }
 

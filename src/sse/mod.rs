@@ -81,8 +81,8 @@ use tokio::time::Instant;
 use crate::auth::Principal;
 use crate::body::LayerBody;
 use crate::client_id::ClientId;
-use crate::connection::outbox::Outbox;
 use crate::connection;
+use crate::connection::outbox::Outbox;
 use crate::hub::TopicDigest;
 use crate::lock::lock;
 use crate::protocol::ClientMessage;
@@ -119,7 +119,11 @@ pub(crate) fn subscription(
                 .ok_or("Last-Event-ID must be a seq, a whole number\n")?,
         ),
         None => match query_param(uri, "since") {
-            Some(since) => Some(since.parse().map_err(|_| "since must be a whole number\n")?),
+            Some(since) => Some(
+                since
+                    .parse()
+                    .map_err(|_| "since must be a whole number\n")?,
+            ),
             None => None,
         },
     };
@@ -218,7 +222,7 @@ pub(crate) fn open(
     }
     let slots = match take_slots(shared, headers, client.ip) {
         Ok(slots) => slots,
-        Err(response) => return response,
+        Err(refusal) => return refusal.answer(shared),
     };
     let client_id = ClientId::next();
     let outbox = Arc::new(Outbox::new(
@@ -352,7 +356,10 @@ mod tests {
         let s = subscription(&uri, &headers, &limits()).unwrap();
         assert_eq!((s.topic.as_str(), s.since), ("t", Some(3)));
         headers.insert("last-event-id", HeaderValue::from_static("7"));
-        assert_eq!(subscription(&uri, &headers, &limits()).unwrap().since, Some(7));
+        assert_eq!(
+            subscription(&uri, &headers, &limits()).unwrap().since,
+            Some(7)
+        );
         headers.insert("last-event-id", HeaderValue::from_static("x"));
         assert!(subscription(&uri, &headers, &limits()).is_err());
         let none: Uri = "/ws?since=3".parse().unwrap();
@@ -365,7 +372,10 @@ mod tests {
         let id = streams.id(ClientId::from_u64(17));
         let uri: Uri = format!("/ws?stream={id}").parse().unwrap();
         assert!(posted_to(&uri).unwrap() == id);
-        let forged = StreamId { token: id.token ^ 1, ..id };
+        let forged = StreamId {
+            token: id.token ^ 1,
+            ..id
+        };
         assert!(streams.id(id.client_id) != forged);
         assert!(posted_to(&"/ws?stream=17".parse().unwrap()).is_err());
     }

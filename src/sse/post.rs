@@ -79,14 +79,14 @@ where
     let mut bytes = Vec::new();
     while let Some(frame) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
         let Ok(frame) = frame else {
-            return Err(answer(StatusCode::BAD_REQUEST, "the body could not be read\n"));
+            return Err(answer(
+                StatusCode::BAD_REQUEST,
+                "the body could not be read\n",
+            ));
         };
         if let Ok(mut data) = frame.into_data() {
             if bytes.len() + data.remaining() > limit {
-                return Err(answer(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "message too large\n",
-                ));
+                return Err(answer(StatusCode::PAYLOAD_TOO_LARGE, "message too large\n"));
             }
             while data.has_remaining() {
                 let chunk = data.chunk();

@@ -5,6 +5,7 @@
 
 #[cfg(feature = "redis")]
 pub mod redis_server;
+pub mod sse;
 
 use std::convert::Infallible;
 use std::future::Future;
