@@ -11,11 +11,15 @@
 //! (streaming), `stream.delta` chunks over about a second, `stream.done`,
 //! `recommendation`, `status` (done). `GET /` serves a page that posts a
 //! query, subscribes (the topic's history replays what it missed) and
-//! renders the narration as it streams; after a reconnect it resumes with
-//! `since`.
+//! renders the narration as it streams, through the crate's JavaScript
+//! client (`client/`, served at `/client.js`): it reconnects and resumes
+//! after the last `seq`, and falls back to Server-Sent Events where a
+//! WebSocket cannot be opened (`?transport=sse` starts with them).
 //!
 //! Environment: `PORT` (default 3000), `WS_ALLOWED_ORIGINS` (comma-separated
-//! origins besides same-origin; `*` allows any), `RUST_LOG`, and
+//! origins besides same-origin; `*` allows any), `RUST_LOG`,
+//! `NARRATION_WORD_MS` (the pause between words; by default the narration
+//! takes about a second), and
 //! `REDIS_URL` (built with `--features redis`) to share topics with other
 //! instances through Redis:
 //!
@@ -34,6 +38,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::extract::{ConnectInfo, Request, State};
+use axum::http::header;
 use axum::response::Html;
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -87,6 +92,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .route(
             "/",
             get(|| async { Html(include_str!("narration/index.html")) }),
+        )
+        .route(
+            "/client.js",
+            get(|| async {
+                (
+                    [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+                    include_str!("../client/index.js"),
+                )
+            }),
         )
         .route("/api/search", post(search));
     // With `--features metrics`: the layer's metrics in Prometheus text.
@@ -178,7 +192,14 @@ async fn assistant_job(publisher: Publisher, request_id: String, query: String) 
          and is a 6 minute walk away. Want me to call them or get directions?"
     );
     let words: Vec<&str> = full_text.split_inclusive(' ').collect();
-    let pause = Duration::from_millis(1000 / words.len().max(1) as u64);
+    // About a second in all, unless NARRATION_WORD_MS sets the pause.
+    let pause = std::env::var("NARRATION_WORD_MS")
+        .ok()
+        .and_then(|ms| ms.parse().ok())
+        .map_or(
+            Duration::from_millis(1000 / words.len().max(1) as u64),
+            Duration::from_millis,
+        );
     for word in &words {
         publisher.stream_delta(&request_id, word);
         tokio::time::sleep(pause).await;
