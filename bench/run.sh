@@ -9,6 +9,9 @@
 #   COMPARE=backplane bench/run.sh [runs=3] [scenario…]
 #       bench_server in-process against the same with a Redis backplane (a
 #       redis-server of this script's own, no persistence, also on core 0)
+#   COMPARE=sse bench/run.sh [runs=3] [scenario…]
+#       bench_server's subscribers over WebSocket against the same over
+#       Server-Sent Events (loadgen --transport sse)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-3}
@@ -17,7 +20,8 @@ compare=${COMPARE:-node}
 case $compare in
   node) servers=(tower-ws node); default_scenarios="s1 s1x s2 s3 s4 s5 s5x" ;;
   backplane) servers=(in-process redis); default_scenarios="s1 s2 s5" ;;
-  *) echo "COMPARE is node or backplane" >&2; exit 2 ;;
+  sse) servers=(websocket sse); default_scenarios="s1 s1x" ;;
+  *) echo "COMPARE is node, backplane or sse" >&2; exit 2 ;;
 esac
 scenarios=("${@:-$default_scenarios}")
 read -r -a scenarios <<<"${scenarios[*]}"
@@ -30,7 +34,9 @@ mkdir -p target/bench
 
 free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
-if [ "$compare" = node ]; then
+if [ "$compare" = sse ]; then
+  cargo build --release --example bench_server --example loadgen
+elif [ "$compare" = node ]; then
   cargo build --release --example bench_server --example loadgen
   if [ ! -d "$node_dir/node_modules" ]; then
     rm -rf "$node_dir" && cp -r "$shared/bench/node-ws-seed" "$node_dir" && chmod -R u+w "$node_dir"
@@ -47,7 +53,7 @@ fi
 
 start_server() { # name port → pid
   case $1 in
-    tower-ws | in-process) PORT=$2 WORKERS=1 taskset -c 0 target/release/examples/bench_server >/dev/null 2>&1 & ;;
+    tower-ws | in-process | websocket | sse) PORT=$2 WORKERS=1 taskset -c 0 target/release/examples/bench_server >/dev/null 2>&1 & ;;
     redis) REDIS_URL="redis://127.0.0.1:$redis_port" PORT=$2 WORKERS=1 taskset -c 0 \
       target/release/examples/bench_server >/dev/null 2>&1 & ;;
     node) (cd "$node_dir" && PORT=$2 exec taskset -c 0 ./start.sh >/dev/null 2>&1) & ;;
@@ -80,7 +86,9 @@ for scenario in "${scenarios[@]}"; do
       port=$(free_port)
       pid=$(start_server "$server" "$port")
       # shellcheck disable=SC2046
-      result=$(taskset -c 1 target/release/examples/loadgen $(args_for "$scenario" | sed "s/^\(s[0-9]\) /\1 127.0.0.1:$port /") --pid "$pid")
+      transport=()
+      if [ "$server" = sse ]; then transport=(--transport sse); fi
+      result=$(taskset -c 1 target/release/examples/loadgen $(args_for "$scenario" | sed "s/^\(s[0-9]\) /\1 127.0.0.1:$port /") --pid "$pid" "${transport[@]}")
       kill "$pid" 2>/dev/null || true
       while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
       line="{\"scenario\":\"$scenario\",\"server\":\"$server\",\"run\":$run,\"result\":$result}"

@@ -10,6 +10,10 @@
 //! loadgen s5 ADDR [--topics 1000] [--per-topic 1] [--rate 20000] [--duration 5] [--size 64] --pid PID
 //! ```
 //!
+//! `--transport sse` subscribes with Server-Sent Events instead (`GET
+//! /ws?requestId=…`, `Accept: text/event-stream`), for servers that offer
+//! them, such as tower-ws's.
+//!
 //! The client is minimal on purpose (raw frames over TCP, one read for
 //! many frames), so that on one core it outpaces the server it measures.
 //! Every message is parsed as JSON and checked (type, topic, text); a
@@ -33,12 +37,63 @@ use tokio::sync::Semaphore;
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
 /// A bare WebSocket client: handshake, masked text frames out, unmasked
-/// frames in, parsed straight from a read buffer.
+/// frames in, parsed straight from a read buffer. Or, with `events`, a
+/// bare event stream client: the chunked body is decoded into the same
+/// buffer, and each event's `data:` line is a text "frame".
 struct Ws {
     stream: TcpStream,
     buf: Vec<u8>,
     start: usize,
     end: usize,
+    events: Option<Chunked>,
+}
+
+/// A chunked body being decoded: bytes read but not decoded yet, and how
+/// much of the current chunk is left.
+#[derive(Default)]
+struct Chunked {
+    raw: Vec<u8>,
+    left: usize,
+}
+
+impl Chunked {
+    /// Moves what `raw` holds of the body into `out`; `false` once the
+    /// last chunk came.
+    fn decode(&mut self, out: &mut Vec<u8>) -> bool {
+        let mut at = 0;
+        loop {
+            if self.left > 0 {
+                let n = self.left.min(self.raw.len() - at);
+                out.extend_from_slice(&self.raw[at..at + n]);
+                self.left -= n;
+                at += n;
+                if self.left > 0 {
+                    break;
+                }
+                // The CRLF after the chunk's data.
+                self.left = usize::MAX;
+            }
+            let Some(eol) = self.raw[at..].windows(2).position(|w| w == b"\r\n") else {
+                break;
+            };
+            let line = &self.raw[at..at + eol];
+            at += eol + 2;
+            if self.left == usize::MAX {
+                self.left = 0;
+                continue;
+            }
+            let size = std::str::from_utf8(line)
+                .ok()
+                .and_then(|l| usize::from_str_radix(l.trim(), 16).ok())
+                .unwrap_or(0);
+            if size == 0 {
+                return false;
+            }
+            self.left = size;
+        }
+        self.raw.drain(..at);
+        true
+    }
 }
 
 /// One frame from the server.
@@ -64,6 +119,7 @@ impl Ws {
             buf: vec![0; 4 << 10],
             start: 0,
             end: 0,
+            events: None,
         };
         loop {
             if let Some(at) = ws.buf[..ws.end].windows(4).position(|w| w == b"\r\n\r\n") {
@@ -78,6 +134,45 @@ impl Ws {
                 return Err("closed during handshake".into());
             }
             ws.end += n;
+        }
+    }
+
+    /// Opens an event stream of `topic`.
+    async fn connect_events(addr: SocketAddr, topic: &str) -> Result<Ws, Error> {
+        let mut stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let request = format!(
+            "GET /ws?requestId={topic} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).await?;
+        let mut head = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = stream.read(&mut chunk).await?;
+            if n == 0 {
+                return Err("closed before the response".into());
+            }
+            head.extend_from_slice(&chunk[..n]);
+            if let Some(at) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                if !head.starts_with(b"HTTP/1.1 200") {
+                    return Err("event stream refused".into());
+                }
+                let mut events = Chunked {
+                    raw: head[at + 4..].to_vec(),
+                    left: 0,
+                };
+                let mut buf = Vec::with_capacity(4 << 10);
+                events.decode(&mut buf);
+                let end = buf.len();
+                buf.resize(end.max(4 << 10), 0);
+                return Ok(Ws {
+                    stream,
+                    buf,
+                    start: 0,
+                    end,
+                    events: Some(events),
+                });
+            }
         }
     }
 
@@ -127,6 +222,17 @@ impl Ws {
             // One frame larger than the buffer.
             self.buf.resize(self.buf.len() * 2, 0);
         }
+        if let Some(events) = &mut self.events {
+            let mut chunk = [0u8; 16 << 10];
+            let n = tokio::time::timeout(STALL, self.stream.read(&mut chunk)).await??;
+            events.raw.extend_from_slice(&chunk[..n]);
+            self.buf.truncate(self.end);
+            let more = events.decode(&mut self.buf);
+            self.end = self.buf.len();
+            let len = self.buf.len().max(4 << 10);
+            self.buf.resize(len, 0);
+            return Ok(n > 0 && more);
+        }
         let room = self.buf.len() - self.end;
         let n = tokio::time::timeout(STALL, self.stream.read(&mut self.buf[self.end..])).await??;
         self.end += n;
@@ -139,6 +245,30 @@ impl Ws {
 
     fn parse(&self) -> Option<(Frame, usize)> {
         let b = &self.buf[self.start..self.end];
+        if self.events.is_some() {
+            // One event: lines up to a blank one. Its `data:` line is the
+            // message; comments and named events have none taken.
+            let mut at = 0;
+            let mut data = None;
+            let mut named = false;
+            loop {
+                let eol = at + b[at..].iter().position(|&c| c == b'\n')?;
+                if eol == at {
+                    let frame = match data {
+                        Some(range) if !named => Frame::Text(range),
+                        _ => Frame::Other,
+                    };
+                    return Some((frame, at + 1));
+                }
+                let line = &b[at..eol];
+                if line.starts_with(b"data: ") {
+                    data = Some(self.start + at + 6..self.start + eol);
+                } else if line.starts_with(b"event:") {
+                    named = true;
+                }
+                at = eol + 1;
+            }
+        }
         if b.len() < 2 {
             return None;
         }
@@ -194,6 +324,15 @@ fn main() -> Result<(), Error> {
 struct Options(Vec<String>);
 
 impl Options {
+    /// Whether `--transport sse` was given.
+    fn events(&self) -> bool {
+        self.0
+            .iter()
+            .position(|a| a == "--transport")
+            .and_then(|i| self.0.get(i + 1))
+            .is_some_and(|t| t == "sse")
+    }
+
     fn get(&self, name: &str, default: u64) -> u64 {
         self.0
             .iter()
@@ -498,10 +637,12 @@ async fn receive(
 /// `topic_of(i)`. Returns them with their handshake times.
 async fn connect_all(
     addr: SocketAddr,
+    opts: &Options,
     clients: u64,
     inflight: usize,
     topic_of: impl Fn(u64) -> String,
 ) -> Result<(Vec<(Ws, String)>, Vec<u32>), Error> {
+    let events = opts.events();
     let gate = Arc::new(Semaphore::new(inflight));
     let mut tasks = Vec::with_capacity(clients as usize);
     for i in 0..clients {
@@ -510,6 +651,11 @@ async fn connect_all(
         tasks.push(tokio::spawn(async move {
             let _permit = gate.acquire_owned().await.expect("open");
             let started = Instant::now();
+            if events {
+                let ws = Ws::connect_events(addr, &topic).await?;
+                let handshake_us = started.elapsed().as_micros() as u32;
+                return Ok((ws, topic, handshake_us));
+            }
             let mut ws = Ws::connect(addr).await?;
             let handshake_us = started.elapsed().as_micros() as u32;
             ws.send_text(&format!(r#"{{"type":"subscribe","requestId":"{topic}"}}"#))
@@ -668,7 +814,7 @@ async fn s1(addr: SocketAddr, opts: &Options) -> Result<String, Error> {
         opts.get("--count", 2000),
         opts.get("--size", 128),
     );
-    let (conns, _) = connect_all(addr, clients, 64, |_| "s1".to_owned()).await?;
+    let (conns, _) = connect_all(addr, opts, clients, 64, |_| "s1".to_owned()).await?;
     let marker = format!("/publish?requestId=s1&count=1&size={size}");
     let path = format!("/publish?requestId=s1&count={count}&size={size}");
     fan_out(addr, opts, conns, &marker, path, count).await
@@ -680,7 +826,7 @@ async fn s2(addr: SocketAddr, opts: &Options) -> Result<String, Error> {
         opts.get("--count", 200),
         opts.get("--size", 64),
     );
-    let (conns, _) = connect_all(addr, topics, 64, |i| format!("s2-{i}")).await?;
+    let (conns, _) = connect_all(addr, opts, topics, 64, |i| format!("s2-{i}")).await?;
     let marker = format!("/publish-many?prefix=s2-&topics={topics}&count=1&size={size}");
     let path = format!("/publish-many?prefix=s2-&topics={topics}&count={count}&size={size}");
     fan_out(addr, opts, conns, &marker, path, count).await
@@ -689,7 +835,7 @@ async fn s2(addr: SocketAddr, opts: &Options) -> Result<String, Error> {
 async fn s3(addr: SocketAddr, opts: &Options) -> Result<String, Error> {
     let (clients, pid) = (opts.get("--clients", 10_000), opts.get("--pid", 0));
     let before = rss_kib(pid);
-    let (mut conns, _) = connect_all(addr, clients, 64, |i| format!("s3-{i}")).await?;
+    let (mut conns, _) = connect_all(addr, opts, clients, 64, |i| format!("s3-{i}")).await?;
     // Every subscription in place: one marker round to all topics.
     wait_subscribed(
         addr,
@@ -713,8 +859,10 @@ async fn s4(addr: SocketAddr, opts: &Options) -> Result<String, Error> {
     );
     let cpu_before = cpu_seconds(pid);
     let started = Instant::now();
-    let (conns, mut handshakes) =
-        connect_all(addr, clients, inflight as usize, |i| format!("s4-{i}")).await?;
+    let (conns, mut handshakes) = connect_all(addr, opts, clients, inflight as usize, |i| {
+        format!("s4-{i}")
+    })
+    .await?;
     let elapsed = started.elapsed().as_secs_f64();
     let cpu = cpu_seconds(pid) - cpu_before;
     handshakes.sort_unstable();
@@ -736,7 +884,7 @@ async fn s5(addr: SocketAddr, opts: &Options) -> Result<String, Error> {
         opts.get("--size", 64),
         opts.get("--pid", 0),
     );
-    let (mut conns, _) = connect_all(addr, topics * per_topic, 64, |i| {
+    let (mut conns, _) = connect_all(addr, opts, topics * per_topic, 64, |i| {
         format!("s5-{}", i % topics)
     })
     .await?;

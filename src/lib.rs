@@ -11,7 +11,8 @@
 //!
 //! Clients speak a small JSON protocol (see [`protocol`]): they send
 //! `{"type":"subscribe","requestId":"…"}` and receive what is published to
-//! that topic.
+//! that topic. Where no WebSocket gets through, the same path serves the
+//! same topics as Server-Sent Events (see [`sse`]).
 //!
 //! # Example
 //!
@@ -59,7 +60,7 @@
 //!   given to `WsLayerBuilder::backplane` shares topics, `seq` and history
 //!   between instances.
 //!
-//! The layer spawns one Tokio task per connection, so it must run inside a
+//! The layer spawns one Tokio task per connection (and per event stream), so it must run inside a
 //! Tokio runtime, behind a server that supports HTTP/1.1 upgrades (hyper,
 //! hyper-util, axum).
 //! # Authorization

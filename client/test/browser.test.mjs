@@ -8,9 +8,8 @@ import { mkdtempSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { chromium } from "playwright-core";
-import { freePort, startNarration, startProxy, startRedis, until } from "./support.mjs";
+import { freePort, narration, onCleanup, runCleanups, startNarration, startProxy, startRedis, until } from "./support.mjs";
 
-const cleanup = [];
 let browser;
 
 before(async () => {
@@ -22,19 +21,10 @@ before(async () => {
       "--disable-background-networking", "--disable-component-update", "--disable-sync",
     ],
   });
-  cleanup.push(() => browser.close());
+  onCleanup(() => browser.close());
 });
 
-after(async () => {
-  for (const f of cleanup.reverse()) await f();
-});
-
-async function narration(env) {
-  const port = await freePort();
-  const server = await startNarration(port, env);
-  cleanup.push(() => server.stop("SIGKILL").catch(() => {}));
-  return { port, server, base: `http://127.0.0.1:${port}` };
-}
+after(runCleanups);
 
 /** Opens `url` (the page searches at once) and waits for the whole narration. */
 async function narrate(url, { during } = {}) {
@@ -76,7 +66,7 @@ test("the page streams a whole narration through the client", async () => {
 test("with WebSocket refused on the way, the page streams over Server-Sent Events", async () => {
   const { port } = await narration({ NARRATION_WORD_MS: "40" });
   const proxy = await startProxy(port, { refuseUpgrade: true });
-  cleanup.push(() => proxy.close());
+  onCleanup(() => proxy.close());
   const result = await narrate(`http://127.0.0.1:${proxy.port}/?q=pizza`);
   assertWhole(result);
   assert.equal(result.transport, "sse");
@@ -93,14 +83,14 @@ test("told to, the page starts with Server-Sent Events", async () => {
 
 test("the instance the page streams from is killed mid-stream and restarted: nothing lost, nothing twice", async () => {
   const redis = await startRedis();
-  cleanup.push(() => redis.stop());
+  onCleanup(() => redis.stop());
   const searchPort = await freePort();
   const streamPort = await freePort();
   const search = await startNarration(searchPort, { REDIS_URL: redis.url, NARRATION_WORD_MS: "80" });
-  cleanup.push(() => search.stop("SIGKILL").catch(() => {}));
+  onCleanup(() => search.stop("SIGKILL").catch(() => {}));
   const streamEnv = { REDIS_URL: redis.url, WS_ALLOWED_ORIGINS: `http://127.0.0.1:${searchPort}` };
   let stream = await startNarration(streamPort, streamEnv);
-  cleanup.push(() => stream.stop("SIGKILL").catch(() => {}));
+  onCleanup(() => stream.stop("SIGKILL").catch(() => {}));
   const ws = encodeURIComponent(`ws://127.0.0.1:${streamPort}/ws`);
   const result = await narrate(`http://127.0.0.1:${searchPort}/?q=pizza&ws=${ws}`, {
     during: async (page) => {

@@ -6,23 +6,13 @@ import { test, after } from "node:test";
 import assert from "node:assert/strict";
 import WebSocket from "ws";
 import { createClient, State } from "../index.js";
-import { assertWhole, collector, freePort, search, startNarration, startProxy, until } from "./support.mjs";
+import { assertWhole, collector, narration, onCleanup, runCleanups, search, startNarration, startProxy, until } from "./support.mjs";
 
-const cleanup = [];
-after(async () => {
-  for (const f of cleanup.reverse()) await f();
-});
-
-async function narration(env) {
-  const port = await freePort();
-  const server = await startNarration(port, env);
-  cleanup.push(() => server.stop("SIGKILL").catch(() => {}));
-  return { port, server, base: `http://127.0.0.1:${port}` };
-}
+after(runCleanups);
 
 function client(url, options = {}) {
   const c = createClient(url, { WebSocket, minDelay: 50, maxDelay: 500, ...options });
-  cleanup.push(() => c.close());
+  onCleanup(() => c.close());
   return c;
 }
 
@@ -50,7 +40,7 @@ test("after 1001 it reconnects to the restarted server and reports the lost hist
   await until("the client to notice", () => c.state === State.RECONNECTING);
   const seen = sub.lastSeq;
   const again = await startNarration(port);
-  cleanup.push(() => again.stop("SIGKILL").catch(() => {}));
+  onCleanup(() => again.stop("SIGKILL").catch(() => {}));
   await until("a resubscription", () => got.acks.length === 2);
   assert.equal(got.acks[1].recovered, false, "the new instance has none of it");
   await until("the gap reported", () => got.gaps.length === 1);
@@ -61,7 +51,7 @@ test("after 1001 it reconnects to the restarted server and reports the lost hist
 test("sockets cut without a close: it resumes with no gap and no duplicate", async () => {
   const { port, base } = await narration({ NARRATION_WORD_MS: "60" });
   const proxy = await startProxy(port);
-  cleanup.push(() => proxy.close());
+  onCleanup(() => proxy.close());
   const c = client(`ws://127.0.0.1:${proxy.port}/ws`);
   const got = collector();
   c.subscribe(await search(base), got.options);
@@ -79,7 +69,7 @@ test("sockets cut without a close: it resumes with no gap and no duplicate", asy
 test("a connection gone silent is found dead by its pings and replaced", async () => {
   const { port, base } = await narration({ NARRATION_WORD_MS: "60" });
   const proxy = await startProxy(port);
-  cleanup.push(() => proxy.close());
+  onCleanup(() => proxy.close());
   const c = client(`ws://127.0.0.1:${proxy.port}/ws`, { pingInterval: 200, pongTimeout: 300 });
   const got = collector();
   c.subscribe(await search(base), got.options);
@@ -93,7 +83,7 @@ test("a connection gone silent is found dead by its pings and replaced", async (
 test("with WebSocket refused it falls back to Server-Sent Events, resumes after cuts, and posts actions", async () => {
   const { port, base } = await narration({ NARRATION_WORD_MS: "60" });
   const proxy = await startProxy(port, { refuseUpgrade: true });
-  cleanup.push(() => proxy.close());
+  onCleanup(() => proxy.close());
   const c = client(`http://127.0.0.1:${proxy.port}/ws`);
   const got = collector();
   const sub = c.subscribe(await search(base), got.options);

@@ -8,6 +8,25 @@ import { fileURLToPath } from "node:url";
 export const NARRATION =
   process.env.NARRATION ?? fileURLToPath(new URL("../../target/debug/examples/narration", import.meta.url));
 
+const cleanups = [];
+
+/** Runs `f` when the test file is done (`runCleanups`), last added first. */
+export function onCleanup(f) {
+  cleanups.push(f);
+}
+
+export async function runCleanups() {
+  for (const f of cleanups.splice(0).reverse()) await f();
+}
+
+/** The narration example on a free port, killed when the file is done. */
+export async function narration(env) {
+  const port = await freePort();
+  const server = await startNarration(port, env);
+  onCleanup(() => server.stop("SIGKILL").catch(() => {}));
+  return { port, server, base: `http://127.0.0.1:${port}` };
+}
+
 export async function freePort() {
   const server = net.createServer();
   await new Promise((resolve) => server.listen(0, "127.0.0.1", resolve));

@@ -53,7 +53,7 @@
 //! answered `202 Accepted`, and any `error` it causes arrives on the
 //! stream. Messages for the client (`send_to`, `send_to_principal`, a
 //! hook's [`Reply`](crate::Reply)) reach the stream as events without
-//! `id:`, since its [`ClientId`](crate::ClientId) is that of the stream.
+//! `id:`, since its [`ClientId`] is that of the stream.
 //!
 //! | request | response |
 //! |---|---|
