@@ -59,8 +59,9 @@ async fn publishes_to_subscribers() {
         client.recv_json().await,
         json!({"seq":4,"type":"custom","requestId":"req-123","n":1})
     );
+    // The four, and the `subscribed` acknowledgement before them.
     eventually("sent counted", || {
-        server.publisher.stats().messages_sent == 4
+        server.publisher.stats().messages_sent == 5
     })
     .await;
 }
