@@ -51,6 +51,11 @@ else
   for _ in $(seq 100); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.05; done
 fi
 
+redis_cpu() { # seconds of CPU the Redis server has used
+  redis-cli -p "$redis_port" INFO cpu | tr -d '\r' |
+    awk -F: '/^used_cpu_(user|sys):/ { s += $2 } END { printf "%.6f", s }'
+}
+
 start_server() { # name port → pid
   case $1 in
     tower-ws | in-process | websocket | sse) PORT=$2 WORKERS=1 taskset -c 0 target/release/examples/bench_server >/dev/null 2>&1 & ;;
@@ -88,7 +93,12 @@ for scenario in "${scenarios[@]}"; do
       # shellcheck disable=SC2046
       transport=()
       if [ "$server" = sse ]; then transport=(--transport sse); fi
+      if [ "$server" = redis ]; then redis_before=$(redis_cpu); fi
       result=$(taskset -c 1 target/release/examples/loadgen $(args_for "$scenario" | sed "s/^\(s[0-9]\) /\1 127.0.0.1:$port /") --pid "$pid" "${transport[@]}")
+      if [ "$server" = redis ]; then
+        # Redis's own CPU (INFO cpu, user + system) per message published.
+        result=$(python3 -c 'import json, sys; r = json.loads(sys.argv[1]); n = r["server"].get("published") or r["server"].get("messages") or 0; r["redis_cpu_us_per_msg"] = round((float(sys.argv[3]) - float(sys.argv[2])) * 1e6 / max(n, 1), 2); print(json.dumps(r, separators=(",", ":")))' "$result" "$redis_before" "$(redis_cpu)")
+      fi
       kill "$pid" 2>/dev/null || true
       while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
       line="{\"scenario\":\"$scenario\",\"server\":\"$server\",\"run\":$run,\"result\":$result}"
@@ -100,7 +110,7 @@ done
 python3 - "$out" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
-keys = ["msgs_per_s", "p50_us", "p99_us", "p999_us", "lost", "server_rss_kib", "server_cpu_s",
+keys = ["msgs_per_s", "p50_us", "p99_us", "p999_us", "lost", "server_rss_kib", "server_cpu_s", "redis_cpu_us_per_msg",
         "bytes_per_conn", "conns_per_s", "handshake_p50_us", "handshake_p99_us"]
 by = {}
 for r in rows:

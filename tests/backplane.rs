@@ -14,7 +14,7 @@ use support::redis_server::RedisServer;
 use support::*;
 use tower_ws::{PublishError, RedisBackplane};
 
-const CHANNEL: &str = "tower-ws:req-1";
+const CHANNEL: &str = "tower-ws:{req-1}";
 
 /// One instance: a layer with its own backplane connection, on its own port.
 async fn instance(redis: &RedisServer) -> Server {
@@ -131,7 +131,7 @@ async fn an_instance_listens_only_while_it_has_subscribers() {
         let mut second_on_b = Client::connect(&b).await;
         second_on_b.subscribe("req-1").await;
         listeners(&redis, CHANNEL, 2).await;
-        assert_eq!(redis.subscribers("tower-ws:other").await, 0);
+        assert_eq!(redis.subscribers("tower-ws:{other}").await, 0);
 
         on_a.send_json(json!({"type": "unsubscribe", "requestId": "req-1"}))
             .await;
@@ -437,7 +437,7 @@ async fn bursts_from_two_instances_leave_no_copy_behind() {
         early.subscribe("t0").await;
         let mut on_a = Client::connect(&a).await;
         on_a.subscribe("t0").await;
-        listeners(&redis, "tower-ws:t0", 2).await;
+        listeners(&redis, "tower-ws:{t0}", 2).await;
         let mut readers = vec![follow(early, last.clone()), follow(on_a, last.clone())];
 
         let mut bursts = Vec::new();
@@ -482,7 +482,7 @@ async fn a_listener_cut_off_mid_burst_catches_up() {
         let (last_tx, last) = tokio::sync::watch::channel(0u64);
         let mut on_b = Client::connect(&b).await;
         on_b.subscribe("burst").await;
-        listeners(&redis, "tower-ws:burst", 1).await;
+        listeners(&redis, "tower-ws:{burst}", 1).await;
         let reader = follow(on_b, last.clone());
         let bursts = [
             burst(a.publisher.clone(), "burst", 30_000),
@@ -502,7 +502,7 @@ async fn a_listener_cut_off_mid_burst_catches_up() {
         for task in bursts {
             task.await.unwrap();
         }
-        listeners(&redis, "tower-ws:burst", 1).await;
+        listeners(&redis, "tower-ws:{burst}", 1).await;
         last_tx.send(finish(&a.publisher, "burst").await).unwrap();
         // Whatever Redis no longer held when B listened again was
         // announced as a gap; the rest arrived.
@@ -521,7 +521,7 @@ async fn a_first_subscriber_on_a_topic_with_large_history_gets_what_fits() {
         let (a, b) = (instance(&redis).await, instance(&redis).await);
         let mut client = Client::connect(&b).await;
         client.subscribe("small").await;
-        listeners(&redis, "tower-ws:small", 1).await;
+        listeners(&redis, "tower-ws:{small}", 1).await;
 
         // Redis keeps the last 256 of 300 messages of 8 KB: 2 MB, twice
         // what a connection may queue.
@@ -608,6 +608,44 @@ async fn a_backplane_serves_a_new_layer_once_the_old_one_is_gone() {
         server.publisher.stream_delta("req-1", "again");
         let got = receive_in_order(&mut client, 1, 2).await;
         assert_eq!(got[1]["text"], "again");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_topic_whose_stream_alone_was_lost_begins_again_under_a_new_epoch() {
+    within(async {
+        let redis = RedisServer::start().await;
+        let (a, b) = (instance(&redis).await, instance(&redis).await);
+        // B holds a copy of seq 1 to 5 for its subscriber.
+        let mut client = Client::connect(&b).await;
+        client.subscribe("req-1").await;
+        listeners(&redis, CHANNEL, 1).await;
+        for i in 1..=5 {
+            a.publisher
+                .publish_confirmed("req-1", &json!({"type": "n", "n": i}))
+                .await
+                .unwrap();
+        }
+        receive_in_order(&mut client, 1, 5).await;
+        // Evicted, or deleted by hand: the meta key is still there.
+        let mut conn = redis.connection().await;
+        let _: () = redis::cmd("DEL")
+            .arg("tower-ws:{req-1}:history")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let numbered = a
+            .publisher
+            .publish_confirmed("req-1", &json!({"type": "n", "n": 6}))
+            .await
+            .unwrap();
+        assert_eq!(numbered, 1, "numbered from 1 again");
+        // Under the old epoch, B would take seq 1 for a repeat and drop it.
+        let gap = client.recv_json().await;
+        assert_eq!(gap["error"], "history_gap", "{gap}");
+        let first = client.recv_json().await;
+        assert_eq!((seq(&first), first["n"].as_u64()), (1, Some(6)));
     })
     .await;
 }

@@ -717,17 +717,21 @@ impl CommandWorker {
         let max_len = limits.messages.max(1);
         let age_ms = (limits.age.as_millis() as u64).max(1);
         let grace_ms = (limits.completed_grace.as_millis() as u64).max(1);
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
         let mut sent = Vec::with_capacity(units.len());
         for unit in units {
             match &unit {
                 Unit::Publishes(group) => {
-                    let call = pipe.cmd("EVALSHA").arg(publish_sha).arg(group.len());
+                    let call = pipe.cmd("EVALSHA").arg(publish_sha).arg(2 * group.len());
                     for publish in group {
-                        call.arg(wire::stream_key(prefix, &publish.topic));
+                        call.arg(wire::stream_key(prefix, &publish.topic))
+                            .arg(wire::meta_key(prefix, &publish.topic));
                     }
-                    call.arg(max_len).arg(age_ms).arg(grace_ms);
+                    call.arg(max_len).arg(age_ms).arg(grace_ms).arg(now_ms);
                     for publish in group {
                         call.arg(wire::channel(prefix, &publish.topic))
                             .arg(publish.draft.body())
@@ -746,6 +750,12 @@ impl CommandWorker {
                         .arg(after);
                 }
                 Unit::Complete(topic) => {
+                    // One reply per unit: the meta key's is left out.
+                    pipe.cmd("PEXPIRE")
+                        .arg(wire::meta_key(prefix, topic))
+                        .arg(grace_ms)
+                        .arg("LT")
+                        .ignore();
                     pipe.cmd("PEXPIRE")
                         .arg(wire::stream_key(prefix, topic))
                         .arg(grace_ms)

@@ -1,10 +1,14 @@
 //! What the Redis backplane stores and sends: key and channel names, the
 //! two Lua scripts, and how their replies and broadcasts are read.
 //!
-//! A topic `T` under prefix `P` has one key, the stream `P:history:T`,
-//! and one channel, `P:T`. Each stream entry's id is `0-<seq>`; its fields
-//! are `e` (the epoch), `d` (`1` once the stream is finished) and `b` (the
-//! JSON object, without `seq`). A broadcast on the channel is
+//! A topic `T` under prefix `P` has two keys, the stream `P:{T}:history`
+//! and the string `P:{T}:meta`, and one channel, `P:{T}`: the braces make
+//! them one hash slot on a Redis Cluster. Each stream entry's id is
+//! `0-<seq>`; its fields are `e` (the epoch), `d` (`1` once the stream is
+//! finished) and `b` (the JSON object, without `seq`). The meta string is
+//! `<d>:<refreshed>:<epoch>`: what publishing needs to know, without
+//! reading an entry back, and when the keys' expiry was last pushed back
+//! (ms, the publisher's clock). A broadcast on the channel is
 //! `<epoch>:<seq>:<d>:` followed by the JSON object.
 
 use redis::Value;
@@ -15,45 +19,59 @@ use crate::message::Draft;
 /// Numbers and stores messages, then broadcasts each, in order: one call
 /// carries several, as a call costs more than the work of one message.
 ///
-/// `KEYS[i]`: the stream of message `i`. `ARGV`: most messages kept,
-/// history age (ms), grace of a finished stream (ms), then for each
-/// message its channel, its JSON object, and `1` if it finishes the
-/// stream. Returns `{epoch1, seq1, epoch2, seq2, …}`.
+/// `KEYS[2i-1]`, `KEYS[2i]`: the stream and meta key of message `i`.
+/// `ARGV`: most messages kept (approximately: whole stream nodes are
+/// trimmed), history age (ms), grace of a finished stream (ms), the time
+/// now (ms), then for each message its channel, its JSON object, and `1`
+/// if it finishes the stream. Returns `{epoch1, seq1, epoch2, seq2, …}`.
 ///
-/// The `seq` is the last entry's plus one, so the stream must keep at least
-/// one entry; a stream that is gone (expired, or lost by a Redis restart)
-/// begins again at 1 under a new epoch taken from the server's clock.
+/// Redis numbers the entry (`0-*`: the last `seq` plus one). A topic whose
+/// meta is gone (expired, or lost by a Redis restart) begins again at 1
+/// under a new epoch taken from the server's clock; so does one whose
+/// stream alone was lost. The keys' expiry is pushed back when an eighth
+/// of it has passed, not on every message.
 pub(super) const PUBLISH: &str = r"
+local n = #KEYS / 2
+local metas = {}
+for i = 1, n do metas[i] = KEYS[2 * i] end
+local states = redis.call('MGET', unpack(metas))
+local now = tonumber(ARGV[4])
+-- The meta this call wrote: MGET read them all before the first write.
+local written = {}
 local out = {}
-for i = 1, #KEYS do
-  local key = KEYS[i]
-  local channel, body, finishes = ARGV[3 * i + 1], ARGV[3 * i + 2], ARGV[3 * i + 3]
-  local epoch, seq, was_done = nil, 1, false
-  local last = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
-  if #last > 0 then
-    seq = tonumber(string.sub(last[1][1], 3)) + 1
-    local fields = last[1][2]
-    for j = 1, #fields, 2 do
-      if fields[j] == 'e' then epoch = fields[j + 1]
-      elseif fields[j] == 'd' then was_done = fields[j + 1] == '1' end
-    end
-  end
-  if not epoch then
-    local t = redis.call('TIME')
-    epoch = t[1] .. string.format('%06d', tonumber(t[2]))
+for i = 1, n do
+  local key, meta = KEYS[2 * i - 1], KEYS[2 * i]
+  local channel, body, finishes = ARGV[3 * i + 2], ARGV[3 * i + 3], ARGV[3 * i + 4]
+  local state = written[meta] or states[i]
+  local epoch, was_done, refreshed
+  if state then
+    local at = string.find(state, ':', 3, true)
+    was_done = string.byte(state, 1) == 49
+    refreshed = tonumber(string.sub(state, 3, at - 1))
+    epoch = string.sub(state, at + 1)
+  else
+    redis.call('DEL', key)
   end
   local done = was_done or finishes == '1'
   local d = done and '1' or '0'
-  local s = string.format('%d', seq)
-  redis.call('XADD', key, 'MAXLEN', ARGV[1], '0-' .. s, 'e', epoch, 'd', d, 'b', body)
-  if not done then
-    redis.call('PEXPIRE', key, ARGV[2])
-  elseif not was_done then
-    redis.call('PEXPIRE', key, ARGV[3])
+  local id = state and redis.call('XADD', key, 'MAXLEN', '~', ARGV[1], '0-*', 'e', epoch, 'd', d, 'b', body)
+  if not state or id == '0-1' then
+    if state then redis.call('DEL', key) end
+    local t = redis.call('TIME')
+    epoch = t[1] .. string.format('%06d', tonumber(t[2]))
+    id = redis.call('XADD', key, 'MAXLEN', '~', ARGV[1], '0-1', 'e', epoch, 'd', d, 'b', body)
+    state = nil
   end
+  local ttl = tonumber(done and ARGV[3] or ARGV[2])
+  if not state or done ~= was_done or now - refreshed > ttl / 8 then
+    written[meta] = d .. ':' .. now .. ':' .. epoch
+    redis.call('SET', meta, written[meta], 'PX', ttl)
+    redis.call('PEXPIRE', key, ttl)
+  end
+  local s = string.sub(id, 3)
   redis.call('PUBLISH', channel, epoch .. ':' .. s .. ':' .. d .. ':' .. body)
   out[2 * i - 1] = epoch
-  out[2 * i] = seq
+  out[2 * i] = tonumber(s)
 end
 return out
 ";
@@ -78,16 +96,23 @@ return {epoch, redis.call('XRANGE', KEYS[1], from, '+')}
 ";
 
 pub(super) fn stream_key(prefix: &str, topic: &str) -> String {
-    format!("{prefix}:history:{topic}")
+    format!("{prefix}:{{{topic}}}:history")
+}
+
+pub(super) fn meta_key(prefix: &str, topic: &str) -> String {
+    format!("{prefix}:{{{topic}}}:meta")
 }
 
 pub(super) fn channel(prefix: &str, topic: &str) -> String {
-    format!("{prefix}:{topic}")
+    format!("{prefix}:{{{topic}}}")
 }
 
 /// The topic a channel belongs to, if it is under `prefix`.
 pub(super) fn topic_of<'a>(prefix: &str, channel: &'a str) -> Option<&'a str> {
-    channel.strip_prefix(prefix)?.strip_prefix(':')
+    channel
+        .strip_prefix(prefix)?
+        .strip_prefix(":{")?
+        .strip_suffix('}')
 }
 
 /// A broadcast's header: epoch, `seq`, whether the stream is finished.
@@ -231,7 +256,10 @@ mod tests {
     #[test]
     fn channels_map_to_topics() {
         assert_eq!(topic_of("p", &channel("p", "req:1")), Some("req:1"));
-        assert_eq!(topic_of("p", "q:req"), None);
-        assert_eq!(stream_key("p", "t"), "p:history:t");
+        assert_eq!(topic_of("p", &channel("p", "a}b{")), Some("a}b{"));
+        assert_eq!(topic_of("p", "q:{req}"), None);
+        assert_eq!(topic_of("p", "p:req"), None);
+        assert_eq!(stream_key("p", "t"), "p:{t}:history");
+        assert_eq!(meta_key("p", "t"), "p:{t}:meta");
     }
 }
