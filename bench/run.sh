@@ -8,7 +8,9 @@
 #       tower-ws's bench_server against the original Node.js system
 #   COMPARE=backplane bench/run.sh [runs=3] [scenario…]
 #       bench_server in-process against the same with a Redis backplane (a
-#       redis-server of this script's own, no persistence, also on core 0)
+#       redis-server of this script's own, no persistence, also on core 0);
+#       REDIS_SERVER_BIN runs another build of bench_server for the Redis
+#       side (an A/B of a backplane change)
 #   COMPARE=sse bench/run.sh [runs=3] [scenario…]
 #       bench_server's subscribers over WebSocket against the same over
 #       Server-Sent Events (loadgen --transport sse)
@@ -60,7 +62,7 @@ start_server() { # name port → pid
   case $1 in
     tower-ws | in-process | websocket | sse) PORT=$2 WORKERS=1 taskset -c 0 target/release/examples/bench_server >/dev/null 2>&1 & ;;
     redis) REDIS_URL="redis://127.0.0.1:$redis_port" PORT=$2 WORKERS=1 taskset -c 0 \
-      target/release/examples/bench_server >/dev/null 2>&1 & ;;
+      "${REDIS_SERVER_BIN:-target/release/examples/bench_server}" >/dev/null 2>&1 & ;;
     node) (cd "$node_dir" && PORT=$2 exec taskset -c 0 ./start.sh >/dev/null 2>&1) & ;;
   esac
   local pid=$!

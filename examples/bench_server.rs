@@ -18,6 +18,9 @@
 //!   publishes what is due. Answers with JSON including
 //!   `start_unix_ns`, the wall-clock due time of message 0.
 //!
+//! `DELTA_ROLLUP_MS` turns on the publisher's delta rollup with that
+//! window (then deltas go through `stream_delta` even with a backplane).
+//!
 //! `WORKERS` is the number of Tokio worker threads (default 1), so the
 //! comparison with single-threaded Node is per core. With `REDIS_URL` (and
 //! `--features redis`), topics go through a Redis backplane, as they would
@@ -82,7 +85,9 @@ impl<'a> Sender<'a> {
     fn new(publisher: &'a Publisher) -> Self {
         Self {
             publisher,
-            backplane: std::env::var_os("REDIS_URL").is_some(),
+            // With a rollup window, deltas are held before publishing, so
+            // they go through `stream_delta` even with a backplane.
+            backplane: std::env::var_os("REDIS_URL").is_some() && rollup_ms().is_none(),
             unconfirmed: VecDeque::new(),
             failed: 0,
         }
@@ -138,6 +143,9 @@ async fn serve(port: u16) -> Result<(), Box<dyn std::error::Error>> {
     // Defaults throughout (benchmark clients send no Origin), but for the
     // connection limit: S3 opens as many as the file limit allows.
     let mut builder = WsLayer::builder().max_connections(100_000);
+    if let Some(ms) = rollup_ms() {
+        builder = builder.delta_rollup(Some(Duration::from_millis(ms)));
+    }
     if let Ok(url) = std::env::var("REDIS_URL") {
         builder = with_redis(builder, &url).await?;
     }
@@ -311,6 +319,11 @@ impl Drop for Ticker {
     fn drop(&mut self) {
         self.stop.store(true, Relaxed);
     }
+}
+
+/// `DELTA_ROLLUP_MS`: the publisher's delta rollup window, if set.
+fn rollup_ms() -> Option<u64> {
+    std::env::var("DELTA_ROLLUP_MS").ok()?.parse().ok()
 }
 
 /// `<ns>:` then padding up to `size` bytes.

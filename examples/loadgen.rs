@@ -21,7 +21,9 @@
 //! timestamp is later), and loss is what was expected minus what came.
 //! Latency is receive time minus the timestamp in the text (in S5, minus
 //! the message's due time). A `stream.delta` that merges several
-//! (`seqStart`) counts as the messages it covers.
+//! (`seqStart`, or several timestamps in its text when the server rolled
+//! them up) counts as the messages it covers, with the latency of the
+//! oldest.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -613,13 +615,18 @@ async fn receive(
         if trigger_ns == 0 || stamp < trigger_ns {
             continue; // a marker
         }
+        // Each message published is `<t>:` and padding without a colon: a
+        // frame that merges several (coalesced for a slow reader, or
+        // rolled up by the publisher) has one colon per message.
+        let colons = delta.text.bytes().filter(|&b| b == b':').count() as u64;
         let covers = match (delta.seq_start, delta.seq) {
-            (Some(first), Some(last)) if last >= first => {
-                seen.merged_frames += 1;
-                last - first + 1
-            }
+            (Some(first), Some(last)) if last >= first => last - first + 1,
             _ => 1,
-        };
+        }
+        .max(colons);
+        if covers > 1 {
+            seen.merged_frames += 1;
+        }
         let latency = now.saturating_sub(stamp) / 1000;
         for _ in 0..covers {
             seen.latencies_us.push(latency.min(u32::MAX as u64) as u32);

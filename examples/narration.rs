@@ -56,7 +56,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .init();
 
     let port: u16 = std::env::var("PORT").map_or(Ok(3000), |p| p.parse())?;
-    let mut builder = WsLayer::builder().heartbeat(Duration::from_secs(30));
+    // Words that come within 50 ms of each other go out as one message.
+    let mut builder = WsLayer::builder()
+        .heartbeat(Duration::from_secs(30))
+        .delta_rollup(Some(Duration::from_millis(50)));
     if let Ok(origins) = std::env::var("WS_ALLOWED_ORIGINS") {
         let origins: Vec<&str> = origins
             .split(',')

@@ -114,6 +114,7 @@ pub struct WsLayerBuilder {
     event_capacity: usize,
     connection_events: bool,
     event_streams: bool,
+    delta_rollup: Option<Duration>,
     slow_client_policy: SlowClientPolicy,
     history: HistoryLimits,
     on_message: Option<Hook>,
@@ -137,6 +138,7 @@ impl Default for WsLayerBuilder {
             event_capacity: DEFAULT_EVENT_CAPACITY,
             connection_events: false,
             event_streams: true,
+            delta_rollup: None,
             slow_client_policy: SlowClientPolicy::default(),
             history: HistoryLimits {
                 messages: DEFAULT_HISTORY_MESSAGES,
@@ -270,6 +272,22 @@ impl WsLayerBuilder {
     /// Defaults to on.
     pub fn server_sent_events(mut self, on: bool) -> Self {
         self.event_streams = on;
+        self
+    }
+
+    /// Merges the `stream.delta`s a topic receives within `window` into one
+    /// message before it is numbered: the first delta of a quiet topic
+    /// goes at once, the ones that follow within the window go out together
+    /// when it ends, and any other message to the topic (`stream.done`,
+    /// `error`, `status`, …) sends what is held first. The text and its
+    /// order are exact; no delta waits longer than the window. A model that
+    /// streams 50 tokens a second to a reader who reads a few words a
+    /// second costs a publish, a backplane round trip and a frame per
+    /// subscriber per token without it. 20–100 ms suits streamed text.
+    ///
+    /// Defaults to off (`None`).
+    pub fn delta_rollup(mut self, window: Option<Duration>) -> Self {
+        self.delta_rollup = window;
         self
     }
 
@@ -593,6 +611,10 @@ impl WsLayerBuilder {
             ("max message size", self.max_message_size == 0),
             ("event capacity", self.event_capacity == 0),
             ("history age", self.history.age.is_zero()),
+            (
+                "delta rollup window",
+                self.delta_rollup.is_some_and(|w| w.is_zero()),
+            ),
             ("max connections", self.limits.max_connections == 0),
             (
                 "max connections per ip",
@@ -634,6 +656,7 @@ impl WsLayerBuilder {
             trusted_proxy_header,
             connection_events: self.connection_events,
             event_streams: self.event_streams,
+            delta_rollup: self.delta_rollup,
             sweep_interval: (self.history.completed_grace.min(self.history.age) / 2)
                 .clamp(Duration::from_millis(10), Duration::from_secs(1)),
         };

@@ -107,6 +107,7 @@ mod origin;
 pub mod protocol;
 mod publisher;
 mod rate_limit;
+mod rollup;
 mod service;
 mod shared;
 mod shutdown;

@@ -37,6 +37,7 @@ pub(crate) fn export(shared: &Shared) {
     total("tower_ws_messages_published_total", s.messages_published);
     total("tower_ws_messages_delivered_total", s.messages_sent);
     total("tower_ws_messages_coalesced_total", s.messages_coalesced);
+    total("tower_ws_deltas_rolled_up_total", s.deltas_rolled_up);
     total("tower_ws_messages_dropped_total", s.messages_dropped);
     total("tower_ws_slow_clients_closed_total", s.slow_clients_closed);
     total("tower_ws_heartbeat_timeouts_total", s.heartbeat_timeouts);

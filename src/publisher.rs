@@ -17,6 +17,7 @@ use crate::frame::{self, close_code};
 use crate::inbound::ClientEvents;
 use crate::message::Draft;
 use crate::protocol::{Action, ServerMessage};
+use crate::rollup::Offer;
 use crate::shared::Shared;
 use crate::shutdown::{self, ShutdownSummary};
 use crate::stats::{Counters, Stats};
@@ -114,7 +115,8 @@ impl Publisher {
         topic: &str,
         message: &T,
     ) -> Result<usize, PublishError> {
-        self.publish_draft(topic, Draft::json(message)?, false)
+        let draft = Draft::json(message)?;
+        self.in_order(topic, || self.publish_draft(topic, draft, false))
     }
 
     /// Publishes as [`publish`](Self::publish) does, and resolves with the
@@ -136,16 +138,18 @@ impl Publisher {
         message: &T,
     ) -> impl Future<Output = Result<u64, PublishError>> + Send + 'static {
         let outcome = Draft::json(message).and_then(|draft| {
-            self.shared.ensure_sweeper();
-            Counters::add(&self.shared.hub.counters.messages_published, 1);
-            match self.shared.hub.relay() {
-                Some(relay) => {
-                    let (ack, confirmed) = oneshot::channel();
-                    relay.publish(topic, draft, false, Some(ack))?;
-                    Ok(Err(confirmed))
+            self.in_order(topic, || {
+                self.shared.ensure_sweeper();
+                Counters::add(&self.shared.hub.counters.messages_published, 1);
+                match self.shared.hub.relay() {
+                    Some(relay) => {
+                        let (ack, confirmed) = oneshot::channel();
+                        relay.publish(topic, draft, false, Some(ack))?;
+                        Ok(Err(confirmed))
+                    }
+                    None => Ok(Ok(self.shared.hub.publish(topic, draft, false).0)),
                 }
-                None => Ok(Ok(self.shared.hub.publish(topic, draft, false).0)),
-            }
+            })
         });
         async move {
             match outcome? {
@@ -163,7 +167,7 @@ impl Publisher {
     /// dropped. Messages may still be published to it meanwhile.
     pub fn complete(&self, topic: &str) {
         self.shared.ensure_sweeper();
-        self.shared.hub.complete(topic);
+        self.in_order(topic, || self.shared.hub.complete(topic));
     }
 
     /// Publishes `{"type":"status","requestId":topic,"status":status}`.
@@ -179,9 +183,39 @@ impl Publisher {
     }
 
     /// Publishes `{"type":"stream.delta","requestId":topic,"text":text}`.
+    ///
+    /// With [`delta_rollup`](crate::WsLayerBuilder::delta_rollup), a delta
+    /// that arrives while the topic's window is open is held and goes out
+    /// with the others of the window as one; it returns 0 then.
     pub fn stream_delta(&self, topic: &str, text: &str) -> usize {
+        let Some(rollup) = &self.shared.rollup else {
+            return self.publish_delta_now(topic, text);
+        };
+        let mut locked = rollup.lock(topic);
+        match rollup.offer(&self.shared, &mut locked, topic, text) {
+            Offer::Now => self.publish_delta_now(topic, text),
+            Offer::Held => 0,
+        }
+    }
+
+    pub(crate) fn publish_delta_now(&self, topic: &str, text: &str) -> usize {
         self.publish_draft(topic, Draft::delta(topic, text), false)
             .unwrap_or(0)
+    }
+
+    /// Runs a publish to `topic` after what the rollup holds for it, both
+    /// under the topic's rollup lock, so nothing overtakes either.
+    fn in_order<R>(&self, topic: &str, publish: impl FnOnce() -> R) -> R {
+        let Some(rollup) = &self.shared.rollup else {
+            return publish();
+        };
+        let mut locked = rollup.lock(topic);
+        if let Some(held) = locked.take(topic) {
+            self.publish_delta_now(topic, &held);
+        }
+        let result = publish();
+        drop(locked);
+        result
     }
 
     /// Publishes `{"type":"stream.done","requestId":topic,"fullText":full_text}`
@@ -315,7 +349,9 @@ impl Publisher {
 
     fn publish_message(&self, topic: &str, complete: bool, message: &ServerMessage<'_>) -> usize {
         match Draft::json(message) {
-            Ok(draft) => self.publish_draft(topic, draft, complete).unwrap_or(0),
+            Ok(draft) => self.in_order(topic, || {
+                self.publish_draft(topic, draft, complete).unwrap_or(0)
+            }),
             // A ServerMessage is an object of strings: it always serializes.
             Err(_) => 0,
         }

@@ -38,6 +38,7 @@ pub(crate) struct Config {
     pub(crate) sweep_interval: Duration,
     pub(crate) connection_events: bool,
     pub(crate) event_streams: bool,
+    pub(crate) delta_rollup: Option<Duration>,
 }
 
 /// Per-connection and global limits.
@@ -62,6 +63,8 @@ pub(crate) struct Shared {
     pub(crate) receiver: Mutex<Option<ClientEvents>>,
     /// The open event streams, for the client messages posted to them.
     pub(crate) streams: crate::sse::Streams,
+    /// With a rollup window, the deltas held in it.
+    pub(crate) rollup: Option<crate::rollup::Rollup>,
     sweeping: AtomicBool,
 }
 
@@ -93,6 +96,7 @@ impl Shared {
     }
 
     pub(crate) fn new(config: Config, hub: Arc<Hub>, event_capacity: usize) -> Arc<Self> {
+        let rollup = config.delta_rollup.map(crate::rollup::Rollup::new);
         let (events, receiver) = ClientEvents::channel(event_capacity);
         Arc::new(Self {
             config,
@@ -102,6 +106,7 @@ impl Shared {
             events,
             receiver: Mutex::new(Some(receiver)),
             streams: crate::sse::Streams::default(),
+            rollup,
             sweeping: AtomicBool::new(false),
         })
     }

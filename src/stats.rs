@@ -39,6 +39,10 @@ pub struct Stats {
     /// `stream.delta` messages merged into the one before them in a slow
     /// client's queue (see [`SlowClientPolicy::Coalesce`](crate::SlowClientPolicy::Coalesce)).
     pub messages_coalesced: u64,
+    /// `stream.delta` messages merged into the one before them by the
+    /// publisher's rollup window, before they were numbered (see
+    /// [`delta_rollup`](crate::WsLayerBuilder::delta_rollup)).
+    pub deltas_rolled_up: u64,
     /// Connections closed with 1013 because their outbound queue was full.
     pub slow_clients_closed: u64,
     /// Connections terminated because nothing arrived within the heartbeat
@@ -144,6 +148,7 @@ pub(crate) struct Counters {
     pub(crate) subscriptions: AtomicU64,
     pub(crate) history_bytes: AtomicU64,
     pub(crate) messages_coalesced: AtomicU64,
+    pub(crate) deltas_rolled_up: AtomicU64,
     pub(crate) messages_sent: AtomicU64,
     pub(crate) messages_dropped: AtomicU64,
     pub(crate) slow_clients_closed: AtomicU64,
@@ -197,6 +202,7 @@ impl Counters {
             subscriptions: self.subscriptions.load(Relaxed),
             history_bytes: self.history_bytes.load(Relaxed),
             messages_coalesced: self.messages_coalesced.load(Relaxed),
+            deltas_rolled_up: self.deltas_rolled_up.load(Relaxed),
             messages_sent: self.messages_sent.load(Relaxed),
             messages_dropped: self.messages_dropped.load(Relaxed),
             slow_clients_closed: self.slow_clients_closed.load(Relaxed),

@@ -18,12 +18,16 @@ const CHANNEL: &str = "tower-ws:{req-1}";
 
 /// One instance: a layer with its own backplane connection, on its own port.
 async fn instance(redis: &RedisServer) -> Server {
+    instance_with(redis, builder()).await
+}
+
+async fn instance_with(redis: &RedisServer, builder: tower_ws::WsLayerBuilder) -> Server {
     let backplane = RedisBackplane::builder(redis.url())
         .reconnect_backoff(Duration::from_millis(20), Duration::from_millis(200))
         .connect()
         .await
         .expect("redis is up");
-    axum_server(builder().backplane(backplane)).await
+    axum_server(builder.backplane(backplane)).await
 }
 
 fn seq(v: &Value) -> u64 {
@@ -646,6 +650,42 @@ async fn a_topic_whose_stream_alone_was_lost_begins_again_under_a_new_epoch() {
         assert_eq!(gap["error"], "history_gap", "{gap}");
         let first = client.recv_json().await;
         assert_eq!((seq(&first), first["n"].as_u64()), (1, Some(6)));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn rolled_up_deltas_cross_instances_whole_and_in_order() {
+    within(async {
+        let redis = RedisServer::start().await;
+        let rollup = builder().delta_rollup(Some(Duration::from_millis(30)));
+        let (a, b) = (instance_with(&redis, rollup).await, instance(&redis).await);
+        let mut client = Client::connect(&b).await;
+        client.subscribe("req-1").await;
+        listeners(&redis, CHANNEL, 1).await;
+        let mut expected = String::new();
+        for i in 0..200 {
+            let word = format!("{i} ");
+            expected.push_str(&word);
+            a.publisher.stream_delta("req-1", &word);
+            if i % 20 == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        a.publisher.stream_done("req-1", &expected);
+        let (mut text, mut next) = (String::new(), 1);
+        loop {
+            let m = client.recv_json().await;
+            assert_eq!(seq(&m), next, "numbered without gaps: {m}");
+            next += 1;
+            if m["type"] == "stream.done" {
+                break;
+            }
+            text.push_str(m["text"].as_str().unwrap());
+        }
+        assert_eq!(text, expected);
+        assert!(next < 100, "rolled up into fewer messages: {next}");
+        assert!(a.publisher.stats().deltas_rolled_up > 100);
     })
     .await;
 }

@@ -32,7 +32,8 @@ use crate::stats::Counters;
 use crate::ClientId;
 
 use self::replica::Replica;
-use self::topic::{fnv1a, Topic, TopicState};
+pub(crate) use self::topic::fnv1a;
+use self::topic::{Topic, TopicState};
 
 mod replica;
 #[cfg(feature = "redis")]
