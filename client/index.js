@@ -300,6 +300,8 @@ class Client {
   _flush() {
     if (this.state !== State.OPEN) return;
     if (this.transport === "websocket") {
+      // A socket already closing would drop the message without a word.
+      if (this.socket?.readyState !== 1) return;
       for (const [message, resolve] of this.outbox.splice(0)) {
         this.socket.send(JSON.stringify(message));
         resolve();
