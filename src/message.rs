@@ -65,13 +65,14 @@ struct Sealed {
     frame: Bytes,
     /// The topic's sequence number; 0 for a message to one client.
     seq: u64,
-    delta: Option<(u64, Spans)>,
+    /// For a `stream.delta`, where its strings lie in `frame`.
+    delta: Option<Spans>,
     /// The Server-Sent Event, made on first use.
     event: OnceLock<Bytes>,
 }
 
 impl Sealed {
-    fn new(frame: Bytes, seq: u64, delta: Option<(u64, Spans)>) -> Self {
+    fn new(frame: Bytes, seq: u64, delta: Option<Spans>) -> Self {
         Self {
             frame,
             seq,
@@ -151,13 +152,10 @@ impl Draft {
         let start = frame::write_header_before(&mut self.buf, payload_start);
         let delta = self.delta.map(|spans| {
             let shift = |(a, b): (u32, u32)| (a - start as u32, b - start as u32);
-            (
-                seq,
-                Spans {
-                    request_id: shift(spans.request_id),
-                    text: shift(spans.text),
-                },
-            )
+            Spans {
+                request_id: shift(spans.request_id),
+                text: shift(spans.text),
+            }
         });
         Message(Arc::new(Sealed::new(
             frame::framed(self.buf, start),
@@ -192,7 +190,7 @@ impl Message {
     }
 
     fn delta(&self) -> Option<(u64, Spans)> {
-        self.0.delta
+        self.0.delta.map(|spans| (self.0.seq, spans))
     }
 
     fn slice(&self, (a, b): (u32, u32)) -> Bytes {

@@ -142,9 +142,8 @@ impl Rollup {
     }
 }
 
-/// Closes windows as they come due: what one held goes out as one delta,
-/// and the next window opens; a window that held nothing just ends. Ends
-/// with the layer and its publishers.
+/// Closes windows as they come due, and waits for the next. Ends with the
+/// layer and its publishers.
 async fn flush(shared: Weak<Shared>) {
     loop {
         let Some(strong) = shared.upgrade() else {
@@ -153,6 +152,7 @@ async fn flush(shared: Weak<Shared>) {
         let Some(rollup) = strong.rollup.as_ref() else {
             return;
         };
+        rollup.close_due(&strong, Instant::now());
         let wake = rollup.wake.clone();
         let woken = wake.notified();
         let next = lock(&rollup.due).front().map(|(at, _, _)| *at);
@@ -160,39 +160,38 @@ async fn flush(shared: Weak<Shared>) {
         drop(strong);
         match next {
             Some(at) => tokio::time::sleep_until(at).await,
+            // Woken by the first window to open; bounded, to notice the
+            // layer is gone.
             None => {
-                // Woken by the first window to open; bounded, to notice the
-                // layer is gone.
                 let _ = tokio::time::timeout(Duration::from_secs(1), woken).await;
-                continue;
             }
         }
-        let Some(strong) = shared.upgrade() else {
-            return;
-        };
-        let Some(rollup) = strong.rollup.as_ref() else {
-            return;
-        };
-        let now = Instant::now();
+    }
+}
+
+impl Rollup {
+    /// Closes the windows due by `now`: what one held goes out as one
+    /// delta and the next window opens; one that held nothing just ends.
+    fn close_due(&self, shared: &Arc<Shared>, now: Instant) {
         loop {
             let entry = {
-                let mut due = lock(&rollup.due);
+                let mut due = lock(&self.due);
                 match due.front() {
                     Some((at, _, _)) if *at <= now => due.pop_front(),
                     _ => None,
                 }
             };
             let Some((_, topic, generation)) = entry else {
-                break;
+                return;
             };
-            let mut locked = rollup.lock(&topic);
+            let mut locked = self.lock(&topic);
             let held = match locked.shard.get(&topic) {
                 Some(window) if window.generation == generation => locked.take(&topic),
                 _ => continue,
             };
             if let Some(text) = held {
-                crate::Publisher::new(strong.clone()).publish_delta_now(&topic, &text);
-                rollup.open(&mut locked, topic);
+                crate::Publisher::new(shared.clone()).publish_delta_now(&topic, &text);
+                self.open(&mut locked, topic);
             }
         }
     }

@@ -470,7 +470,7 @@ pub(crate) fn take_slots(
     Ok((task, ip_slot))
 }
 
-fn shutting_down(shared: &Shared) -> Response<LayerBody> {
+pub(crate) fn shutting_down(shared: &Shared) -> Response<LayerBody> {
     SHUTTING_DOWN.answer(shared)
 }
 

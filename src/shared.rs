@@ -111,6 +111,19 @@ impl Shared {
         })
     }
 
+    /// A `Connected` or `Disconnected` event, when the application asked
+    /// for them.
+    pub(crate) fn connection_event(
+        &self,
+        client_id: ClientId,
+        principal: Option<&Principal>,
+        kind: ClientEventKind,
+    ) {
+        if self.config.connection_events {
+            let _ = self.send_event(client_id, principal, kind);
+        }
+    }
+
     /// Starts the task that expires history and drops idle topics, once,
     /// from the first call made inside a Tokio runtime. The task ends when
     /// the layer and every publisher are gone.

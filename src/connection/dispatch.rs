@@ -51,6 +51,12 @@ impl Conn<'_> {
                 return Ok(());
             }
         };
+        self.handle(message, topics);
+        Ok(())
+    }
+
+    /// What a message of the default protocol does, once read.
+    pub(super) fn handle(&self, message: ClientMessage, topics: &mut HashSet<Arc<str>>) {
         let client_id = self.outbox.client_id();
         let hub = &self.shared.hub;
         let limits = &self.shared.config.limits;
@@ -60,7 +66,7 @@ impl Conn<'_> {
                 error_code::TOPIC_TOO_LONG,
                 &format!("requestId is longer than {} bytes", limits.max_topic_len),
             );
-            return Ok(());
+            return;
         }
         match message {
             ClientMessage::Subscribe { request_id, .. }
@@ -122,7 +128,6 @@ impl Conn<'_> {
                 self.forward(ClientEventKind::Message(message))
             }
         }
-        Ok(())
     }
 
     /// Hands an event to the application, or tells the client it could not.

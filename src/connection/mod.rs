@@ -38,7 +38,7 @@ use crate::stats::{Counters, Ended};
 
 /// How long a closing connection may take to write its last frames and
 /// receive the peer's Close before the socket is dropped.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// What the handshake learned about the client, for the logs.
 pub(crate) struct Peer {
@@ -91,31 +91,54 @@ pub(crate) async fn serve(
         ip = ?peer.ip,
         "websocket_connected"
     );
-    // Connect and disconnect events, when the application asked for them.
-    let tell = |kind| {
-        if shared.config.connection_events {
-            let _ = shared.send_event(client_id, peer.principal.as_ref(), kind);
-        }
-    };
-    tell(ClientEventKind::Connected);
+    shared.connection_event(
+        client_id,
+        peer.principal.as_ref(),
+        ClientEventKind::Connected,
+    );
 
     let conn = Conn::new(&shared, &outbox, peer.principal.as_ref());
     let mut topics = HashSet::new();
     let reason = conn.run(&mut decoder, &mut write_half, &mut topics).await;
 
-    for topic in &topics {
-        if shared.hub.unsubscribe(topic, &outbox) {
+    clean_up(
+        &shared,
+        &outbox,
+        peer.principal.as_ref(),
+        &topics,
+        reason.counted(),
+        &counted.0,
+    );
+    tracing::info!(%client_id, %reason, "websocket_disconnected");
+}
+
+/// Undoes what a connection that ended held (a WebSocket's or an event
+/// stream's): its subscriptions, its queue, its place in the hub; then
+/// tells the application, if it asked, and counts why it ended.
+pub(crate) fn clean_up(
+    shared: &Shared,
+    outbox: &Arc<Outbox>,
+    principal: Option<&Principal>,
+    topics: &HashSet<Arc<str>>,
+    ended: Ended,
+    task: &TaskGuard,
+) {
+    let client_id = outbox.client_id();
+    for topic in topics {
+        if shared.hub.unsubscribe(topic, outbox) {
             tracing::info!(%client_id, topic = %TopicDigest(topic), "websocket_unsubscribed");
         }
     }
     Counters::add(&shared.hub.counters.messages_dropped, outbox.kill());
-    shared.hub.deregister(client_id, principal_id);
-    tell(ClientEventKind::Disconnected);
-    shared.hub.counters.closed(reason.counted());
-    if reason == Reason::CloseTimeout && !shared.hub.is_accepting() {
-        counted.0.cut_off();
+    shared
+        .hub
+        .deregister(client_id, principal.map(Principal::id));
+    shared.connection_event(client_id, principal, ClientEventKind::Disconnected);
+    shared.hub.counters.closed(ended);
+    // A Close 1001 that missed its deadline at shutdown.
+    if matches!(ended, Ended::CloseTimeout) && !shared.hub.is_accepting() {
+        task.cut_off();
     }
-    tracing::info!(%client_id, %reason, "websocket_disconnected");
 }
 
 /// Handles one client message that came without a socket: one posted for
@@ -130,6 +153,20 @@ pub(crate) fn handle_posted(
     let conn = Conn::new(shared, outbox, principal);
     // Only a socket's reader ends a connection for a message.
     let _ = conn.on_message(crate::inbound::Inbound::Text(text), topics);
+}
+
+/// Subscribes a client without a socket (an event stream) to `topic`, as
+/// its `subscribe` would have.
+pub(crate) fn subscribe_stream(
+    shared: &Shared,
+    outbox: &Arc<Outbox>,
+    principal: Option<&Principal>,
+    request_id: String,
+    since: Option<u64>,
+    topics: &mut HashSet<Arc<str>>,
+) {
+    let subscribe = crate::protocol::ClientMessage::Subscribe { request_id, since };
+    Conn::new(shared, outbox, principal).handle(subscribe, topics);
 }
 
 /// Tells a client without a socket that its message was refused, as its

@@ -74,7 +74,7 @@ impl Conn<'_> {
                 match self.outbox.take(&mut in_flight) {
                     Take::Frames { data_frames } => unsent = data_frames,
                     Take::Close(frame) => {
-                        close_code = Some(close_code_of(&frame));
+                        close_code = Some(frame::close_parts(&frame).0);
                         in_flight.extend([Message::plain(frame)]);
                     }
                     Take::Stop => return WriteEnd::Stopped,
@@ -179,9 +179,4 @@ enum WriterEvent {
     Tick,
     /// Bytes written, or `None` for a flush done.
     Wrote(std::io::Result<Option<usize>>),
-}
-
-/// The code of a Close frame built by [`frame::close`], if it has one.
-fn close_code_of(frame: &Bytes) -> Option<u16> {
-    (frame.len() >= 4).then(|| u16::from_be_bytes([frame[2], frame[3]]))
 }

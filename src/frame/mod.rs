@@ -152,6 +152,15 @@ pub(crate) fn close(code: u16, reason: &str) -> Bytes {
     control(OpCode::Close, &payload)
 }
 
+/// The code and reason of a Close frame built by [`close`]; no code for
+/// one without.
+pub(crate) fn close_parts(frame: &[u8]) -> (Option<u16>, &[u8]) {
+    match frame {
+        [_, _, a, b, reason @ ..] => (Some(u16::from_be_bytes([*a, *b])), reason),
+        _ => (None, &[]),
+    }
+}
+
 /// A Close frame without a code, the answer to one without a code.
 pub(crate) fn close_empty() -> Bytes {
     Bytes::from_static(&[FIN | OpCode::Close as u8, 0])

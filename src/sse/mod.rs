@@ -85,9 +85,8 @@ use crate::connection;
 use crate::connection::outbox::Outbox;
 use crate::hub::TopicDigest;
 use crate::lock::lock;
-use crate::protocol::ClientMessage;
 use crate::rate_limit::{MessageRate, RateLimit};
-use crate::service::{reject, take_slots, text, Client};
+use crate::service::{reject, shutting_down, take_slots, text, Client};
 use crate::shared::{ConnectionLimits, Shared};
 use crate::stats::{Counters, Refused};
 
@@ -234,12 +233,7 @@ pub(crate) fn open(
         .hub
         .register(outbox.clone(), principal.as_ref().map(Principal::id))
     {
-        return reject(
-            shared,
-            Refused::ShuttingDown,
-            StatusCode::SERVICE_UNAVAILABLE,
-            "server is shutting down\n",
-        );
+        return shutting_down(shared);
     }
     let MessageRate { per_second, burst } = shared.config.limits.message_rate;
     let stream = Arc::new(Stream {
@@ -258,13 +252,11 @@ pub(crate) fn open(
         ip = ?client.ip,
         "event_stream_connected"
     );
-    if shared.config.connection_events {
-        let _ = shared.send_event(
-            client_id,
-            stream.principal.as_ref(),
-            crate::ClientEventKind::Connected,
-        );
-    }
+    shared.connection_event(
+        client_id,
+        stream.principal.as_ref(),
+        crate::ClientEventKind::Connected,
+    );
     // The stream's name goes first, then the subscription, as a WebSocket
     // client's `subscribe` would make it.
     let named = serde_json::json!({ "streamId": shared.streams.id(client_id).to_string() });
@@ -273,16 +265,12 @@ pub(crate) fn open(
     chunks
         .try_send(named.into())
         .expect("an empty channel has room");
-    let subscribe = ClientMessage::Subscribe {
-        request_id: topic,
-        since,
-    };
-    let subscribe = serde_json::to_string(&subscribe).expect("strings and numbers serialize");
-    connection::handle_posted(
+    connection::subscribe_stream(
         shared,
         &stream.outbox,
         stream.principal.as_ref(),
-        &subscribe,
+        topic,
+        since,
         &mut lock(&stream.topics),
     );
     tokio::spawn(stream::serve(shared.clone(), stream, chunks, slots));

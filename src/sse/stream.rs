@@ -15,18 +15,14 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 
 use super::Stream;
-use crate::auth::Principal;
 use crate::client_ip::IpSlot;
 use crate::connection::outbox::{Status, Take};
-use crate::hub::TopicDigest;
+use crate::connection::CLOSE_TIMEOUT;
 use crate::lock::lock;
 use crate::message::Message;
 use crate::shared::Shared;
 use crate::shutdown::TaskGuard;
 use crate::stats::{Counters, Ended};
-
-/// How long a closing stream may take to hand over its last events.
-const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Written when the stream was quiet for a heartbeat interval.
 const HEARTBEAT: &[u8] = b": heartbeat\n\n";
@@ -75,30 +71,18 @@ pub(super) async fn serve(
     let end = write(&shared, &stream, &chunks).await;
     drop(chunks);
 
-    let outbox = &stream.outbox;
-    let client_id = outbox.client_id();
+    let client_id = stream.outbox.client_id();
     lock(&shared.streams.open).remove(&client_id);
-    let topics = std::mem::take(&mut *lock(&stream.topics));
-    for topic in &topics {
-        if shared.hub.unsubscribe(topic, outbox) {
-            tracing::info!(%client_id, topic = %TopicDigest(topic), "websocket_unsubscribed");
-        }
-    }
-    Counters::add(&shared.hub.counters.messages_dropped, outbox.kill());
-    let principal_id = stream.principal.as_ref().map(Principal::id);
-    shared.hub.deregister(client_id, principal_id);
     Counters::sub(&shared.hub.counters.event_streams, 1);
-    if shared.config.connection_events {
-        let _ = shared.send_event(
-            client_id,
-            stream.principal.as_ref(),
-            crate::ClientEventKind::Disconnected,
-        );
-    }
-    shared.hub.counters.closed(end.counted());
-    if end == End::CloseTimeout && !shared.hub.is_accepting() {
-        counted.0.cut_off();
-    }
+    let topics = std::mem::take(&mut *lock(&stream.topics));
+    crate::connection::clean_up(
+        &shared,
+        &stream.outbox,
+        stream.principal.as_ref(),
+        &topics,
+        end.counted(),
+        &counted.0,
+    );
     tracing::info!(%client_id, reason = %end, "event_stream_disconnected");
 }
 
@@ -198,14 +182,9 @@ fn events(batch: &[Message]) -> Bytes {
 
 /// The `close` event for a WebSocket Close frame: its code and reason.
 fn close_event(frame: &[u8]) -> (u16, Bytes) {
-    let code = match frame.get(2..4) {
-        Some(&[a, b]) => u16::from_be_bytes([a, b]),
-        _ => crate::close_code::NORMAL,
-    };
-    let reason = frame
-        .get(4..)
-        .map(String::from_utf8_lossy)
-        .unwrap_or_default();
+    let (code, reason) = crate::frame::close_parts(frame);
+    let code = code.unwrap_or(crate::close_code::NORMAL);
+    let reason = String::from_utf8_lossy(reason);
     let data = serde_json::json!({ "code": code, "reason": reason });
     (code, format!("event: close\ndata: {data}\n\n").into())
 }
