@@ -22,8 +22,8 @@
 //! window (then deltas go through `stream_delta` even with a backplane).
 //!
 //! `WORKERS` is the number of Tokio worker threads (default 1), so the
-//! comparison with single-threaded Node is per core. With `REDIS_URL` (and
-//! `--features redis`), topics go through a Redis backplane, as they would
+//! comparison with single-threaded Node is per core. With `REDIS_URL`, or
+//! `REDIS_CLUSTER_URLS` (and `--features redis`), topics go through a Redis backplane, as they would
 //! between instances: each publish is numbered by Redis and comes back to
 //! this instance's subscribers through it. It then publishes with
 //! [`Publisher::publish_confirmed`], keeping at most [`WINDOW`] publishes
@@ -87,7 +87,10 @@ impl<'a> Sender<'a> {
             publisher,
             // With a rollup window, deltas are held before publishing, so
             // they go through `stream_delta` even with a backplane.
-            backplane: std::env::var_os("REDIS_URL").is_some() && rollup_ms().is_none(),
+            backplane: ["REDIS_URL", "REDIS_CLUSTER_URLS"]
+                .iter()
+                .any(|name| std::env::var_os(name).is_some())
+                && rollup_ms().is_none(),
             unconfirmed: VecDeque::new(),
             failed: 0,
         }
@@ -146,9 +149,7 @@ async fn serve(port: u16) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(ms) = rollup_ms() {
         builder = builder.delta_rollup(Some(Duration::from_millis(ms)));
     }
-    if let Ok(url) = std::env::var("REDIS_URL") {
-        builder = with_redis(builder, &url).await?;
-    }
+    builder = with_redis(builder).await?;
     let (ws, publisher) = builder.build()?;
     let service = ServiceBuilder::new()
         .layer(ws)
@@ -170,20 +171,34 @@ async fn serve(port: u16) -> Result<(), Box<dyn std::error::Error>> {
     }
 }
 
+/// With `REDIS_CLUSTER_URLS` (comma-separated seed nodes of a Redis
+/// Cluster) or `REDIS_URL`, shares topics with other instances.
 #[cfg(feature = "redis")]
 async fn with_redis(
     builder: tower_ws::WsLayerBuilder,
-    url: &str,
 ) -> Result<tower_ws::WsLayerBuilder, Box<dyn std::error::Error>> {
-    Ok(builder.backplane(tower_ws::RedisBackplane::connect(url).await?))
+    use tower_ws::RedisBackplane;
+    let backplane = if let Ok(nodes) = std::env::var("REDIS_CLUSTER_URLS") {
+        let nodes = nodes.split(',').map(str::trim).filter(|s| !s.is_empty());
+        RedisBackplane::cluster(nodes.map(str::to_owned))
+            .connect()
+            .await?
+    } else if let Ok(url) = std::env::var("REDIS_URL") {
+        RedisBackplane::connect(&url).await?
+    } else {
+        return Ok(builder);
+    };
+    Ok(builder.backplane(backplane))
 }
 
 #[cfg(not(feature = "redis"))]
 async fn with_redis(
-    _: tower_ws::WsLayerBuilder,
-    _: &str,
+    builder: tower_ws::WsLayerBuilder,
 ) -> Result<tower_ws::WsLayerBuilder, Box<dyn std::error::Error>> {
-    Err("REDIS_URL is set: build with `--features redis`".into())
+    match ["REDIS_URL", "REDIS_CLUSTER_URLS"].map(std::env::var_os) {
+        [None, None] => Ok(builder),
+        _ => Err("REDIS_URL or REDIS_CLUSTER_URLS is set: build with `--features redis`".into()),
+    }
 }
 
 async fn handle(

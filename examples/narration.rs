@@ -21,13 +21,16 @@
 //! `NARRATION_WORD_MS` (the pause between words; by default the narration
 //! takes about a second), and
 //! `REDIS_URL` (built with `--features redis`) to share topics with other
-//! instances through Redis:
+//! instances through Redis, or `REDIS_CLUSTER_URLS` (comma-separated seed
+//! nodes) through a Redis Cluster:
 //!
 //! ```text
 //! REDIS_URL=redis://127.0.0.1:6379 PORT=3001 cargo run --features redis --example narration
 //! REDIS_URL=redis://127.0.0.1:6379 PORT=3002 WS_ALLOWED_ORIGINS=http://127.0.0.1:3001 \
 //!     cargo run --features redis --example narration
 //! # then open http://127.0.0.1:3001/?ws=ws://127.0.0.1:3002/ws
+//! REDIS_CLUSTER_URLS=redis://127.0.0.1:7000,redis://127.0.0.1:7001 PORT=3003 \
+//!     cargo run --features redis --example narration
 //! ```
 //!
 //! The page posts its search to 3001 and streams it over a WebSocket to
@@ -72,9 +75,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             builder.allowed_origins(origins)
         };
     }
-    if let Ok(url) = std::env::var("REDIS_URL") {
-        builder = with_redis(builder, &url).await?;
-    }
+    builder = with_redis(builder).await?;
     let (ws, publisher) = builder.build()?;
 
     let mut events = publisher.take_client_events().expect("taken once, here");
@@ -146,22 +147,35 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// With `REDIS_CLUSTER_URLS` (comma-separated seed nodes of a Redis
+/// Cluster) or `REDIS_URL`, shares topics with other instances.
 #[cfg(feature = "redis")]
 async fn with_redis(
     builder: tower_ws::WsLayerBuilder,
-    url: &str,
 ) -> Result<tower_ws::WsLayerBuilder, Box<dyn std::error::Error>> {
-    let backplane = tower_ws::RedisBackplane::connect(url).await?;
+    use tower_ws::RedisBackplane;
+    let backplane = if let Ok(nodes) = std::env::var("REDIS_CLUSTER_URLS") {
+        let nodes = nodes.split(',').map(str::trim).filter(|s| !s.is_empty());
+        RedisBackplane::cluster(nodes.map(str::to_owned))
+            .connect()
+            .await?
+    } else if let Ok(url) = std::env::var("REDIS_URL") {
+        RedisBackplane::connect(&url).await?
+    } else {
+        return Ok(builder);
+    };
     tracing::info!("sharing topics with other instances through Redis");
     Ok(builder.backplane(backplane))
 }
 
 #[cfg(not(feature = "redis"))]
 async fn with_redis(
-    _: tower_ws::WsLayerBuilder,
-    _: &str,
+    builder: tower_ws::WsLayerBuilder,
 ) -> Result<tower_ws::WsLayerBuilder, Box<dyn std::error::Error>> {
-    Err("REDIS_URL is set: build with `--features redis`".into())
+    match ["REDIS_URL", "REDIS_CLUSTER_URLS"].map(std::env::var_os) {
+        [None, None] => Ok(builder),
+        _ => Err("REDIS_URL or REDIS_CLUSTER_URLS is set: build with `--features redis`".into()),
+    }
 }
 
 #[derive(Deserialize)]

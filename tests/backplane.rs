@@ -655,6 +655,74 @@ async fn a_topic_whose_stream_alone_was_lost_begins_again_under_a_new_epoch() {
 }
 
 #[tokio::test]
+async fn a_topic_numbered_by_another_server_begins_again_under_a_new_epoch() {
+    within(async {
+        let redis = RedisServer::start().await;
+        let (a, b) = (instance(&redis).await, instance(&redis).await);
+        let mut client = Client::connect(&b).await;
+        client.subscribe("req-1").await;
+        listeners(&redis, CHANNEL, 1).await;
+        for i in 1..=5 {
+            a.publisher
+                .publish_confirmed("req-1", &json!({"type": "n", "n": i}))
+                .await
+                .unwrap();
+        }
+        receive_in_order(&mut client, 1, 5).await;
+        // What a replica promoted after its primary died looks like: the
+        // last two messages never reached it, and the meta it holds was
+        // written by the primary it replicated (its previous replication
+        // id; a server that never was a replica has zeros there).
+        let mut conn = redis.connection().await;
+        let replication: String = redis::cmd("INFO")
+            .arg("replication")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let previous = replication
+            .lines()
+            .find_map(|line| line.strip_prefix("master_replid2:"))
+            .unwrap();
+        let stream = "tower-ws:{req-1}:history";
+        let meta: String = redis::cmd("GET")
+            .arg("tower-ws:{req-1}:meta")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let (kept, _node) = meta.rsplit_once(':').unwrap();
+        let _: () = redis::pipe()
+            .cmd("XDEL")
+            .arg(stream)
+            .arg("0-4")
+            .arg("0-5")
+            .ignore()
+            .cmd("XSETID")
+            .arg(stream)
+            .arg("0-3")
+            .ignore()
+            .cmd("SET")
+            .arg("tower-ws:{req-1}:meta")
+            .arg(format!("{kept}:{previous}"))
+            .ignore()
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let numbered = a
+            .publisher
+            .publish_confirmed("req-1", &json!({"type": "n", "n": 6}))
+            .await
+            .unwrap();
+        assert_eq!(numbered, 1, "numbered from 1 again");
+        // Numbered 4 under the old epoch, B would take it for a repeat.
+        let gap = client.recv_json().await;
+        assert_eq!(gap["error"], "history_gap", "{gap}");
+        let first = client.recv_json().await;
+        assert_eq!((seq(&first), first["n"].as_u64()), (1, Some(6)));
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn rolled_up_deltas_cross_instances_whole_and_in_order() {
     within(async {
         let redis = RedisServer::start().await;

@@ -14,6 +14,7 @@
 //! implementation is [`RedisBackplane`]. This module depends on the hub,
 //! never the reverse, and exists only with the `redis` feature.
 
+mod cluster;
 mod redis;
 mod wire;
 

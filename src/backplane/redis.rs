@@ -1,19 +1,23 @@
 //! The Redis backplane: [`RedisBackplane`], and the two tasks that keep
 //! its connections, one sending commands (publishes and history reads,
 //! pipelined), one listening to the channels of the topics this
-//! instance's clients subscribe to.
+//! instance's clients subscribe to (on a cluster, the `cluster` module's).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
+use futures_util::future::join_all;
 use futures_util::StreamExt;
-use redis::aio::{MultiplexedConnection, PubSub};
+use redis::aio::{ConnectionLike, MultiplexedConnection, PubSub};
+use redis::cluster::{ClusterClient, ClusterClientBuilder};
+use redis::cluster_async::ClusterConnection;
 use redis::{AsyncConnectionConfig, ErrorKind, RedisResult, ServerErrorKind, Value};
 use tokio::sync::mpsc;
 
+use super::cluster::ClusterListener;
 use super::wire;
 use crate::error::{BackplaneError, BuildError, PublishError};
 use crate::hub::Hub;
@@ -52,7 +56,7 @@ const FETCH_RETRY: Duration = Duration::from_secs(1);
 #[must_use = "a builder does nothing until `connect` is called"]
 #[derive(Clone)]
 pub struct RedisBackplaneBuilder {
-    url: String,
+    servers: Servers,
     prefix: String,
     queue_capacity: usize,
     backoff: (Duration, Duration),
@@ -100,8 +104,9 @@ impl RedisBackplaneBuilder {
     }
 
     /// Checks the settings, connects to Redis (both connections, so an
-    /// unreachable server is an error here rather than later) and starts
-    /// the backplane's tasks. Must be called inside a Tokio runtime.
+    /// unreachable server or cluster is an error here rather than later)
+    /// and starts the backplane's tasks. Must be called inside a Tokio
+    /// runtime.
     ///
     /// # Errors
     ///
@@ -121,15 +126,37 @@ impl RedisBackplaneBuilder {
         if self.timeout.is_zero() {
             return invalid("the timeout is zero");
         }
-        let client = redis::Client::open(self.url.as_str())
-            .map_err(|e| BackplaneError::InvalidConfig(e.to_string()))?;
+        let unusable = |e: redis::RedisError| BackplaneError::InvalidConfig(e.to_string());
+        let server = match self.servers {
+            Servers::One(url) => Server::One(redis::Client::open(url).map_err(unusable)?),
+            Servers::Cluster(urls) => {
+                if urls.is_empty() {
+                    return invalid("no cluster node is given");
+                }
+                // Braces in the prefix would be the hash tag of every key:
+                // all topics on one shard.
+                if self.prefix.contains(['{', '}']) {
+                    return invalid("the prefix of a cluster backplane holds a brace");
+                }
+                ClusterClient::new(urls.iter().map(String::as_str)).map_err(unusable)?;
+                Server::Cluster(urls)
+            }
+        };
         let settings = Settings {
-            client,
+            server,
             backoff: self.backoff,
             timeout: self.timeout,
         };
         let connection = settings.commands().await.map_err(failed)?;
-        let pubsub = settings.pubsub().await.map_err(failed)?;
+        let listening = match &settings.server {
+            Server::One(client) => {
+                let pubsub = settings.pubsub(client).await.map_err(failed)?;
+                Listening::One(client.clone(), pubsub)
+            }
+            Server::Cluster(urls) => {
+                Listening::Cluster(settings.shard_listener(urls).await.map_err(failed)?)
+            }
+        };
 
         let state = Arc::new(LinkState {
             prefix: self.prefix,
@@ -152,13 +179,23 @@ impl RedisBackplaneBuilder {
             ),
         };
         tokio::spawn(worker.run(connection, command_rx, fetch_rx));
-        let listener = Listener {
-            state: state.clone(),
-            settings,
-            fetches: fetches.downgrade(),
-            wanted: HashSet::new(),
-        };
-        tokio::spawn(listener.run(pubsub, listen_rx));
+        match listening {
+            Listening::One(client, pubsub) => {
+                let listener = Listener {
+                    state: state.clone(),
+                    client,
+                    settings,
+                    fetches: fetches.downgrade(),
+                    wanted: HashSet::new(),
+                };
+                tokio::spawn(listener.run(pubsub, listen_rx));
+            }
+            Listening::Cluster((connection, pushes)) => {
+                let listener =
+                    ClusterListener::new(state.clone(), &settings, fetches.downgrade(), connection);
+                tokio::spawn(listener.run(pushes, listen_rx));
+            }
+        }
         Ok(RedisBackplane {
             link: Arc::new(RedisLink {
                 state,
@@ -203,6 +240,21 @@ impl fmt::Debug for RedisBackplaneBuilder {
 /// - A client subscribing on any instance is replayed the shared history,
 ///   so `since` resumes work across instances.
 ///
+/// # Redis Cluster
+///
+/// [`RedisBackplane::cluster`] takes the URLs of some of a cluster's nodes.
+/// A topic's history, its small state key and its channel share one hash
+/// slot (the topic is their hash tag), so topics spread over the shards and
+/// a publish is one script call on the shard that holds the topic.
+/// Broadcasts use sharded pub/sub (`SPUBLISH`, `SSUBSCRIBE`): a message
+/// travels only to the instances listening on that shard. Redirections and
+/// resharding are followed; when a shard's connection is lost or a slot
+/// moves, its topics are listened to again where they live now and caught
+/// up from their history. A replica promoted after its master failed may
+/// lack the last messages the master took: its topics begin again under a
+/// new epoch, so subscribers are told `history_gap` rather than given two
+/// messages with one `seq`. The prefix must not contain braces.
+///
 /// # When Redis is unreachable
 ///
 /// Connections stay open and heartbeats go on; clients simply receive no
@@ -219,7 +271,7 @@ impl fmt::Debug for RedisBackplaneBuilder {
 /// begins again at 1 and subscribers first get a `history_gap` error
 /// naming the new first `seq`.
 ///
-/// Needs Redis 7.0 or later. Redis Cluster is not supported.
+/// Needs Redis 7.0 or later.
 #[derive(Clone)]
 pub struct RedisBackplane {
     link: Arc<RedisLink>,
@@ -238,8 +290,37 @@ impl RedisBackplane {
     /// Starts configuring a backplane for the Redis at `url`
     /// (`redis://[:password@]host[:port][/db]`).
     pub fn builder(url: impl Into<String>) -> RedisBackplaneBuilder {
+        Self::with_servers(Servers::One(url.into()))
+    }
+
+    /// Starts configuring a backplane for a Redis Cluster, given the URLs
+    /// of some of its nodes (`redis://[:password@]host:port`); the others
+    /// are found from them. See [Redis Cluster](#redis-cluster).
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), tower_ws::BackplaneError> {
+    /// use tower_ws::RedisBackplane;
+    ///
+    /// let backplane = RedisBackplane::cluster(["redis://10.0.0.1:7000", "redis://10.0.0.2:7000"])
+    ///     .connect()
+    ///     .await?;
+    /// # drop(backplane);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn cluster<I>(nodes: I) -> RedisBackplaneBuilder
+    where
+        I: IntoIterator,
+        I::Item: Into<String>,
+    {
+        Self::with_servers(Servers::Cluster(
+            nodes.into_iter().map(Into::into).collect(),
+        ))
+    }
+
+    fn with_servers(servers: Servers) -> RedisBackplaneBuilder {
         RedisBackplaneBuilder {
-            url: url.into(),
+            servers,
             prefix: DEFAULT_PREFIX.to_owned(),
             queue_capacity: DEFAULT_QUEUE_CAPACITY,
             backoff: DEFAULT_BACKOFF,
@@ -247,7 +328,9 @@ impl RedisBackplane {
         }
     }
 
-    /// Whether the connection Redis commands go through is up.
+    /// Whether the connection Redis commands go through is up. A cluster's
+    /// connection repairs itself node by node, so it counts as up once
+    /// connected; a publish to a shard that is down fails.
     pub fn is_connected(&self) -> bool {
         self.link.state.up.load(Ordering::Relaxed)
     }
@@ -285,8 +368,8 @@ impl fmt::Debug for RedisBackplane {
 }
 
 /// What the backplane's handle and its tasks share.
-struct LinkState {
-    prefix: String,
+pub(super) struct LinkState {
+    pub(super) prefix: String,
     /// Whether the command connection is up; publishes fail at once while
     /// it is not.
     up: AtomicBool,
@@ -302,13 +385,29 @@ struct Binding {
 
 impl LinkState {
     /// The hub, while its layer lives.
-    fn hub(&self) -> Option<Arc<Hub>> {
+    pub(super) fn hub(&self) -> Option<Arc<Hub>> {
         lock(&self.binding).as_ref()?.hub.upgrade()
     }
 
     /// The history limits of the layer bound last; `None` before any.
     fn limits(&self) -> Option<HistoryLimits> {
         lock(&self.binding).as_ref().map(|b| b.limits)
+    }
+
+    /// Delivers a broadcast heard on `channel`.
+    pub(super) fn heard(&self, channel: &str, payload: &[u8]) {
+        let Some(topic) = wire::topic_of(&self.prefix, channel) else {
+            return;
+        };
+        match (wire::parse_broadcast(payload), self.hub()) {
+            (Some((h, body)), Some(hub)) => {
+                hub.deliver_broadcast(topic, h.epoch, h.seq, h.done, || Draft::from_body(body));
+            }
+            (None, _) => {
+                tracing::warn!(topic = %TopicDigest(topic), "websocket_backplane_message_unreadable");
+            }
+            (_, None) => {}
+        }
     }
 
     fn count_failures(&self, n: usize) {
@@ -341,7 +440,15 @@ enum Command {
     },
 }
 
-enum Listen {
+impl Command {
+    fn topic(&self) -> &Arc<str> {
+        match self {
+            Command::Publish { topic, .. } | Command::Complete { topic } => topic,
+        }
+    }
+}
+
+pub(super) enum Listen {
     Start(Arc<str>),
     Stop(Arc<str>),
     /// Stop listening to every topic: the backplane serves a new layer.
@@ -407,53 +514,138 @@ impl Relay for RedisLink {
     }
 }
 
+/// The servers a builder was given.
+#[derive(Clone)]
+enum Servers {
+    One(String),
+    Cluster(Vec<String>),
+}
+
+/// The servers, checked.
+#[derive(Clone)]
+enum Server {
+    One(redis::Client),
+    Cluster(Vec<String>),
+}
+
+/// The listening connection the backplane starts with.
+enum Listening {
+    One(redis::Client, PubSub),
+    Cluster((ClusterConnection, mpsc::UnboundedReceiver<redis::PushInfo>)),
+}
+
+/// The connection commands go through.
+#[derive(Clone)]
+enum Commands {
+    One(MultiplexedConnection),
+    /// A pipeline on it must stay within one hash slot; the connection
+    /// follows redirections and reconnects to each node by itself.
+    Cluster(ClusterConnection),
+}
+
+impl Commands {
+    /// The command a broadcast is published with.
+    fn broadcast(&self) -> &'static str {
+        match self {
+            Commands::One(_) => "PUBLISH",
+            Commands::Cluster(_) => "SPUBLISH",
+        }
+    }
+
+    async fn load_scripts(&mut self) -> RedisResult<()> {
+        match self {
+            Commands::One(connection) => load_scripts(connection).await,
+            // `SCRIPT LOAD` goes to every primary.
+            Commands::Cluster(connection) => load_scripts(connection).await,
+        }
+    }
+
+    async fn query(&mut self, pipe: &redis::Pipeline) -> RedisResult<Vec<RedisResult<Value>>> {
+        match self {
+            Commands::One(connection) => pipe.query_async(connection).await,
+            Commands::Cluster(connection) => pipe.query_async(connection).await,
+        }
+    }
+}
+
+/// Loads both scripts, so `EVALSHA` finds them.
+async fn load_scripts(connection: &mut (impl ConnectionLike + Send)) -> RedisResult<()> {
+    for script in [wire::PUBLISH, wire::READ] {
+        redis::cmd("SCRIPT")
+            .arg("LOAD")
+            .arg(script)
+            .query_async::<String>(connection)
+            .await?;
+    }
+    Ok(())
+}
+
 /// How to reach Redis.
 #[derive(Clone)]
-struct Settings {
-    client: redis::Client,
-    backoff: (Duration, Duration),
-    timeout: Duration,
+pub(super) struct Settings {
+    server: Server,
+    pub(super) backoff: (Duration, Duration),
+    pub(super) timeout: Duration,
 }
 
 impl Settings {
-    async fn commands(&self) -> RedisResult<MultiplexedConnection> {
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(self.timeout))
-            .set_response_timeout(Some(self.timeout));
-        let mut connection = self
-            .client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await?;
-        Self::load_scripts(&mut connection).await?;
+    async fn commands(&self) -> RedisResult<Commands> {
+        let mut connection = match &self.server {
+            Server::One(client) => {
+                let config = AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(self.timeout))
+                    .set_response_timeout(Some(self.timeout));
+                let connection = client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await?;
+                Commands::One(connection)
+            }
+            Server::Cluster(urls) => {
+                let client = self.cluster_client(urls).build()?;
+                Commands::Cluster(client.get_async_connection().await?)
+            }
+        };
+        connection.load_scripts().await?;
         Ok(connection)
     }
 
-    /// Loads both scripts, so `EVALSHA` finds them.
-    async fn load_scripts(connection: &mut MultiplexedConnection) -> RedisResult<()> {
-        for script in [wire::PUBLISH, wire::READ] {
-            redis::cmd("SCRIPT")
-                .arg("LOAD")
-                .arg(script)
-                .query_async::<String>(connection)
-                .await?;
-        }
-        Ok(())
+    async fn pubsub(&self, client: &redis::Client) -> RedisResult<PubSub> {
+        within(self.timeout, client.get_async_pubsub()).await
     }
 
-    async fn pubsub(&self) -> RedisResult<PubSub> {
-        within(self.timeout, self.client.get_async_pubsub()).await
+    /// A cluster connection that hands the pushes of its nodes (sharded
+    /// broadcasts, subscription changes, lost connections) to the
+    /// receiver it comes with.
+    async fn shard_listener(
+        &self,
+        urls: &[String],
+    ) -> RedisResult<(ClusterConnection, mpsc::UnboundedReceiver<redis::PushInfo>)> {
+        let (pushes, receiver) = mpsc::unbounded_channel();
+        let client = self
+            .cluster_client(urls)
+            .use_protocol(redis::ProtocolVersion::RESP3)
+            .push_sender(pushes)
+            .build()?;
+        let connection = within(self.timeout, client.get_async_connection()).await?;
+        Ok((connection, receiver))
+    }
+
+    fn cluster_client(&self, urls: &[String]) -> ClusterClientBuilder {
+        ClusterClientBuilder::new(urls.iter().map(String::as_str))
+            .connection_timeout(self.timeout)
+            .response_timeout(self.timeout)
     }
 }
 
 /// Waits that double after each failed attempt.
-struct Backoff {
+pub(super) struct Backoff {
     next: Duration,
     min: Duration,
     max: Duration,
 }
 
 impl Backoff {
-    fn new((min, max): (Duration, Duration)) -> Self {
+    pub(super) fn new((min, max): (Duration, Duration)) -> Self {
         Self {
             next: min,
             min,
@@ -461,19 +653,19 @@ impl Backoff {
         }
     }
 
-    fn next(&mut self) -> Duration {
+    pub(super) fn next(&mut self) -> Duration {
         let wait = self.next;
         self.next = (self.next * 2).min(self.max);
         wait
     }
 
-    fn reset(&mut self) {
+    pub(super) fn reset(&mut self) {
         self.next = self.min;
     }
 }
 
 /// Runs a command on the listening connection, failing it after `timeout`.
-async fn within<T>(
+pub(super) async fn within<T>(
     timeout: Duration,
     command: impl std::future::Future<Output = RedisResult<T>>,
 ) -> RedisResult<T> {
@@ -521,7 +713,7 @@ type Inbox = (mpsc::Receiver<Command>, mpsc::UnboundedReceiver<Arc<str>>);
 impl CommandWorker {
     async fn run(
         mut self,
-        connection: MultiplexedConnection,
+        connection: Commands,
         commands: mpsc::Receiver<Command>,
         fetches: mpsc::UnboundedReceiver<Arc<str>>,
     ) {
@@ -551,8 +743,9 @@ impl CommandWorker {
             for topic in std::mem::take(&mut self.retry) {
                 send_fetch(&self.fetches, topic);
             }
+            let cluster = matches!(conn, Commands::Cluster(_));
             loop {
-                let Some(batch) = next_batch(&mut inbox).await else {
+                let Some(batch) = next_batch(&mut inbox, cluster).await else {
                     return;
                 };
                 if let Err(e) = self.send(&mut conn, batch).await {
@@ -588,16 +781,12 @@ impl CommandWorker {
         }
     }
 
-    /// Sends one batch and hands out its replies; commands refused for a
-    /// script Redis no longer has (`SCRIPT FLUSH`, a failover to a server
-    /// that never loaded it) are sent again once, after loading it. An
-    /// error means the connection is lost; every command of the batch has
-    /// been failed.
-    async fn send(
-        &mut self,
-        conn: &mut MultiplexedConnection,
-        units: Vec<Unit>,
-    ) -> RedisResult<()> {
+    /// Sends one batch (a pipeline, or on a cluster one a slot) and hands
+    /// out its replies; commands refused for a script Redis no longer has
+    /// (`SCRIPT FLUSH`, a failover to a server that never loaded it) are
+    /// sent again once, after loading it. An error means the connection is
+    /// lost; every command of the batch has been failed.
+    async fn send(&mut self, conn: &mut Commands, units: Vec<Vec<Unit>>) -> RedisResult<()> {
         let Some(limits) = self.state.limits() else {
             return Ok(());
         };
@@ -613,14 +802,16 @@ impl CommandWorker {
                 commands = refused.len(),
                 "websocket_backplane_scripts_reloaded"
             );
-            if let Err(e) = Settings::load_scripts(conn).await {
-                failures += self.fail_all(refused, &e);
+            if let Err(e) = conn.load_scripts().await {
+                failures += self.fail_all(refused.into_iter().flatten(), &e);
                 self.count(failures, &e);
                 return Err(e);
             }
             for unit in self
                 .query(conn, hub.as_deref(), &limits, refused, &mut failures)
                 .await?
+                .into_iter()
+                .flatten()
             {
                 failures += self.fail(unit, || {
                     BackplaneError::Failed("Redis refused the script after it was loaded".into())
@@ -631,29 +822,58 @@ impl CommandWorker {
         Ok(())
     }
 
-    /// Sends `units` as one pipeline and hands out the replies; returns the
-    /// units refused with `NOSCRIPT`, and counts failed publishes in
-    /// `failures`.
+    /// Sends each part of `parts` as one pipeline (on a cluster, all at
+    /// once) and hands out the replies; returns the units refused with
+    /// `NOSCRIPT`, by part, and counts failed publishes in `failures`. On a
+    /// cluster a part that fails is failed alone: the other shards answer.
     async fn query(
         &self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut Commands,
         hub: Option<&Hub>,
         limits: &HistoryLimits,
-        units: Vec<Unit>,
+        parts: Vec<Vec<Unit>>,
         failures: &mut usize,
-    ) -> RedisResult<Vec<Unit>> {
-        let (pipe, units) = self.pipeline(hub, limits, units);
-        if units.is_empty() {
-            return Ok(Vec::new());
-        }
-        let replies: Vec<RedisResult<Value>> = match pipe.query_async(conn).await {
-            Ok(replies) => replies,
-            Err(e) => {
-                *failures += self.fail_all(units, &e);
-                self.count(std::mem::take(failures), &e);
-                return Err(e);
+    ) -> RedisResult<Vec<Vec<Unit>>> {
+        let broadcast = conn.broadcast();
+        let pipelines = parts
+            .into_iter()
+            .map(|units| self.pipeline(hub, limits, units, broadcast))
+            .filter(|(_, units)| !units.is_empty());
+        let answers = join_all(pipelines.map(|(pipe, units)| {
+            let mut conn = conn.clone();
+            async move { (conn.query(&pipe).await, units) }
+        }))
+        .await;
+        let mut refused = Vec::new();
+        for (replies, units) in answers {
+            match replies {
+                Ok(replies) => {
+                    let part = self.hand_out(hub, units, replies, failures);
+                    if !part.is_empty() {
+                        refused.push(part);
+                    }
+                }
+                Err(e) => {
+                    *failures += self.fail_all(units, &e);
+                    self.count(std::mem::take(failures), &e);
+                    if let Commands::One(_) = conn {
+                        return Err(e);
+                    }
+                }
             }
-        };
+        }
+        Ok(refused)
+    }
+
+    /// Hands out the replies to one pipeline; returns the units refused
+    /// with `NOSCRIPT`.
+    fn hand_out(
+        &self,
+        hub: Option<&Hub>,
+        units: Vec<Unit>,
+        replies: Vec<RedisResult<Value>>,
+        failures: &mut usize,
+    ) -> Vec<Unit> {
         let mut refused = Vec::new();
         for (unit, reply) in units.into_iter().zip(replies) {
             match (unit, reply) {
@@ -701,7 +921,7 @@ impl CommandWorker {
                 }
             }
         }
-        Ok(refused)
+        refused
     }
 
     /// The pipeline for `units`, and the units it carries: a history read
@@ -711,6 +931,7 @@ impl CommandWorker {
         hub: Option<&Hub>,
         limits: &HistoryLimits,
         units: Vec<Unit>,
+        broadcast: &str,
     ) -> (redis::Pipeline, Vec<Unit>) {
         let prefix = &self.state.prefix;
         let (publish_sha, read_sha) = (&self.scripts.0, &self.scripts.1);
@@ -731,7 +952,11 @@ impl CommandWorker {
                         call.arg(wire::stream_key(prefix, &publish.topic))
                             .arg(wire::meta_key(prefix, &publish.topic));
                     }
-                    call.arg(max_len).arg(age_ms).arg(grace_ms).arg(now_ms);
+                    call.arg(max_len)
+                        .arg(age_ms)
+                        .arg(grace_ms)
+                        .arg(now_ms)
+                        .arg(broadcast);
                     for publish in group {
                         call.arg(wire::channel(prefix, &publish.topic))
                             .arg(publish.draft.body())
@@ -769,7 +994,7 @@ impl CommandWorker {
 
     /// Fails every unit of a pipeline that broke; returns how many
     /// publishes failed.
-    fn fail_all(&self, units: Vec<Unit>, e: &redis::RedisError) -> usize {
+    fn fail_all(&self, units: impl IntoIterator<Item = Unit>, e: &redis::RedisError) -> usize {
         units
             .into_iter()
             .map(|unit| self.fail(unit, || BackplaneError::Failed(Box::new(e.clone()))))
@@ -817,37 +1042,67 @@ impl CommandWorker {
 }
 
 /// Asks the command worker for a history read, unless the backplane is gone.
-fn send_fetch(fetches: &mpsc::WeakUnboundedSender<Arc<str>>, topic: Arc<str>) {
+pub(super) fn send_fetch(fetches: &mpsc::WeakUnboundedSender<Arc<str>>, topic: Arc<str>) {
     if let Some(fetches) = fetches.upgrade() {
         let _ = fetches.send(topic);
     }
 }
 
 /// Waits for work, then takes what else is queued, up to [`MAX_BATCH`]:
-/// history reads first, as a copy waits for them. `None` once the
-/// backplane's handle is gone.
-async fn next_batch(inbox: &mut Inbox) -> Option<Vec<Unit>> {
-    let mut units = Vec::new();
+/// history reads first, as a copy waits for them. One pipeline's units,
+/// or on a cluster one pipeline's a topic (a pipeline must stay within a
+/// slot; topics of one slot are rare enough to go separately). `None`
+/// once the backplane's handle is gone.
+async fn next_batch(inbox: &mut Inbox, cluster: bool) -> Option<Vec<Vec<Unit>>> {
+    let mut fetches = Vec::new();
     let mut commands = Vec::new();
     tokio::select! {
         biased;
-        Some(topic) = inbox.1.recv() => units.push(Unit::Fetch(topic)),
+        Some(topic) = inbox.1.recv() => fetches.push(topic),
         command = inbox.0.recv() => commands.push(command?),
     }
-    while units.len() < MAX_BATCH {
+    while fetches.len() < MAX_BATCH {
         match inbox.1.try_recv() {
-            Ok(topic) => units.push(Unit::Fetch(topic)),
+            Ok(topic) => fetches.push(topic),
             Err(_) => break,
         }
     }
-    while units.len() + commands.len() < MAX_BATCH {
+    while fetches.len() + commands.len() < MAX_BATCH {
         match inbox.0.try_recv() {
             Ok(command) => commands.push(command),
             Err(_) => break,
         }
     }
-    units.extend(group(commands));
-    Some(units)
+    if !cluster {
+        let mut units: Vec<Unit> = fetches.into_iter().map(Unit::Fetch).collect();
+        units.extend(group(commands));
+        return Some(vec![units]);
+    }
+    let mut parts: Vec<(Vec<Unit>, Vec<Command>)> = Vec::new();
+    let mut index: HashMap<Arc<str>, usize> = HashMap::new();
+    let mut place = |topic: &Arc<str>, parts: &mut Vec<(Vec<Unit>, Vec<Command>)>| {
+        *index.entry(topic.clone()).or_insert_with(|| {
+            parts.push((Vec::new(), Vec::new()));
+            parts.len() - 1
+        })
+    };
+    for topic in fetches {
+        let at = place(&topic, &mut parts);
+        parts[at].0.push(Unit::Fetch(topic));
+    }
+    for command in commands {
+        let at = place(command.topic(), &mut parts);
+        parts[at].1.push(command);
+    }
+    Some(
+        parts
+            .into_iter()
+            .map(|(mut units, commands)| {
+                units.extend(group(commands));
+                units
+            })
+            .collect(),
+    )
 }
 
 /// Gathers consecutive publishes into calls of the publish script, at
@@ -891,6 +1146,7 @@ fn group(batch: Vec<Command>) -> Vec<Unit> {
 /// subscribers, and listens again to all of them after a reconnect.
 struct Listener {
     state: Arc<LinkState>,
+    client: redis::Client,
     settings: Settings,
     fetches: mpsc::WeakUnboundedSender<Arc<str>>,
     wanted: HashSet<Arc<str>>,
@@ -904,7 +1160,7 @@ impl Listener {
         loop {
             let connection = match pubsub.take() {
                 Some(connection) => connection,
-                None => match self.settings.pubsub().await {
+                None => match self.settings.pubsub(&self.client).await {
                     Ok(connection) => connection,
                     Err(e) => {
                         tracing::debug!(error = %e, "websocket_backplane_connect_failed");
@@ -1019,16 +1275,7 @@ impl Listener {
                     let Some(message) = message else {
                         return Err(std::io::Error::from(std::io::ErrorKind::ConnectionReset).into());
                     };
-                    let Some(topic) = wire::topic_of(&prefix, message.get_channel_name()) else {
-                        continue;
-                    };
-                    match (wire::parse_broadcast(message.get_payload_bytes()), self.state.hub()) {
-                        (Some((h, body)), Some(hub)) => {
-                            hub.deliver_broadcast(topic, h.epoch, h.seq, h.done, || Draft::from_body(body));
-                        }
-                        (None, _) => tracing::warn!(topic = %TopicDigest(topic), "websocket_backplane_message_unreadable"),
-                        (_, None) => {}
-                    }
+                    self.state.heard(message.get_channel_name(), message.get_payload_bytes());
                 }
             }
         }

@@ -3,13 +3,16 @@
 //!
 //! A topic `T` under prefix `P` has two keys, the stream `P:{T}:history`
 //! and the string `P:{T}:meta`, and one channel, `P:{T}`: the braces make
-//! them one hash slot on a Redis Cluster. Each stream entry's id is
-//! `0-<seq>`; its fields are `e` (the epoch), `d` (`1` once the stream is
-//! finished) and `b` (the JSON object, without `seq`). The meta string is
-//! `<d>:<refreshed>:<epoch>`: what publishing needs to know, without
-//! reading an entry back, and when the keys' expiry was last pushed back
-//! (ms, the publisher's clock). A broadcast on the channel is
-//! `<epoch>:<seq>:<d>:` followed by the JSON object.
+//! them one hash slot on a Redis Cluster, and spread topics over its
+//! shards. (A `T` that begins with `}` or `#` is written with a `#` before
+//! it, so that the part in braces is never empty.) Each stream entry's id
+//! is `0-<seq>`; its fields are `e` (the epoch), `d` (`1` once the stream
+//! is finished) and `b` (the JSON object, without `seq`). The meta string
+//! is `<d>:<refreshed>:<epoch>:<node>`: what publishing needs to know,
+//! without reading an entry back, when the keys' expiry was last pushed
+//! back (ms, the publisher's clock), and the replication id of the Redis
+//! that wrote it last. A broadcast on the channel is `<epoch>:<seq>:<d>:`
+//! followed by the JSON object.
 
 use redis::Value;
 
@@ -22,36 +25,59 @@ use crate::message::Draft;
 /// `KEYS[2i-1]`, `KEYS[2i]`: the stream and meta key of message `i`.
 /// `ARGV`: most messages kept (approximately: whole stream nodes are
 /// trimmed), history age (ms), grace of a finished stream (ms), the time
-/// now (ms), then for each message its channel, its JSON object, and `1`
+/// now (ms), the command that broadcasts (`PUBLISH`, or `SPUBLISH` on a
+/// cluster), then for each message its channel, its JSON object, and `1`
 /// if it finishes the stream. Returns `{epoch1, seq1, epoch2, seq2, …}`.
 ///
 /// Redis numbers the entry (`0-*`: the last `seq` plus one). A topic whose
 /// meta is gone (expired, or lost by a Redis restart) begins again at 1
 /// under a new epoch taken from the server's clock; so does one whose
-/// stream alone was lost. The keys' expiry is pushed back when an eighth
-/// of it has passed, not on every message.
+/// stream alone was lost, and one last written by the primary this server
+/// replicated before it was promoted (its previous replication id): it
+/// may lack the last messages that primary numbered, and numbering them
+/// again would give two messages one `seq`. A topic whose keys were moved
+/// here from another shard whole (resharding) goes on as it was. The keys'
+/// expiry is pushed back when an eighth of it has passed, not on every
+/// message.
 pub(super) const PUBLISH: &str = r"
 local n = #KEYS / 2
 local metas = {}
 for i = 1, n do metas[i] = KEYS[2 * i] end
 local states = redis.call('MGET', unpack(metas))
 local now = tonumber(ARGV[4])
+local node, previous
+local function replication_ids()
+  if not node then
+    local info = redis.call('INFO', 'replication')
+    node = string.match(info, 'master_replid:(%x+)') or ''
+    previous = string.match(info, 'master_replid2:(%x+)') or ''
+  end
+end
 -- The meta this call wrote: MGET read them all before the first write.
 local written = {}
 local out = {}
 for i = 1, n do
   local key, meta = KEYS[2 * i - 1], KEYS[2 * i]
-  local channel, body, finishes = ARGV[3 * i + 2], ARGV[3 * i + 3], ARGV[3 * i + 4]
+  local channel, body, finishes = ARGV[3 * i + 3], ARGV[3 * i + 4], ARGV[3 * i + 5]
   local state = written[meta] or states[i]
-  local epoch, was_done, refreshed
+  local epoch, was_done, refreshed, moved
   if state then
     local at = string.find(state, ':', 3, true)
-    was_done = string.byte(state, 1) == 49
-    refreshed = tonumber(string.sub(state, 3, at - 1))
-    epoch = string.sub(state, at + 1)
-  else
-    redis.call('DEL', key)
+    local owner_at = string.find(state, ':', at + 1, true)
+    local owner = owner_at and string.sub(state, owner_at + 1)
+    if owner then
+      replication_ids()
+      moved = owner ~= node
+    end
+    if moved and owner == previous then
+      state = nil
+    else
+      was_done = string.byte(state, 1) == 49
+      refreshed = tonumber(string.sub(state, 3, at - 1))
+      epoch = string.sub(state, at + 1, (owner_at or 0) - 1)
+    end
   end
+  if not state then redis.call('DEL', key) end
   local done = was_done or finishes == '1'
   local d = done and '1' or '0'
   local id = state and redis.call('XADD', key, 'MAXLEN', '~', ARGV[1], '0-*', 'e', epoch, 'd', d, 'b', body)
@@ -63,13 +89,14 @@ for i = 1, n do
     state = nil
   end
   local ttl = tonumber(done and ARGV[3] or ARGV[2])
-  if not state or done ~= was_done or now - refreshed > ttl / 8 then
-    written[meta] = d .. ':' .. now .. ':' .. epoch
+  if not state or moved or done ~= was_done or now - refreshed > ttl / 8 then
+    replication_ids()
+    written[meta] = d .. ':' .. now .. ':' .. epoch .. ':' .. node
     redis.call('SET', meta, written[meta], 'PX', ttl)
     redis.call('PEXPIRE', key, ttl)
   end
   local s = string.sub(id, 3)
-  redis.call('PUBLISH', channel, epoch .. ':' .. s .. ':' .. d .. ':' .. body)
+  redis.call(ARGV[5], channel, epoch .. ':' .. s .. ':' .. d .. ':' .. body)
   out[2 * i - 1] = epoch
   out[2 * i] = tonumber(s)
 end
@@ -96,23 +123,35 @@ return {epoch, redis.call('XRANGE', KEYS[1], from, '+')}
 ";
 
 pub(super) fn stream_key(prefix: &str, topic: &str) -> String {
-    format!("{prefix}:{{{topic}}}:history")
+    format!("{prefix}:{{{}{topic}}}:history", escape(topic))
 }
 
 pub(super) fn meta_key(prefix: &str, topic: &str) -> String {
-    format!("{prefix}:{{{topic}}}:meta")
+    format!("{prefix}:{{{}{topic}}}:meta", escape(topic))
 }
 
 pub(super) fn channel(prefix: &str, topic: &str) -> String {
-    format!("{prefix}:{{{topic}}}")
+    format!("{prefix}:{{{}{topic}}}", escape(topic))
+}
+
+/// What goes before a topic in braces: Redis Cluster hashes a whole key
+/// whose braces hold nothing (`{}`), which would put a topic's keys and
+/// channel in different slots.
+fn escape(topic: &str) -> &'static str {
+    if topic.starts_with(['}', '#']) {
+        "#"
+    } else {
+        ""
+    }
 }
 
 /// The topic a channel belongs to, if it is under `prefix`.
 pub(super) fn topic_of<'a>(prefix: &str, channel: &'a str) -> Option<&'a str> {
-    channel
+    let tagged = channel
         .strip_prefix(prefix)?
         .strip_prefix(":{")?
-        .strip_suffix('}')
+        .strip_suffix('}')?;
+    Some(tagged.strip_prefix('#').unwrap_or(tagged))
 }
 
 /// A broadcast's header: epoch, `seq`, whether the stream is finished.
@@ -261,5 +300,10 @@ mod tests {
         assert_eq!(topic_of("p", "p:req"), None);
         assert_eq!(stream_key("p", "t"), "p:{t}:history");
         assert_eq!(meta_key("p", "t"), "p:{t}:meta");
+        for topic in ["}x", "#", "##}", "a#"] {
+            assert_eq!(topic_of("p", &channel("p", topic)), Some(topic));
+        }
+        assert_eq!(channel("p", "}x"), "p:{#}x}");
+        assert_eq!(stream_key("p", "#a"), "p:{##a}:history");
     }
 }

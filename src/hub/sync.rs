@@ -166,6 +166,13 @@ impl Hub {
         });
     }
 
+    /// Marks the topic's copy as fetching, if it has one here: the
+    /// backplane listens to it again and fetches what it missed meanwhile.
+    pub(crate) fn refetch(&self, topic: &str) -> bool {
+        self.with_copy(topic, |state| copy(state).fetching = true)
+            .is_some()
+    }
+
     /// The replicated topics, each now fetching: the backplane reconnected,
     /// listens to them again, and fetches what it missed meanwhile.
     pub(crate) fn refetch_all(&self) -> Vec<Arc<str>> {

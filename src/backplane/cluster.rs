@@ -1,0 +1,172 @@
+//! Listening on a Redis Cluster: one sharded subscription a topic, kept on
+//! whichever shard holds the topic's slot now.
+//!
+//! The cluster connection sends each `SSUBSCRIBE` to the slot's primary,
+//! and after a lost node connection or a slot that moved it subscribes
+//! again on its own; but broadcasts published meanwhile are lost to this
+//! instance. So every confirmed subscription is followed by a history
+//! read, and a topic whose subscription is not known to hold (just asked
+//! for, its node lost, its slot moved away) is asked for again until a
+//! confirmation comes.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use redis::cluster_async::ClusterConnection;
+use redis::{PushInfo, PushKind, Value};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::redis::{send_fetch, within, Backoff, LinkState, Listen, Settings};
+use super::wire;
+
+pub(super) struct ClusterListener {
+    state: Arc<LinkState>,
+    connection: ClusterConnection,
+    settings: Settings,
+    fetches: mpsc::WeakUnboundedSender<Arc<str>>,
+    wanted: HashSet<Arc<str>>,
+    /// Wanted topics whose subscription no confirmation has shown to hold.
+    unconfirmed: HashSet<Arc<str>>,
+}
+
+impl ClusterListener {
+    pub(super) fn new(
+        state: Arc<LinkState>,
+        settings: &Settings,
+        fetches: mpsc::WeakUnboundedSender<Arc<str>>,
+        connection: ClusterConnection,
+    ) -> Self {
+        Self {
+            state,
+            connection,
+            settings: settings.clone(),
+            fetches,
+            wanted: HashSet::new(),
+            unconfirmed: HashSet::new(),
+        }
+    }
+
+    /// Listens until the backplane's handle is gone.
+    pub(super) async fn run(
+        mut self,
+        mut pushes: mpsc::UnboundedReceiver<PushInfo>,
+        mut rx: mpsc::UnboundedReceiver<Listen>,
+    ) {
+        let mut backoff = Backoff::new(self.settings.backoff);
+        let mut retry_at = None;
+        loop {
+            let retry = async {
+                match retry_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                listen = rx.recv() => match listen {
+                    None => return,
+                    Some(Listen::Start(topic)) => {
+                        if self.wanted.insert(topic.clone()) {
+                            self.unconfirmed.insert(topic.clone());
+                            self.subscribe(&topic);
+                        } else if !self.unconfirmed.contains(&topic) {
+                            send_fetch(&self.fetches, topic);
+                        }
+                    }
+                    Some(Listen::Stop(topic)) => {
+                        if self.wanted.remove(&topic) {
+                            self.unconfirmed.remove(&topic);
+                            self.unsubscribe(&topic);
+                        }
+                    }
+                    Some(Listen::Forget) => {
+                        self.unconfirmed.clear();
+                        for topic in std::mem::take(&mut self.wanted) {
+                            self.unsubscribe(&topic);
+                        }
+                    }
+                },
+                Some(push) = pushes.recv() => self.on_push(push),
+                () = retry => {
+                    retry_at = None;
+                    for topic in self.unconfirmed.clone() {
+                        self.subscribe(&topic);
+                    }
+                }
+            }
+            match (self.unconfirmed.is_empty(), retry_at) {
+                (true, _) => {
+                    retry_at = None;
+                    backoff.reset();
+                }
+                (false, None) => retry_at = Some(Instant::now() + backoff.next()),
+                (false, Some(_)) => {}
+            }
+        }
+    }
+
+    fn on_push(&mut self, push: PushInfo) {
+        let channel = match push.data.first() {
+            Some(Value::BulkString(name)) => std::str::from_utf8(name).ok(),
+            _ => None,
+        };
+        let topic = channel.and_then(|channel| wire::topic_of(&self.state.prefix, channel));
+        match (push.kind, topic) {
+            (PushKind::SMessage, Some(_)) => {
+                if let (Some(channel), Some(Value::BulkString(payload))) =
+                    (channel, push.data.get(1))
+                {
+                    self.state.heard(channel, payload);
+                }
+            }
+            (PushKind::SSubscribe, Some(topic)) => match self.wanted.get(topic).cloned() {
+                Some(topic) => {
+                    self.unconfirmed.remove(&topic);
+                    // Broadcasts from before this subscription held are
+                    // in the history.
+                    if self.state.hub().is_some_and(|hub| hub.refetch(&topic)) {
+                        send_fetch(&self.fetches, topic);
+                    }
+                }
+                // Stopped while the subscription was under way.
+                None => self.unsubscribe(topic),
+            },
+            // The slot moved to another shard (or an unsubscribe of ours
+            // crossed a new subscribe): subscribe where it lives now.
+            (PushKind::SUnsubscribe, Some(topic)) => {
+                if let Some(topic) = self.wanted.get(topic).cloned() {
+                    if self.unconfirmed.insert(topic.clone()) {
+                        self.subscribe(&topic);
+                    }
+                }
+            }
+            (PushKind::Disconnection, _) => {
+                tracing::warn!("websocket_backplane_shard_disconnected");
+                self.unconfirmed.extend(self.wanted.iter().cloned());
+            }
+            _ => {}
+        }
+    }
+
+    /// Asks for the topic's subscription; its confirmation comes as a
+    /// push, a failure is retried while the topic stays unconfirmed.
+    fn subscribe(&self, topic: &str) {
+        let mut connection = self.connection.clone();
+        let channel = wire::channel(&self.state.prefix, topic);
+        let timeout = self.settings.timeout;
+        tokio::spawn(async move {
+            if let Err(e) = within(timeout, connection.ssubscribe(channel)).await {
+                tracing::debug!(error = %e, "websocket_backplane_subscribe_failed");
+            }
+        });
+    }
+
+    fn unsubscribe(&self, topic: &str) {
+        let mut connection = self.connection.clone();
+        let channel = wire::channel(&self.state.prefix, topic);
+        let timeout = self.settings.timeout;
+        tokio::spawn(async move {
+            let _ = within(timeout, connection.sunsubscribe(channel)).await;
+        });
+    }
+}
