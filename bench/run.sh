@@ -14,6 +14,10 @@
 #   COMPARE=rollup bench/run.sh [runs=3]
 #       bench_server through Redis without and with DELTA_ROLLUP_MS=50, on
 #       1,000 streams of 50 tokens a second (s5t)
+#   COMPARE=cluster bench/run.sh [runs=3] [scenario…]
+#       bench_server through one Redis against the same through a Redis
+#       Cluster of three primaries of this script's own (all on core 0, so
+#       this shows what the cluster costs, not what three machines give)
 #   COMPARE=sse bench/run.sh [runs=3] [scenario…]
 #       bench_server's subscribers over WebSocket against the same over
 #       Server-Sent Events (loadgen --transport sse)
@@ -27,7 +31,8 @@ case $compare in
   backplane) servers=(in-process redis); default_scenarios="s1 s2 s5" ;;
   sse) servers=(websocket sse); default_scenarios="s1 s1x" ;;
   rollup) servers=(redis redis-rollup); default_scenarios="s5t" ;;
-  *) echo "COMPARE is node, backplane, sse or rollup" >&2; exit 2 ;;
+  cluster) servers=(redis redis-cluster); default_scenarios="s1 s2 s5" ;;
+  *) echo "COMPARE is node, backplane, cluster, sse or rollup" >&2; exit 2 ;;
 esac
 scenarios=("${@:-$default_scenarios}")
 read -r -a scenarios <<<"${scenarios[*]}"
@@ -49,23 +54,55 @@ if [ "$compare" = node ]; then
     (cd "$node_dir" && ./build.sh)
   fi
 fi
-if [ "$compare" = backplane ] || [ "$compare" = rollup ]; then
+redis_pids=()
+redis_ports=()
+cluster_ports=()
+trap 'kill "${redis_pids[@]}" 2>/dev/null || true; rm -rf target/bench/cluster' EXIT
+start_redis() { # port [cluster flags…]
+  local port=$1
+  shift
+  taskset -c 0 redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no "$@" >/dev/null 2>&1 &
+  redis_pids+=($!)
+  redis_ports+=("$port")
+  for _ in $(seq 100); do redis-cli -p "$port" ping >/dev/null 2>&1 && break; sleep 0.05; done
+}
+if [ "$compare" = backplane ] || [ "$compare" = rollup ] || [ "$compare" = cluster ]; then
   cargo build --release --features redis --example bench_server --example loadgen
   redis_port=$(free_port)
-  taskset -c 0 redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no >/dev/null 2>&1 &
-  redis_pid=$!
-  trap 'kill $redis_pid 2>/dev/null || true' EXIT
-  for _ in $(seq 100); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.05; done
+  start_redis "$redis_port"
 fi
+if [ "$compare" = cluster ]; then
+  mkdir -p target/bench/cluster
+  for _ in 1 2 3; do
+    port=$(free_port)
+    while [ "$port" -ge 55000 ]; do port=$(free_port); done
+    cluster_ports+=("$port")
+    start_redis "$port" --cluster-enabled yes --cluster-config-file "$PWD/target/bench/cluster/$port.conf" --dir target/bench/cluster
+  done
+  redis-cli --cluster create "${cluster_ports[@]/#/127.0.0.1:}" --cluster-yes >/dev/null
+  for _ in $(seq 200); do
+    redis-cli -p "${cluster_ports[0]}" CLUSTER INFO | grep -q cluster_state:ok && break
+    sleep 0.05
+  done
+  sleep 1
+fi
+cluster_urls=$(for port in "${cluster_ports[@]}"; do printf 'redis://127.0.0.1:%s,' "$port"; done)
 
-redis_cpu() { # seconds of CPU the Redis server has used
-  redis-cli -p "$redis_port" INFO cpu | tr -d '\r' |
+redis_ports_of() { # server → the ports of the Redis servers it uses
+  case $1 in
+    redis-cluster) echo "${cluster_ports[@]}" ;;
+    *) echo "$redis_port" ;;
+  esac
+}
+
+redis_cpu() { # seconds of CPU the server's Redis servers have used
+  for port in $(redis_ports_of "$1"); do redis-cli -p "$port" INFO cpu; done | tr -d '\r' |
     awk -F: '/^used_cpu_(user|sys):/ { s += $2 } END { printf "%.6f", s }'
 }
 
-redis_xadds() { # XADD calls the Redis server has run
-  redis-cli -p "$redis_port" INFO commandstats | tr -d '\r' |
-    awk -F'[=,]' '/^cmdstat_xadd:/ { print $2; found = 1 } END { if (!found) print 0 }'
+redis_xadds() { # XADD calls the server's Redis servers have run
+  for port in $(redis_ports_of "$1"); do redis-cli -p "$port" INFO commandstats; done | tr -d '\r' |
+    awk -F'[=,]' '/^cmdstat_xadd:/ { s += $2 } END { print s + 0 }'
 }
 
 start_server() { # name port → pid
@@ -75,6 +112,8 @@ start_server() { # name port → pid
       "${REDIS_SERVER_BIN:-target/release/examples/bench_server}" >/dev/null 2>&1 & ;;
     redis) REDIS_URL="redis://127.0.0.1:$redis_port" PORT=$2 WORKERS=1 taskset -c 0 \
       "${REDIS_SERVER_BIN:-target/release/examples/bench_server}" >/dev/null 2>&1 & ;;
+    redis-cluster) REDIS_CLUSTER_URLS="$cluster_urls" PORT=$2 WORKERS=1 taskset -c 0 \
+      target/release/examples/bench_server >/dev/null 2>&1 & ;;
     node) (cd "$node_dir" && PORT=$2 exec taskset -c 0 ./start.sh >/dev/null 2>&1) & ;;
   esac
   local pid=$!
@@ -102,18 +141,18 @@ for scenario in "${scenarios[@]}"; do
   for run in $(seq "$runs"); do
     if [ $((run % 2)) -eq 1 ]; then order=("${servers[@]}"); else order=("${servers[1]}" "${servers[0]}"); fi
     for server in "${order[@]}"; do
-      case $server in redis*) redis-cli -p "$redis_port" flushall >/dev/null ;; esac
+      case $server in redis*) for p in $(redis_ports_of "$server"); do redis-cli -p "$p" flushall >/dev/null; done ;; esac
       port=$(free_port)
       pid=$(start_server "$server" "$port")
       # shellcheck disable=SC2046
       transport=()
       if [ "$server" = sse ]; then transport=(--transport sse); fi
-      case $server in redis*) redis_before=$(redis_cpu) xadds_before=$(redis_xadds) ;; esac
+      case $server in redis*) redis_before=$(redis_cpu "$server") xadds_before=$(redis_xadds "$server") ;; esac
       result=$(taskset -c 1 target/release/examples/loadgen $(args_for "$scenario" | sed "s/^\(s[0-9]\) /\1 127.0.0.1:$port /") --pid "$pid" "${transport[@]}")
       case $server in redis*)
         # Redis's own CPU (INFO cpu, user + system) per message the
         # application published, and how many entries Redis appended.
-        result=$(python3 -c 'import json, sys; r = json.loads(sys.argv[1]); n = r["server"].get("published") or 0; r["redis_cpu_us_per_msg"] = round((float(sys.argv[3]) - float(sys.argv[2])) * 1e6 / max(n, 1), 2); r["redis_xadds"] = int(sys.argv[5]) - int(sys.argv[4]); print(json.dumps(r, separators=(",", ":")))' "$result" "$redis_before" "$(redis_cpu)" "$xadds_before" "$(redis_xadds)")
+        result=$(python3 -c 'import json, sys; r = json.loads(sys.argv[1]); n = r["server"].get("published") or 0; r["redis_cpu_us_per_msg"] = round((float(sys.argv[3]) - float(sys.argv[2])) * 1e6 / max(n, 1), 2); r["redis_xadds"] = int(sys.argv[5]) - int(sys.argv[4]); print(json.dumps(r, separators=(",", ":")))' "$result" "$redis_before" "$(redis_cpu "$server")" "$xadds_before" "$(redis_xadds "$server")")
       ;; esac
       kill "$pid" 2>/dev/null || true
       while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done

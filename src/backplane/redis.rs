@@ -250,10 +250,13 @@ impl fmt::Debug for RedisBackplaneBuilder {
 /// travels only to the instances listening on that shard. Redirections and
 /// resharding are followed; when a shard's connection is lost or a slot
 /// moves, its topics are listened to again where they live now and caught
-/// up from their history. A replica promoted after its master failed may
-/// lack the last messages the master took: its topics begin again under a
-/// new epoch, so subscribers are told `history_gap` rather than given two
-/// messages with one `seq`. The prefix must not contain braces.
+/// up from their history. A replica promoted after its primary failed may
+/// lack the last messages the primary took: a topic last written by
+/// another server begins again under a new epoch when it is next
+/// published, so subscribers are told `history_gap` rather than given two
+/// messages with one `seq`. A server cannot tell keys that resharding
+/// moved to it from keys that came by replication, so a moved topic
+/// begins again too. The prefix must not contain braces.
 ///
 /// # When Redis is unreachable
 ///

@@ -32,11 +32,11 @@ use crate::message::Draft;
 /// Redis numbers the entry (`0-*`: the last `seq` plus one). A topic whose
 /// meta is gone (expired, or lost by a Redis restart) begins again at 1
 /// under a new epoch taken from the server's clock; so does one whose
-/// stream alone was lost, and one last written by the primary this server
-/// replicated before it was promoted (its previous replication id): it
-/// may lack the last messages that primary numbered, and numbering them
-/// again would give two messages one `seq`. A topic whose keys were moved
-/// here from another shard whole (resharding) goes on as it was. The keys'
+/// stream alone was lost, and one last written by another server (under
+/// another replication id): a replica promoted after its primary failed
+/// may lack the last messages the primary numbered, and numbering them
+/// again would give two messages one `seq`. Keys moved here whole by
+/// resharding look the same, so a moved topic begins again too. The keys'
 /// expiry is pushed back when an eighth of it has passed, not on every
 /// message.
 pub(super) const PUBLISH: &str = r"
@@ -45,13 +45,12 @@ local metas = {}
 for i = 1, n do metas[i] = KEYS[2 * i] end
 local states = redis.call('MGET', unpack(metas))
 local now = tonumber(ARGV[4])
-local node, previous
-local function replication_ids()
+local node
+local function this_node()
   if not node then
-    local info = redis.call('INFO', 'replication')
-    node = string.match(info, 'master_replid:(%x+)') or ''
-    previous = string.match(info, 'master_replid2:(%x+)') or ''
+    node = string.match(redis.call('INFO', 'replication'), 'master_replid:(%x+)') or ''
   end
+  return node
 end
 -- The meta this call wrote: MGET read them all before the first write.
 local written = {}
@@ -60,16 +59,11 @@ for i = 1, n do
   local key, meta = KEYS[2 * i - 1], KEYS[2 * i]
   local channel, body, finishes = ARGV[3 * i + 3], ARGV[3 * i + 4], ARGV[3 * i + 5]
   local state = written[meta] or states[i]
-  local epoch, was_done, refreshed, moved
+  local epoch, was_done, refreshed
   if state then
     local at = string.find(state, ':', 3, true)
     local owner_at = string.find(state, ':', at + 1, true)
-    local owner = owner_at and string.sub(state, owner_at + 1)
-    if owner then
-      replication_ids()
-      moved = owner ~= node
-    end
-    if moved and owner == previous then
+    if owner_at and string.sub(state, owner_at + 1) ~= this_node() then
       state = nil
     else
       was_done = string.byte(state, 1) == 49
@@ -89,9 +83,8 @@ for i = 1, n do
     state = nil
   end
   local ttl = tonumber(done and ARGV[3] or ARGV[2])
-  if not state or moved or done ~= was_done or now - refreshed > ttl / 8 then
-    replication_ids()
-    written[meta] = d .. ':' .. now .. ':' .. epoch .. ':' .. node
+  if not state or done ~= was_done or now - refreshed > ttl / 8 then
+    written[meta] = d .. ':' .. now .. ':' .. epoch .. ':' .. this_node()
     redis.call('SET', meta, written[meta], 'PX', ttl)
     redis.call('PEXPIRE', key, ttl)
   end
