@@ -14,6 +14,9 @@
 #   COMPARE=rollup bench/run.sh [runs=3]
 #       bench_server through Redis without and with DELTA_ROLLUP_MS=50, on
 #       1,000 streams of 50 tokens a second (s5t)
+#   COMPARE=redis-ab REDIS_B_BIN=path bench/run.sh [runs=3] [scenario…]
+#       bench_server through Redis against another build of it (an A/B of a
+#       backplane change: build the other commit with its own --target-dir)
 #   COMPARE=cluster bench/run.sh [runs=3] [scenario…]
 #       bench_server through one Redis against the same through a Redis
 #       Cluster of three primaries of this script's own (all on core 0, so
@@ -32,7 +35,8 @@ case $compare in
   sse) servers=(websocket sse); default_scenarios="s1 s1x" ;;
   rollup) servers=(redis redis-rollup); default_scenarios="s5t" ;;
   cluster) servers=(redis redis-cluster); default_scenarios="s1 s2 s5" ;;
-  *) echo "COMPARE is node, backplane, cluster, sse or rollup" >&2; exit 2 ;;
+  redis-ab) servers=(redis redis-b); default_scenarios="s1 s2 s5" ;;
+  *) echo "COMPARE is node, backplane, cluster, redis-ab, sse or rollup" >&2; exit 2 ;;
 esac
 scenarios=("${@:-$default_scenarios}")
 read -r -a scenarios <<<"${scenarios[*]}"
@@ -66,7 +70,7 @@ start_redis() { # port [cluster flags…]
   redis_ports+=("$port")
   for _ in $(seq 100); do redis-cli -p "$port" ping >/dev/null 2>&1 && break; sleep 0.05; done
 }
-if [ "$compare" = backplane ] || [ "$compare" = rollup ] || [ "$compare" = cluster ]; then
+if [ "$compare" = backplane ] || [ "$compare" = rollup ] || [ "$compare" = cluster ] || [ "$compare" = redis-ab ]; then
   cargo build --release --features redis --example bench_server --example loadgen
   redis_port=$(free_port)
   start_redis "$redis_port"
@@ -112,6 +116,8 @@ start_server() { # name port → pid
       "${REDIS_SERVER_BIN:-target/release/examples/bench_server}" >/dev/null 2>&1 & ;;
     redis) REDIS_URL="redis://127.0.0.1:$redis_port" PORT=$2 WORKERS=1 taskset -c 0 \
       "${REDIS_SERVER_BIN:-target/release/examples/bench_server}" >/dev/null 2>&1 & ;;
+    redis-b) REDIS_URL="redis://127.0.0.1:$redis_port" PORT=$2 WORKERS=1 taskset -c 0 \
+      "$REDIS_B_BIN" >/dev/null 2>&1 & ;;
     redis-cluster) REDIS_CLUSTER_URLS="$cluster_urls" PORT=$2 WORKERS=1 taskset -c 0 \
       target/release/examples/bench_server >/dev/null 2>&1 & ;;
     node) (cd "$node_dir" && PORT=$2 exec taskset -c 0 ./start.sh >/dev/null 2>&1) & ;;

@@ -555,7 +555,7 @@ async fn a_first_subscriber_on_a_topic_with_large_history_gets_what_fits() {
 }
 
 #[tokio::test]
-async fn a_redis_that_lost_its_scripts_is_given_them_again() {
+async fn a_redis_that_lost_its_functions_is_given_them_again() {
     within(async {
         let redis = RedisServer::start().await;
         let (a, b) = (instance(&redis).await, instance(&redis).await);
@@ -563,8 +563,8 @@ async fn a_redis_that_lost_its_scripts_is_given_them_again() {
             .publish_confirmed("req-1", &json!({"type": "tick", "n": 1}))
             .await
             .unwrap();
-        // What a failover to a server that never loaded them also does.
-        let _: () = redis::cmd("SCRIPT")
+        // What a server restarted without persistence also does.
+        let _: () = redis::cmd("FUNCTION")
             .arg("FLUSH")
             .query_async(&mut redis.connection().await)
             .await
@@ -573,10 +573,10 @@ async fn a_redis_that_lost_its_scripts_is_given_them_again() {
             .publisher
             .publish_confirmed("req-1", &json!({"type": "tick", "n": 2}))
             .await
-            .expect("published after reloading the script");
+            .expect("published after reloading the functions");
         assert_eq!(seq, 2);
         // History reads work again too: B's first subscriber gets both.
-        let _: () = redis::cmd("SCRIPT")
+        let _: () = redis::cmd("FUNCTION")
             .arg("FLUSH")
             .query_async(&mut redis.connection().await)
             .await

@@ -32,7 +32,7 @@ const DEFAULT_BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Durat
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Commands sent to Redis in one pipeline, at most.
 const MAX_BATCH: usize = 4096;
-/// Publishes numbered by one call of the publish script, at most.
+/// Publishes numbered by one call of the publish function, at most.
 const MAX_GROUP: usize = 64;
 /// How long a history read that Redis refused waits before it is tried again.
 const FETCH_RETRY: Duration = Duration::from_secs(1);
@@ -144,6 +144,7 @@ impl RedisBackplaneBuilder {
         };
         let settings = Settings {
             server,
+            library: Arc::new(wire::Library::new()),
             backoff: self.backoff,
             timeout: self.timeout,
         };
@@ -154,7 +155,8 @@ impl RedisBackplaneBuilder {
                 Listening::One(client.clone(), pubsub)
             }
             Server::Cluster(urls) => {
-                Listening::Cluster(settings.shard_listener(urls).await.map_err(failed)?)
+                let (connection, pushes) = settings.shard_listener(urls).await.map_err(failed)?;
+                Listening::Cluster(connection, pushes)
             }
         };
 
@@ -173,10 +175,6 @@ impl RedisBackplaneBuilder {
             settings: settings.clone(),
             fetches: fetches.downgrade(),
             retry: HashSet::new(),
-            scripts: (
-                redis::Script::new(wire::PUBLISH).get_hash().to_owned(),
-                redis::Script::new(wire::READ).get_hash().to_owned(),
-            ),
         };
         tokio::spawn(worker.run(connection, command_rx, fetch_rx));
         match listening {
@@ -190,7 +188,7 @@ impl RedisBackplaneBuilder {
                 };
                 tokio::spawn(listener.run(pubsub, listen_rx));
             }
-            Listening::Cluster((connection, pushes)) => {
+            Listening::Cluster(connection, pushes) => {
                 let listener =
                     ClusterListener::new(state.clone(), &settings, fetches.downgrade(), connection);
                 tokio::spawn(listener.run(pushes, listen_rx));
@@ -226,14 +224,14 @@ impl fmt::Debug for RedisBackplaneBuilder {
 /// every instance, once each, in `seq` order, with `seq` and history shared
 /// by all instances:
 ///
-/// - A publish runs one Lua script in Redis that takes the topic's next
+/// - A publish runs one Lua function in Redis that takes the topic's next
 ///   `seq`, appends the message to the topic's history (a Redis stream
 ///   bounded by [`history_messages`](crate::WsLayerBuilder::history_messages),
 ///   expiring [`history_age`](crate::WsLayerBuilder::history_age) after its
 ///   last message, or [`completed_grace`](crate::WsLayerBuilder::completed_grace)
 ///   after its stream finished) and publishes it on the topic's channel, all
 ///   in one step. The publishing instance queues it for its own subscribers
-///   when the script's reply comes back; the broadcast reaches the others.
+///   when the function's reply comes back; the broadcast reaches the others.
 /// - An instance subscribes to a topic's channel when its first local
 ///   client subscribes, and unsubscribes after the last one leaves, so its
 ///   traffic follows its own clients' topics, not all topics.
@@ -245,7 +243,7 @@ impl fmt::Debug for RedisBackplaneBuilder {
 /// [`RedisBackplane::cluster`] takes the URLs of some of a cluster's nodes.
 /// A topic's history, its small state key and its channel share one hash
 /// slot (the topic is their hash tag), so topics spread over the shards and
-/// a publish is one script call on the shard that holds the topic.
+/// a publish is one function call on the shard that holds the topic.
 /// Broadcasts use sharded pub/sub (`SPUBLISH`, `SSUBSCRIBE`): a message
 /// travels only to the instances listening on that shard. Redirections and
 /// resharding are followed; when a shard's connection is lost or a slot
@@ -534,7 +532,7 @@ enum Server {
 /// The listening connection the backplane starts with.
 enum Listening {
     One(redis::Client, PubSub),
-    Cluster((ClusterConnection, mpsc::UnboundedReceiver<redis::PushInfo>)),
+    Cluster(ClusterConnection, mpsc::UnboundedReceiver<redis::PushInfo>),
 }
 
 /// The connection commands go through.
@@ -555,11 +553,11 @@ impl Commands {
         }
     }
 
-    async fn load_scripts(&mut self) -> RedisResult<()> {
+    async fn load(&mut self, library: &wire::Library) -> RedisResult<()> {
         match self {
-            Commands::One(connection) => load_scripts(connection).await,
-            // `SCRIPT LOAD` goes to every primary.
-            Commands::Cluster(connection) => load_scripts(connection).await,
+            Commands::One(connection) => load(connection, library).await,
+            // `FUNCTION LOAD` goes to every primary.
+            Commands::Cluster(connection) => load(connection, library).await,
         }
     }
 
@@ -571,22 +569,33 @@ impl Commands {
     }
 }
 
-/// Loads both scripts, so `EVALSHA` finds them.
-async fn load_scripts(connection: &mut (impl ConnectionLike + Send)) -> RedisResult<()> {
-    for script in [wire::PUBLISH, wire::READ] {
-        redis::cmd("SCRIPT")
-            .arg("LOAD")
-            .arg(script)
-            .query_async::<String>(connection)
-            .await?;
-    }
+/// Loads the function library, so `FCALL` finds its functions.
+async fn load(
+    connection: &mut (impl ConnectionLike + Send),
+    library: &wire::Library,
+) -> RedisResult<()> {
+    redis::cmd("FUNCTION")
+        .arg("LOAD")
+        .arg("REPLACE")
+        .arg(&library.code)
+        .query_async::<String>(connection)
+        .await?;
     Ok(())
+}
+
+/// Whether Redis refused a call for a function it does not have
+/// (`FUNCTION FLUSH`, or a server that never had them loaded).
+fn function_missing(e: &redis::RedisError) -> bool {
+    e.kind() == ErrorKind::Server(ServerErrorKind::NoScript)
+        || e.detail()
+            .is_some_and(|d| d.starts_with("Function not found"))
 }
 
 /// How to reach Redis.
 #[derive(Clone)]
 pub(super) struct Settings {
     server: Server,
+    library: Arc<wire::Library>,
     pub(super) backoff: (Duration, Duration),
     pub(super) timeout: Duration,
 }
@@ -608,7 +617,7 @@ impl Settings {
                 Commands::Cluster(client.get_async_connection().await?)
             }
         };
-        connection.load_scripts().await?;
+        connection.load(&self.library).await?;
         Ok(connection)
     }
 
@@ -691,13 +700,11 @@ struct CommandWorker {
     fetches: mpsc::WeakUnboundedSender<Arc<str>>,
     /// Topics whose history read failed while Redis was away.
     retry: HashSet<Arc<str>>,
-    /// The SHA1s of the publish and read scripts, for `EVALSHA`.
-    scripts: (String, String),
 }
 
 /// One command of a pipeline, and where its outcome goes.
 enum Unit {
-    /// Publishes numbered by one call of the publish script.
+    /// Publishes numbered by one call of the publish function.
     Publishes(Vec<Publish>),
     Fetch(Arc<str>),
     Complete(Arc<str>),
@@ -785,9 +792,9 @@ impl CommandWorker {
     }
 
     /// Sends one batch (a pipeline, or on a cluster one a slot) and hands
-    /// out its replies; commands refused for a script Redis no longer has
-    /// (`SCRIPT FLUSH`, a failover to a server that never loaded it) are
-    /// sent again once, after loading it. An error means the connection is
+    /// out its replies; calls refused for a function Redis no longer has
+    /// (`FUNCTION FLUSH`, a server restarted empty) are sent again once,
+    /// after loading the library. An error means the connection is
     /// lost; every command of the batch has been failed.
     async fn send(&mut self, conn: &mut Commands, units: Vec<Vec<Unit>>) -> RedisResult<()> {
         let Some(limits) = self.state.limits() else {
@@ -803,9 +810,9 @@ impl CommandWorker {
         if !refused.is_empty() {
             tracing::warn!(
                 commands = refused.len(),
-                "websocket_backplane_scripts_reloaded"
+                "websocket_backplane_functions_reloaded"
             );
-            if let Err(e) = conn.load_scripts().await {
+            if let Err(e) = conn.load(&self.settings.library).await {
                 failures += self.fail_all(refused.into_iter().flatten(), &e);
                 self.count(failures, &e);
                 return Err(e);
@@ -817,7 +824,7 @@ impl CommandWorker {
                 .flatten()
             {
                 failures += self.fail(unit, || {
-                    BackplaneError::Failed("Redis refused the script after it was loaded".into())
+                    BackplaneError::Failed("Redis refused the function after it was loaded".into())
                 });
             }
         }
@@ -827,7 +834,7 @@ impl CommandWorker {
 
     /// Sends each part of `parts` as one pipeline (on a cluster, all at
     /// once) and hands out the replies; returns the units refused with
-    /// `NOSCRIPT`, by part, and counts failed publishes in `failures`. On a
+    /// for a missing function, by part, and counts failed publishes in `failures`. On a
     /// cluster a part that fails is failed alone: the other shards answer.
     async fn query(
         &self,
@@ -869,7 +876,7 @@ impl CommandWorker {
     }
 
     /// Hands out the replies to one pipeline; returns the units refused
-    /// with `NOSCRIPT`.
+    /// for a missing function.
     fn hand_out(
         &self,
         hub: Option<&Hub>,
@@ -880,7 +887,7 @@ impl CommandWorker {
         let mut refused = Vec::new();
         for (unit, reply) in units.into_iter().zip(replies) {
             match (unit, reply) {
-                (unit, Err(e)) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                (unit, Err(e)) if function_missing(&e) => {
                     refused.push(unit);
                 }
                 (Unit::Publishes(group), Ok(reply)) => {
@@ -937,7 +944,7 @@ impl CommandWorker {
         broadcast: &str,
     ) -> (redis::Pipeline, Vec<Unit>) {
         let prefix = &self.state.prefix;
-        let (publish_sha, read_sha) = (&self.scripts.0, &self.scripts.1);
+        let library = &self.settings.library;
         let max_len = limits.messages.max(1);
         let age_ms = (limits.age.as_millis() as u64).max(1);
         let grace_ms = (limits.completed_grace.as_millis() as u64).max(1);
@@ -950,7 +957,7 @@ impl CommandWorker {
         for unit in units {
             match &unit {
                 Unit::Publishes(group) => {
-                    let call = pipe.cmd("EVALSHA").arg(publish_sha).arg(2 * group.len());
+                    let call = pipe.cmd("FCALL").arg(&library.publish).arg(2 * group.len());
                     for publish in group {
                         call.arg(wire::stream_key(prefix, &publish.topic))
                             .arg(wire::meta_key(prefix, &publish.topic));
@@ -970,8 +977,8 @@ impl CommandWorker {
                     let Some((epoch, after)) = hub.and_then(|hub| hub.fetch_cursor(topic)) else {
                         continue;
                     };
-                    pipe.cmd("EVALSHA")
-                        .arg(read_sha)
+                    pipe.cmd("FCALL")
+                        .arg(&library.read)
                         .arg(1)
                         .arg(wire::stream_key(prefix, topic))
                         .arg(epoch.map(|e| e.to_string()).unwrap_or_default())
@@ -1108,7 +1115,7 @@ async fn next_batch(inbox: &mut Inbox, cluster: bool) -> Option<Vec<Vec<Unit>>> 
     )
 }
 
-/// Gathers consecutive publishes into calls of the publish script, at
+/// Gathers consecutive publishes into calls of the publish function, at
 /// most [`MAX_GROUP`] a call.
 fn group(batch: Vec<Command>) -> Vec<Unit> {
     let mut units = Vec::new();

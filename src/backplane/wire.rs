@@ -1,5 +1,5 @@
 //! What the Redis backplane stores and sends: key and channel names, the
-//! two Lua scripts, and how their replies and broadcasts are read.
+//! Lua function library, and how its replies and broadcasts are read.
 //!
 //! A topic `T` under prefix `P` has two keys, the stream `P:{T}:history`
 //! and the string `P:{T}:meta`, and one channel, `P:{T}`: the braces make
@@ -19,11 +19,14 @@ use redis::Value;
 use crate::hub::{Fetched, Numbered};
 use crate::message::Draft;
 
-/// Numbers and stores messages, then broadcasts each, in order: one call
-/// carries several, as a call costs more than the work of one message.
+/// The backplane's two Redis functions, loaded with `FUNCTION LOAD` (Redis
+/// keeps functions across restarts with persistence, and replicates them,
+/// so a promoted replica has them).
 ///
-/// `KEYS[2i-1]`, `KEYS[2i]`: the stream and meta key of message `i`.
-/// `ARGV`: most messages kept (approximately: whole stream nodes are
+/// `publish` numbers and stores messages, then broadcasts each, in order:
+/// one call carries several, as a call costs more than the work of one
+/// message. `KEYS[2i-1]`, `KEYS[2i]`: the stream and meta key of message
+/// `i`. `ARGV`: most messages kept (approximately: whole stream nodes are
 /// trimmed), history age (ms), grace of a finished stream (ms), the time
 /// now (ms), the command that broadcasts (`PUBLISH`, or `SPUBLISH` on a
 /// cluster), then for each message its channel, its JSON object, and `1`
@@ -39,81 +42,124 @@ use crate::message::Draft;
 /// resharding look the same, so a moved topic begins again too. The keys'
 /// expiry is pushed back when an eighth of it has passed, not on every
 /// message.
-pub(super) const PUBLISH: &str = r"
-local n = #KEYS / 2
-local metas = {}
-for i = 1, n do metas[i] = KEYS[2 * i] end
-local states = redis.call('MGET', unpack(metas))
-local now = tonumber(ARGV[4])
-local node
+///
+/// `read` reads a topic's history. `KEYS[1]`: the stream. `ARGV`: the
+/// epoch the reader has (or empty), the last `seq` it has. Returns `{}` if
+/// nothing is held, else `{epoch, entries}`: the entries after that `seq`
+/// if the epoch is the reader's, else all of them.
+const FUNCTIONS: &str = r"
+-- This server's replication id, read again when a tenth of a second old:
+-- `INFO` costs as much as numbering several messages. A primary that
+-- was demoted and promoted again has a new id; it cannot have numbered
+-- anything as a replica, and an automatic failover takes longer than
+-- the tenth of a second an old id may be used for.
+local node, node_read_at = nil, -1
 local function this_node()
-  if not node then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  if not node or now - node_read_at > 100000 then
     node = string.match(redis.call('INFO', 'replication'), 'master_replid:(%x+)') or ''
+    node_read_at = now
   end
   return node
 end
--- The meta this call wrote: MGET read them all before the first write.
-local written = {}
-local out = {}
-for i = 1, n do
-  local key, meta = KEYS[2 * i - 1], KEYS[2 * i]
-  local channel, body, finishes = ARGV[3 * i + 3], ARGV[3 * i + 4], ARGV[3 * i + 5]
-  local state = written[meta] or states[i]
-  local epoch, was_done, refreshed
-  if state then
-    local at = string.find(state, ':', 3, true)
-    local owner_at = string.find(state, ':', at + 1, true)
-    if owner_at and string.sub(state, owner_at + 1) ~= this_node() then
-      state = nil
-    else
-      was_done = string.byte(state, 1) == 49
-      refreshed = tonumber(string.sub(state, 3, at - 1))
-      epoch = string.sub(state, at + 1, (owner_at or 0) - 1)
+
+local function publish(KEYS, ARGV)
+  local n = #KEYS / 2
+  local metas = {}
+  for i = 1, n do metas[i] = KEYS[2 * i] end
+  local states = redis.call('MGET', unpack(metas))
+  local now = tonumber(ARGV[4])
+  local here
+  -- The meta this call wrote: MGET read them all before the first write.
+  local written = {}
+  local out = {}
+  for i = 1, n do
+    local key, meta = KEYS[2 * i - 1], KEYS[2 * i]
+    local channel, body, finishes = ARGV[3 * i + 3], ARGV[3 * i + 4], ARGV[3 * i + 5]
+    local state = written[meta] or states[i]
+    local epoch, was_done, refreshed
+    if state then
+      local at = string.find(state, ':', 3, true)
+      local owner_at = string.find(state, ':', at + 1, true)
+      here = here or this_node()
+      if owner_at and string.sub(state, owner_at + 1) ~= here then
+        state = nil
+      else
+        was_done = string.byte(state, 1) == 49
+        refreshed = tonumber(string.sub(state, 3, at - 1))
+        epoch = string.sub(state, at + 1, (owner_at or 0) - 1)
+      end
     end
+    if not state then redis.call('DEL', key) end
+    local done = was_done or finishes == '1'
+    local d = done and '1' or '0'
+    local id = state and redis.call('XADD', key, 'MAXLEN', '~', ARGV[1], '0-*', 'e', epoch, 'd', d, 'b', body)
+    if not state or id == '0-1' then
+      if state then redis.call('DEL', key) end
+      local t = redis.call('TIME')
+      epoch = t[1] .. string.format('%06d', tonumber(t[2]))
+      id = redis.call('XADD', key, 'MAXLEN', '~', ARGV[1], '0-1', 'e', epoch, 'd', d, 'b', body)
+      state = nil
+    end
+    local ttl = tonumber(done and ARGV[3] or ARGV[2])
+    if not state or done ~= was_done or now - refreshed > ttl / 8 then
+      here = here or this_node()
+      written[meta] = d .. ':' .. now .. ':' .. epoch .. ':' .. here
+      redis.call('SET', meta, written[meta], 'PX', ttl)
+      redis.call('PEXPIRE', key, ttl)
+    end
+    local s = string.sub(id, 3)
+    redis.call(ARGV[5], channel, epoch .. ':' .. s .. ':' .. d .. ':' .. body)
+    out[2 * i - 1] = epoch
+    out[2 * i] = tonumber(s)
   end
-  if not state then redis.call('DEL', key) end
-  local done = was_done or finishes == '1'
-  local d = done and '1' or '0'
-  local id = state and redis.call('XADD', key, 'MAXLEN', '~', ARGV[1], '0-*', 'e', epoch, 'd', d, 'b', body)
-  if not state or id == '0-1' then
-    if state then redis.call('DEL', key) end
-    local t = redis.call('TIME')
-    epoch = t[1] .. string.format('%06d', tonumber(t[2]))
-    id = redis.call('XADD', key, 'MAXLEN', '~', ARGV[1], '0-1', 'e', epoch, 'd', d, 'b', body)
-    state = nil
-  end
-  local ttl = tonumber(done and ARGV[3] or ARGV[2])
-  if not state or done ~= was_done or now - refreshed > ttl / 8 then
-    written[meta] = d .. ':' .. now .. ':' .. epoch .. ':' .. this_node()
-    redis.call('SET', meta, written[meta], 'PX', ttl)
-    redis.call('PEXPIRE', key, ttl)
-  end
-  local s = string.sub(id, 3)
-  redis.call(ARGV[5], channel, epoch .. ':' .. s .. ':' .. d .. ':' .. body)
-  out[2 * i - 1] = epoch
-  out[2 * i] = tonumber(s)
+  return out
 end
-return out
+
+local function read(KEYS, ARGV)
+  local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+  if #last == 0 then return {} end
+  local epoch = ''
+  local fields = last[1][2]
+  for i = 1, #fields, 2 do
+    if fields[i] == 'e' then epoch = fields[i + 1] end
+  end
+  local from = '-'
+  if epoch == ARGV[1] then from = '(0-' .. ARGV[2] end
+  return {epoch, redis.call('XRANGE', KEYS[1], from, '+')}
+end
 ";
 
-/// Reads a topic's history.
-///
-/// `KEYS[1]`: the stream. `ARGV`: the epoch the reader has (or empty),
-/// the last `seq` it has. Returns `{}` if nothing is held, else `{epoch,
-/// entries}`: the entries after that `seq` if the epoch is the reader's,
-/// else all of them.
-pub(super) const READ: &str = r"
-local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-if #last == 0 then return {} end
-local epoch = ''
-local fields = last[1][2]
-for i = 1, #fields, 2 do
-  if fields[i] == 'e' then epoch = fields[i + 1] end
-end
-local from = '-'
-if epoch == ARGV[1] then from = '(0-' .. ARGV[2] end
-return {epoch, redis.call('XRANGE', KEYS[1], from, '+')}
-";
+/// The function library as loaded, and its functions' names: all named
+/// after a hash of the code, so instances of different versions that
+/// share a Redis each call their own.
+pub(super) struct Library {
+    pub(super) code: String,
+    pub(super) publish: String,
+    pub(super) read: String,
+}
+
+impl Library {
+    pub(super) fn new() -> Self {
+        let hash = redis::Script::new(FUNCTIONS).get_hash().to_owned();
+        let id = &hash[..16];
+        let (publish, read) = (
+            format!("tower_ws_publish_{id}"),
+            format!("tower_ws_read_{id}"),
+        );
+        let code = format!(
+            "#!lua name=tower_ws_{id}\n{FUNCTIONS}\n\
+             redis.register_function('{publish}', publish)\n\
+             redis.register_function{{function_name = '{read}', callback = read, flags = {{'no-writes'}}}}\n"
+        );
+        Self {
+            code,
+            publish,
+            read,
+        }
+    }
+}
 
 pub(super) fn stream_key(prefix: &str, topic: &str) -> String {
     format!("{prefix}:{{{}{topic}}}:history", escape(topic))
