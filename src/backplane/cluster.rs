@@ -1,13 +1,14 @@
 //! Listening on a Redis Cluster: one sharded subscription a topic, kept on
 //! whichever shard holds the topic's slot now.
 //!
-//! The cluster connection sends each `SSUBSCRIBE` to the slot's primary,
-//! and after a lost node connection or a slot that moved it subscribes
-//! again on its own; but broadcasts published meanwhile are lost to this
-//! instance. So every confirmed subscription is followed by a history
-//! read, and a topic whose subscription is not known to hold (just asked
-//! for, its node lost, its slot moved away) is asked for again until a
-//! confirmation comes.
+//! The cluster connection sends each `SSUBSCRIBE` to the slot's primary
+//! and subscribes again on its own after a node's connection is lost, but
+//! not after Redis ended a subscription because its slot moved away; and
+//! broadcasts published meanwhile are lost to this instance either way.
+//! So every confirmed subscription is followed by a history read, and a
+//! topic whose subscription is not known to hold (just asked for, its
+//! node lost, its slot moved away) is asked for again, with backoff, until
+//! a confirmation comes.
 
 use std::collections::HashSet;
 use std::sync::Arc;
