@@ -43,7 +43,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!("listening on http://{addr}");
-    let server = auto::Builder::new(TokioExecutor::new());
+    // HTTP/1.1 and HTTP/2 (prior knowledge, or ALPN behind TLS); the
+    // extended CONNECT setting lets browsers open WebSockets on an HTTP/2
+    // connection (RFC 8441).
+    let mut server = auto::Builder::new(TokioExecutor::new());
+    server.http2().enable_connect_protocol();
     let graceful = GracefulShutdown::new();
     let mut ctrl_c = pin!(tokio::signal::ctrl_c());
     loop {

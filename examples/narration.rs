@@ -132,6 +132,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!("listening on http://{addr}");
+    // With axum's `http2` feature, `serve` speaks HTTP/2 with prior
+    // knowledge as well as HTTP/1.1, and enables the extended CONNECT that
+    // WebSockets over HTTP/2 need (RFC 8441).
     axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),

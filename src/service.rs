@@ -5,6 +5,7 @@
 //! | request | response |
 //! |---|---|
 //! | a WebSocket handshake that passes every check | `101 Switching Protocols`; the connection is served in a task of its own |
+//! | the same over HTTP/2: an extended `CONNECT` (RFC 8441) with `Sec-WebSocket-Version: 13` | `200 OK`; the stream is served as a connection of its own |
 //! | `GET` with `Accept: text/event-stream` and a `requestId` | `200` and an event stream (see [`crate::sse`]) |
 //! | `POST` with a `clientId`: a client message for an event stream | `202 Accepted` (see [`crate::sse`]) |
 //! | `requestId`, `since` or `clientId` missing or malformed | `400 Bad Request` |
@@ -34,7 +35,7 @@ use tower::Service;
 use crate::auth::{header_tokens, Authorize, Principal, Rejection, UpgradeRequest};
 use crate::body::{LayerBody, WsBody};
 use crate::client_ip::{client_ip, IpSlot};
-use crate::connection::{self, Peer};
+use crate::connection::{self, Peer, Upgrade};
 use crate::shared::Shared;
 use crate::shutdown::TaskGuard;
 use crate::sse::{self, StreamId, Subscription};
@@ -183,11 +184,16 @@ enum Transport {
 /// them.
 fn transport<B>(shared: &Shared, req: &Request<B>) -> Result<Transport, Refusal> {
     let headers = req.headers();
-    if req.method() == Method::GET
+    let upgrade = req.method() == Method::GET
         && req.version() >= Version::HTTP_11
         && has_token(headers, header::CONNECTION, "upgrade")
-        && has_token(headers, header::UPGRADE, "websocket")
-    {
+        && has_token(headers, header::UPGRADE, "websocket");
+    // An HTTP/2 extended CONNECT (RFC 8441): a CONNECT with a path, which a
+    // plain CONNECT never has. Its `:protocol` is readable only through
+    // hyper's `http2` feature; `Sec-WebSocket-Version` is sent only by
+    // WebSocket clients, and its handshake has no key.
+    let connect = req.method() == Method::CONNECT && req.version() == Version::HTTP_2;
+    if upgrade || connect {
         if headers
             .get(header::SEC_WEBSOCKET_VERSION)
             .map(HeaderValue::as_bytes)
@@ -199,7 +205,7 @@ fn transport<B>(shared: &Shared, req: &Request<B>) -> Result<Transport, Refusal>
                 "unsupported WebSocket version; use 13\n",
             ));
         }
-        if !headers.contains_key(header::SEC_WEBSOCKET_KEY) {
+        if upgrade && !headers.contains_key(header::SEC_WEBSOCKET_KEY) {
             return Err(Refusal(
                 Refused::NotWebSocket,
                 StatusCode::BAD_REQUEST,
@@ -391,19 +397,29 @@ fn admit<B>(
         principal,
         ip,
     };
-    let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
-        Ok(parts) => parts,
-        Err(_) => {
-            return reject(
-                shared,
-                Refused::NotWebSocket,
-                StatusCode::BAD_REQUEST,
-                "invalid WebSocket handshake\n",
-            )
+    let (mut response, upgrade) = if req.method() == Method::CONNECT {
+        let upgrade = hyper::upgrade::on(&mut req);
+        (
+            Response::new(LayerBody::from(Bytes::new())),
+            Upgrade::Http2(upgrade),
+        )
+    } else {
+        match fastwebsockets::upgrade::upgrade(&mut req) {
+            Ok((response, upgrade)) => (
+                response.map(|_| LayerBody::from(Bytes::new())),
+                Upgrade::Http1(upgrade),
+            ),
+            Err(_) => {
+                return reject(
+                    shared,
+                    Refused::NotWebSocket,
+                    StatusCode::BAD_REQUEST,
+                    "invalid WebSocket handshake\n",
+                )
+            }
         }
     };
     tokio::spawn(connection::serve(shared.clone(), upgrade, peer, slots));
-    let mut response = response.map(|_| LayerBody::from(Bytes::new()));
     if let Some(value) = protocol.and_then(|p| HeaderValue::from_str(&p).ok()) {
         response
             .headers_mut()

@@ -48,16 +48,36 @@ pub(crate) struct Peer {
     pub(crate) ip: Option<IpAddr>,
 }
 
+/// An accepted handshake: the server hands its stream over once the
+/// response has gone out. The frames on it are the same either way.
+pub(crate) enum Upgrade {
+    /// `Upgrade: websocket` on HTTP/1.1: the connection itself.
+    Http1(fastwebsockets::upgrade::UpgradeFut),
+    /// An extended `CONNECT` on HTTP/2 (RFC 8441): one stream of the
+    /// connection.
+    Http2(hyper::upgrade::OnUpgrade),
+}
+
 /// Runs one connection from the completed upgrade to the end of cleanup.
 pub(crate) async fn serve(
     shared: Arc<Shared>,
-    upgrade: fastwebsockets::upgrade::UpgradeFut,
+    upgrade: Upgrade,
     peer: Peer,
     // Held until the connection's cleanup is done.
     counted: (TaskGuard, Option<IpSlot>),
 ) {
-    let io = match upgrade.await {
-        Ok(ws) => ws.into_inner(),
+    let io = match upgrade {
+        Upgrade::Http1(upgrade) => upgrade
+            .await
+            .map(|ws| ws.into_inner())
+            .map_err(|e| e.to_string()),
+        Upgrade::Http2(upgrade) => upgrade
+            .await
+            .map(hyper_util::rt::TokioIo::new)
+            .map_err(|e| e.to_string()),
+    };
+    let io = match io {
+        Ok(io) => io,
         Err(error) => {
             tracing::debug!(%error, "websocket_upgrade_failed");
             return;

@@ -3,6 +3,7 @@
 //! raw HTTP, and waiting without fixed sleeps.
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod http2;
 #[cfg(feature = "redis")]
 pub mod redis_cluster;
 #[cfg(feature = "redis")]
@@ -103,7 +104,10 @@ pub async fn hyper_server(builder: WsLayerBuilder) -> Server {
                 },
             ));
             tokio::spawn(async move {
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                let mut server = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                // WebSockets over HTTP/2 (RFC 8441).
+                server.http2().enable_connect_protocol();
+                let _ = server
                     .serve_connection_with_upgrades(TokioIo::new(stream), service)
                     .await;
             });
@@ -114,9 +118,10 @@ pub async fn hyper_server(builder: WsLayerBuilder) -> Server {
 
 pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
-/// A tungstenite client.
-pub struct Client {
-    pub ws: Ws,
+/// A tungstenite client: over its own TCP connection, or over any stream
+/// (an HTTP/2 stream, see `http2`).
+pub struct Client<S = MaybeTlsStream<TcpStream>> {
+    pub ws: WebSocketStream<S>,
     /// Whether `recv_*` return `subscribed` acknowledgements too.
     pub keep_acks: bool,
 }
@@ -147,6 +152,15 @@ impl Client {
             }
             Ok(Err(e)) => panic!("connect failed: {e}"),
             Err(_) => panic!("connect timed out"),
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Client<S> {
+    pub fn over(ws: WebSocketStream<S>) -> Client<S> {
+        Client {
+            ws,
+            keep_acks: false,
         }
     }
 
