@@ -58,11 +58,13 @@
 //! - **Several instances**: with the `redis` feature, a
 //!   [`RedisBackplane`](https://docs.rs/tower-ws/latest/tower_ws/struct.RedisBackplane.html)
 //!   given to `WsLayerBuilder::backplane` shares topics, `seq` and history
-//!   between instances.
+//!   between instances, through one Redis or a Redis Cluster.
 //!
 //! The layer spawns one Tokio task per connection (and per event stream), so it must run inside a
 //! Tokio runtime, behind a server that supports HTTP/1.1 upgrades (hyper,
-//! hyper-util, axum).
+//! hyper-util, axum). Over HTTP/2 it accepts a WebSocket as an extended
+//! `CONNECT` stream (RFC 8441) where the server enables them (hyper's
+//! `enable_connect_protocol`; `axum::serve` with axum's `http2` feature).
 //! # Authorization
 //!
 //! Two optional hooks. [`WsLayerBuilder::authorize`] runs at the
