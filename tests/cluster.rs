@@ -1,9 +1,10 @@
 //! The Redis backplane on a Redis Cluster of the test's own (three
-//! primaries on loopback, with replicas where a test kills one): topics on
+//! primaries on loopback, with replicas where a test stops one): topics on
 //! different shards cross instances both ways in order, a client resumes
 //! on another instance, a topic moved to another shard mid-stream goes on
-//! there with its subscribers told `history_gap` once, and a primary killed mid-stream ends with every subscriber
-//! told of what it may have lost, never a silent gap.
+//! there with its subscribers told `history_gap` once, and a primary
+//! killed or frozen mid-stream ends with every subscriber told of what it
+//! may have lost, never a silent gap.
 #![cfg(feature = "redis")]
 
 mod support;
@@ -293,6 +294,32 @@ async fn a_primary_killed_mid_stream_ends_in_everything_or_a_history_gap() {
         cluster.kill(primary);
         cluster.wait_for_failover(primary).await;
         // Delivery goes on from the promoted replica.
+        take(&mut clients, &mut transcripts, 100).await;
+        stop.send(true).unwrap();
+        let outcomes = publishing.await.unwrap();
+        take_the_rest(&mut clients, &mut transcripts, &outcomes).await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_primary_that_stops_answering_is_found_out_and_delivery_goes_on() {
+    within(async {
+        let cluster = RedisCluster::start(true).await;
+        let (a, b) = (instance(&cluster).await, instance(&cluster).await);
+        let mut clients = [Client::connect(&a).await, Client::connect(&b).await];
+        for client in &mut clients {
+            client.subscribe("req-1").await;
+        }
+        listeners(&cluster, "req-1", 2).await;
+        let primary = cluster.primary_of("req-1").await;
+
+        let (stop, publishing) = publish_until_stopped(a.publisher.clone());
+        let mut transcripts = [Transcript::default(), Transcript::default()];
+        take(&mut clients, &mut transcripts, 100).await;
+        // No connection closes: only unanswered commands and pings tell.
+        cluster.freeze(primary);
+        cluster.wait_for_failover(primary).await;
         take(&mut clients, &mut transcripts, 100).await;
         stop.send(true).unwrap();
         let outcomes = publishing.await.unwrap();

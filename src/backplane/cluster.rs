@@ -8,12 +8,16 @@
 //! So every confirmed subscription is followed by a history read, and a
 //! topic whose subscription is not known to hold (just asked for, its
 //! node lost, its slot moved away) is asked for again, with backoff, until
-//! a confirmation comes.
+//! a confirmation comes. A node that goes silent without closing its
+//! connection is not noticed by the cluster connection, which would go on
+//! routing to it: the primaries are pinged, and a ping left unanswered
+//! replaces the connection with one that learns the cluster anew.
 
 use std::collections::HashSet;
 use std::sync::Arc;
 
 use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo};
 use redis::{PushInfo, PushKind, Value};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -24,11 +28,17 @@ use super::wire;
 pub(super) struct ClusterListener {
     state: Arc<LinkState>,
     connection: ClusterConnection,
+    pushes: mpsc::UnboundedReceiver<PushInfo>,
+    /// The seed nodes, for a new connection.
+    nodes: Vec<String>,
     settings: Settings,
     fetches: mpsc::WeakUnboundedSender<Arc<str>>,
     wanted: HashSet<Arc<str>>,
     /// Wanted topics whose subscription no confirmation has shown to hold.
     unconfirmed: HashSet<Arc<str>>,
+    /// How many times the connection was replaced: a ping's answer about
+    /// an earlier one is stale.
+    generation: u64,
 }
 
 impl ClusterListener {
@@ -36,26 +46,29 @@ impl ClusterListener {
         state: Arc<LinkState>,
         settings: &Settings,
         fetches: mpsc::WeakUnboundedSender<Arc<str>>,
-        connection: ClusterConnection,
+        (connection, pushes): (ClusterConnection, mpsc::UnboundedReceiver<PushInfo>),
+        nodes: Vec<String>,
     ) -> Self {
         Self {
             state,
             connection,
+            pushes,
+            nodes,
             settings: settings.clone(),
             fetches,
             wanted: HashSet::new(),
             unconfirmed: HashSet::new(),
+            generation: 0,
         }
     }
 
     /// Listens until the backplane's handle is gone.
-    pub(super) async fn run(
-        mut self,
-        mut pushes: mpsc::UnboundedReceiver<PushInfo>,
-        mut rx: mpsc::UnboundedReceiver<Listen>,
-    ) {
+    pub(super) async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Listen>) {
         let mut backoff = Backoff::new(self.settings.backoff);
         let mut retry_at = None;
+        let mut liveness = tokio::time::interval(self.settings.timeout);
+        liveness.reset();
+        let (answered, mut answers) = mpsc::unbounded_channel();
         loop {
             let retry = async {
                 match retry_at {
@@ -87,7 +100,17 @@ impl ClusterListener {
                         }
                     }
                 },
-                Some(push) = pushes.recv() => self.on_push(push),
+                Some(push) = self.pushes.recv() => self.on_push(push),
+                _ = liveness.tick() => {
+                    if !self.wanted.is_empty() {
+                        self.ping(answered.clone());
+                    }
+                }
+                Some((generation, alive)) = answers.recv() => {
+                    if !alive && generation == self.generation {
+                        self.reconnect().await;
+                    }
+                }
                 () = retry => {
                     retry_at = None;
                     for topic in self.unconfirmed.clone() {
@@ -103,6 +126,39 @@ impl ClusterListener {
                 (false, None) => retry_at = Some(Instant::now() + backoff.next()),
                 (false, Some(_)) => {}
             }
+        }
+    }
+
+    /// Pings every primary; whether all answered goes to `answered`.
+    fn ping(&self, answered: mpsc::UnboundedSender<(u64, bool)>) {
+        let mut connection = self.connection.clone();
+        let (timeout, generation) = (self.settings.timeout, self.generation);
+        tokio::spawn(async move {
+            let all_primaries = RoutingInfo::MultiNode((
+                MultipleNodeRoutingInfo::AllMasters,
+                Some(ResponsePolicy::AllSucceeded),
+            ));
+            let ping = connection.route_command(redis::cmd("PING"), all_primaries);
+            let _ = answered.send((generation, within(timeout, ping).await.is_ok()));
+        });
+    }
+
+    /// Replaces the connection after a primary went silent, and listens to
+    /// every topic again on the new one; tried again at the next ping if
+    /// the cluster cannot be reached.
+    async fn reconnect(&mut self) {
+        tracing::warn!("websocket_backplane_shard_silent");
+        match self.settings.shard_listener(&self.nodes).await {
+            Ok((connection, pushes)) => {
+                self.connection = connection;
+                self.pushes = pushes;
+                self.generation += 1;
+                self.unconfirmed.extend(self.wanted.iter().cloned());
+                for topic in &self.unconfirmed {
+                    self.subscribe(topic);
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "websocket_backplane_connect_failed"),
         }
     }
 

@@ -156,7 +156,7 @@ impl RedisBackplaneBuilder {
             }
             Server::Cluster(urls) => {
                 let (connection, pushes) = settings.shard_listener(urls).await.map_err(failed)?;
-                Listening::Cluster(connection, pushes)
+                Listening::Cluster(connection, pushes, urls.clone())
             }
         };
 
@@ -188,10 +188,15 @@ impl RedisBackplaneBuilder {
                 };
                 tokio::spawn(listener.run(pubsub, listen_rx));
             }
-            Listening::Cluster(connection, pushes) => {
-                let listener =
-                    ClusterListener::new(state.clone(), &settings, fetches.downgrade(), connection);
-                tokio::spawn(listener.run(pushes, listen_rx));
+            Listening::Cluster(connection, pushes, nodes) => {
+                let listener = ClusterListener::new(
+                    state.clone(),
+                    &settings,
+                    fetches.downgrade(),
+                    (connection, pushes),
+                    nodes,
+                );
+                tokio::spawn(listener.run(listen_rx));
             }
         }
         Ok(RedisBackplane {
@@ -532,7 +537,11 @@ enum Server {
 /// The listening connection the backplane starts with.
 enum Listening {
     One(redis::Client, PubSub),
-    Cluster(ClusterConnection, mpsc::UnboundedReceiver<redis::PushInfo>),
+    Cluster(
+        ClusterConnection,
+        mpsc::UnboundedReceiver<redis::PushInfo>,
+        Vec<String>,
+    ),
 }
 
 /// The connection commands go through.
@@ -628,7 +637,7 @@ impl Settings {
     /// A cluster connection that hands the pushes of its nodes (sharded
     /// broadcasts, subscription changes, lost connections) to the
     /// receiver it comes with.
-    async fn shard_listener(
+    pub(super) async fn shard_listener(
         &self,
         urls: &[String],
     ) -> RedisResult<(ClusterConnection, mpsc::UnboundedReceiver<redis::PushInfo>)> {
@@ -638,7 +647,9 @@ impl Settings {
             .use_protocol(redis::ProtocolVersion::RESP3)
             .push_sender(pushes)
             .build()?;
-        let connection = within(self.timeout, client.get_async_connection()).await?;
+        // No deadline of ours: the crate gives up on each node that does
+        // not answer within `timeout`, and goes on with the others.
+        let connection = client.get_async_connection().await?;
         Ok((connection, receiver))
     }
 
@@ -855,6 +866,7 @@ impl CommandWorker {
         }))
         .await;
         let mut refused = Vec::new();
+        let mut lost = None;
         for (replies, units) in answers {
             match replies {
                 Ok(replies) => {
@@ -866,13 +878,25 @@ impl CommandWorker {
                 Err(e) => {
                     *failures += self.fail_all(units, &e);
                     self.count(std::mem::take(failures), &e);
-                    if let Commands::One(_) = conn {
-                        return Err(e);
+                    // One Redis is lost with any error. A cluster's
+                    // connection repairs a node it lost, but not one that
+                    // went silent: it would route to it until it answers
+                    // again, so it is replaced, and learns the cluster
+                    // anew from the seed nodes.
+                    if matches!(conn, Commands::One(_)) || e.is_timeout() {
+                        lost = Some(e);
                     }
                 }
             }
         }
-        Ok(refused)
+        match lost {
+            None => Ok(refused),
+            Some(e) => {
+                *failures += self.fail_all(refused.into_iter().flatten(), &e);
+                self.count(std::mem::take(failures), &e);
+                Err(e)
+            }
+        }
     }
 
     /// Hands out the replies to one pipeline; returns the units refused

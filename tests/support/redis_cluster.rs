@@ -195,6 +195,29 @@ impl RedisCluster {
         self.wait_until_settled().await;
     }
 
+    /// Stops the node on `port` (SIGSTOP): its connections stay open and
+    /// answer nothing, as a machine cut off by the network would.
+    pub fn freeze(&self, port: u16) {
+        let node = self.nodes.iter().find(|n| n.port == port).unwrap();
+        let pid = node.child.as_ref().expect("running").id();
+        let status = Command::new("kill")
+            .args(["-STOP", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Whether the node on `port` answers (a frozen one does not).
+    async fn answers(port: u16) -> bool {
+        match node_connection_checked(port).await {
+            Some(mut conn) => redis::cmd("PING")
+                .query_async::<String>(&mut conn)
+                .await
+                .is_ok(),
+            None => false,
+        }
+    }
+
     /// Kills the node on `port` at once (SIGKILL).
     pub fn kill(&mut self, port: u16) {
         let node = self.nodes.iter_mut().find(|n| n.port == port).unwrap();
@@ -229,6 +252,9 @@ impl RedisCluster {
         loop {
             let mut settled = true;
             for node in self.nodes.iter().filter(|n| n.child.is_some()) {
+                if !Self::answers(node.port).await {
+                    continue;
+                }
                 let info: String = match node_connection_checked(node.port).await {
                     Some(mut conn) => redis::cmd("CLUSTER")
                         .arg("INFO")
