@@ -6,6 +6,9 @@
 #
 #   bench/run.sh [runs=3] [scenario…]                e.g. bench/run.sh 3 s1 s2
 #       tower-ws's bench_server against the original Node.js system
+#   COMPARE=uws bench/run.sh [runs=3] [scenario…]
+#       tower-ws's bench_server against uWebSockets.js (../shared/bench/uws,
+#       its native topic pub/sub), copied out and installed like the Node peer
 #   COMPARE=backplane bench/run.sh [runs=3] [scenario…]
 #       bench_server in-process against the same with a Redis backplane (a
 #       redis-server of this script's own, no persistence, also on core 0);
@@ -31,26 +34,32 @@ shift || true
 compare=${COMPARE:-node}
 case $compare in
   node) servers=(tower-ws node); default_scenarios="s1 s1x s2 s3 s4 s5 s5x" ;;
+  uws) servers=(tower-ws uws); default_scenarios="s1 s1x s2 s3 s4 s5 s5x" ;;
   backplane) servers=(in-process redis); default_scenarios="s1 s2 s5" ;;
   sse) servers=(websocket sse); default_scenarios="s1 s1x" ;;
   rollup) servers=(redis redis-rollup); default_scenarios="s5t" ;;
   cluster) servers=(redis redis-cluster); default_scenarios="s1 s2 s5" ;;
   redis-ab) servers=(redis redis-b); default_scenarios="s1 s2 s5" ;;
-  *) echo "COMPARE is node, backplane, cluster, redis-ab, sse or rollup" >&2; exit 2 ;;
+  *) echo "COMPARE is node, uws, backplane, cluster, redis-ab, sse or rollup" >&2; exit 2 ;;
 esac
 scenarios=("${@:-$default_scenarios}")
 read -r -a scenarios <<<"${scenarios[*]}"
 
 shared=${SHARED:-../shared}
 node_dir=target/bench/node-ws-seed
+uws_dir=target/bench/uws
 out=target/bench/$compare.jsonl
 mkdir -p target/bench
 : >"$out"
 
 free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
-if [ "$compare" = sse ] || [ "$compare" = node ]; then
+if [ "$compare" = sse ] || [ "$compare" = node ] || [ "$compare" = uws ]; then
   cargo build --release --example bench_server --example loadgen
+fi
+if [ "$compare" = uws ] && [ ! -d "$uws_dir/node_modules" ]; then
+  rm -rf "$uws_dir" && cp -r "$shared/bench/uws" "$uws_dir" && chmod -R u+w "$uws_dir"
+  (cd "$uws_dir" && ./build.sh)
 fi
 if [ "$compare" = node ]; then
   if [ ! -d "$node_dir/node_modules" ]; then
@@ -121,6 +130,7 @@ start_server() { # name port → pid
     redis-cluster) REDIS_CLUSTER_URLS="$cluster_urls" PORT=$2 WORKERS=1 taskset -c 0 \
       target/release/examples/bench_server >/dev/null 2>&1 & ;;
     node) (cd "$node_dir" && PORT=$2 exec taskset -c 0 ./start.sh >/dev/null 2>&1) & ;;
+    uws) (cd "$uws_dir" && PORT=$2 exec taskset -c 0 ./start.sh >/dev/null 2>&1) & ;;
   esac
   local pid=$!
   for _ in $(seq 200); do
