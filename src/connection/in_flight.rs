@@ -18,7 +18,7 @@ use std::io::IoSlice;
 use std::pin::Pin;
 
 use bytes::Bytes;
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWrite;
 
 use crate::message::Message;
 
@@ -111,14 +111,20 @@ impl InFlight {
         .await
     }
 
+    /// The slices are made on each poll, on the stack: held across the
+    /// `.await`, their 1 KiB would be part of every connection's task,
+    /// idle or not.
     async fn write_vectored<W: AsyncWrite + Unpin>(&self, io: &mut W) -> std::io::Result<usize> {
-        let mut slices = [IoSlice::new(&[]); MAX_SLICES];
-        let mut count = 0;
-        for (slice, frame) in slices.iter_mut().zip(self.unwritten()) {
-            *slice = IoSlice::new(frame);
-            count += 1;
-        }
-        io.write_vectored(&slices[..count]).await
+        std::future::poll_fn(|cx| {
+            let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+            let mut count = 0;
+            for (slice, frame) in slices.iter_mut().zip(self.unwritten()) {
+                *slice = IoSlice::new(frame);
+                count += 1;
+            }
+            Pin::new(&mut *io).poll_write_vectored(cx, &slices[..count])
+        })
+        .await
     }
 
     /// Drops `written` bytes from the front.
