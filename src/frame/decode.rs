@@ -12,14 +12,15 @@
 //! failing at the fragment that breaks it, and checks Close frames
 //! (§5.5.1, §7.4), so what it yields are whole, valid messages.
 
-use tokio::io::{AsyncRead, AsyncReadExt};
+use std::pin::Pin;
+use std::task::Poll;
+
+use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
 
 use super::{close_code, OpCode, MAX_CONTROL_PAYLOAD};
 
-/// The buffer's size when it is first needed and after it shrinks.
+/// The most read at once into a connection that has nothing buffered.
 const INITIAL: usize = 512;
-/// An empty buffer larger than this is given back.
-const KEEP: usize = 4096;
 
 /// What the decoder read.
 #[derive(Debug, PartialEq, Eq)]
@@ -329,11 +330,27 @@ impl<R: AsyncRead + Unpin> Frames<R> {
     /// Reads more bytes, making room first.
     async fn fill(&mut self) -> Result<(), DecodeError> {
         if self.start == self.end {
+            // Nothing buffered: the buffer is given back, and the next bytes
+            // are read on the stack before one is made for them, so a
+            // connection that waits for its client holds none.
             self.start = 0;
             self.end = 0;
-            if self.buf.len() > KEEP {
-                self.buf = Vec::new();
-            }
+            self.buf = Vec::new();
+            let (io, buf) = (&mut self.io, &mut self.buf);
+            let read = std::future::poll_fn(|cx| {
+                let mut bytes = [0; INITIAL];
+                let mut read = ReadBuf::new(&mut bytes);
+                std::task::ready!(Pin::new(&mut *io).poll_read(cx, &mut read))?;
+                buf.extend_from_slice(read.filled());
+                Poll::Ready(Ok::<_, std::io::Error>(read.filled().len()))
+            });
+            return match read.await {
+                Ok(0) | Err(_) => Err(DecodeError::Gone),
+                Ok(n) => {
+                    self.end = n;
+                    Ok(())
+                }
+            };
         } else if self.start > 0 {
             self.buf.copy_within(self.start..self.end, 0);
             self.end -= self.start;
@@ -474,7 +491,7 @@ mod tests {
         assert_eq!(frame.payload, &[b'q'; 10_000][..]);
         drop(writer.await.unwrap());
         assert_eq!(reader.next().await.unwrap_err(), DecodeError::Gone);
-        assert!(reader.buf.capacity() <= KEEP, "the buffer shrank back");
+        assert_eq!(reader.buf.capacity(), 0, "the buffer was given back");
     }
 
     #[test]
