@@ -335,8 +335,9 @@ impl RedisBackplane {
     }
 
     /// Whether the connection Redis commands go through is up. A cluster's
-    /// connection repairs itself node by node, so it counts as up once
-    /// connected; a publish to a shard that is down fails.
+    /// connection repairs lost nodes by itself, so it is down only while
+    /// it is replaced after a command went unanswered; a publish to a
+    /// shard that is down fails.
     pub fn is_connected(&self) -> bool {
         self.link.state.up.load(Ordering::Relaxed)
     }
