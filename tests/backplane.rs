@@ -206,25 +206,11 @@ async fn redis_dying_mid_stream_loses_nothing_without_a_word() {
         listeners(&redis, CHANNEL, 1).await;
 
         // A publishes n = 0, 1, 2, … one every millisecond or so, and
-        // records what each publish was told.
-        let publisher = a.publisher.clone();
-        let (stop_tx, mut stop) = tokio::sync::watch::channel(false);
-        let publishing = tokio::spawn(async move {
-            let mut outcomes = BTreeMap::new();
-            let mut n = 0u64;
-            while !*stop.borrow_and_update() {
-                let outcome = publisher
-                    .publish_confirmed("req-1", &json!({"type": "tick", "n": n}))
-                    .await;
-                outcomes.insert(n, outcome);
-                n += 1;
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-            outcomes
-        });
-        let confirmed = |outcomes: &BTreeMap<u64, Result<u64, PublishError>>| {
-            outcomes.values().filter(|o| o.is_ok()).count()
-        };
+        // records whether each publish was confirmed.
+        let (stop_tx, publishing) =
+            publish_until_stopped(a.publisher.clone(), "req-1", Duration::from_millis(1));
+        let confirmed =
+            |outcomes: &BTreeMap<u64, bool>| outcomes.values().filter(|ok| **ok).count();
 
         let mut received = HashSet::new();
         let mut gaps = 0;
@@ -260,7 +246,7 @@ async fn redis_dying_mid_stream_loses_nothing_without_a_word() {
         // Every publish was either confirmed and delivered, or reported.
         let failed: Vec<u64> = outcomes
             .iter()
-            .filter(|(_, o)| o.is_err())
+            .filter(|(_, ok)| !**ok)
             .map(|(n, _)| *n)
             .collect();
         assert!(!failed.is_empty(), "publishes while Redis was down failed");
@@ -269,7 +255,7 @@ async fn redis_dying_mid_stream_loses_nothing_without_a_word() {
         loop {
             let missing: Vec<u64> = outcomes
                 .iter()
-                .filter(|(n, o)| o.is_ok() && !received.contains(n))
+                .filter(|(n, ok)| **ok && !received.contains(n))
                 .map(|(n, _)| *n)
                 .collect();
             if missing.is_empty() {

@@ -170,31 +170,6 @@ impl Transcript {
     }
 }
 
-/// Publishes `{"n": 0}`, `{"n": 1}`, … on `req-1` every 2 ms until told
-/// to stop; gives back whether each publish was confirmed.
-fn publish_until_stopped(
-    publisher: tower_ws::Publisher,
-) -> (
-    tokio::sync::watch::Sender<bool>,
-    tokio::task::JoinHandle<BTreeMap<u64, bool>>,
-) {
-    let (stop_tx, mut stop) = tokio::sync::watch::channel(false);
-    let publishing = tokio::spawn(async move {
-        let mut outcomes = BTreeMap::new();
-        let mut n = 0u64;
-        while !*stop.borrow_and_update() {
-            let outcome = publisher
-                .publish_confirmed("req-1", &json!({"type": "tick", "n": n}))
-                .await;
-            outcomes.insert(n, outcome.is_ok());
-            n += 1;
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        outcomes
-    });
-    (stop_tx, publishing)
-}
-
 /// Takes each client's messages until it has `more` more.
 async fn take(clients: &mut [Client; 2], transcripts: &mut [Transcript; 2], more: usize) {
     for (client, transcript) in clients.iter_mut().zip(transcripts) {
@@ -239,91 +214,83 @@ async fn take_the_rest(
     }
 }
 
+/// What happens to the primary that holds `req-1` mid-stream.
+enum Fault {
+    /// Its slot moves to another primary, keys and all.
+    Moved,
+    /// Killed (SIGKILL); its replica takes over.
+    Killed,
+    /// Stopped (SIGSTOP): its connections stay open and answer nothing;
+    /// its replica takes over.
+    Frozen,
+}
+
+/// Two instances with a subscriber each on `req-1`, A publishing; `fault`
+/// strikes after 100 messages each, then each takes 100 more and every
+/// confirmed publish after its last gap. What each subscriber was sent.
+async fn through(fault: Fault) -> [Transcript; 2] {
+    let mut cluster = RedisCluster::start(!matches!(fault, Fault::Moved)).await;
+    let (a, b) = (instance(&cluster).await, instance(&cluster).await);
+    let mut clients = [Client::connect(&a).await, Client::connect(&b).await];
+    for client in &mut clients {
+        client.subscribe("req-1").await;
+    }
+    listeners(&cluster, "req-1", 2).await;
+    let primary = cluster.primary_of("req-1").await;
+
+    let (stop, publishing) =
+        publish_until_stopped(a.publisher.clone(), "req-1", Duration::from_millis(2));
+    let mut transcripts = [Transcript::default(), Transcript::default()];
+    take(&mut clients, &mut transcripts, 100).await;
+    match fault {
+        Fault::Moved => {
+            let to = cluster
+                .urls()
+                .iter()
+                .map(|url| url.rsplit(':').next().unwrap().parse().unwrap())
+                .find(|&port| port != primary)
+                .unwrap();
+            cluster.move_slot_of("req-1", to).await;
+            assert_eq!(cluster.primary_of("req-1").await, to);
+        }
+        Fault::Killed => {
+            cluster.kill(primary);
+            cluster.wait_for_failover(primary).await;
+        }
+        Fault::Frozen => {
+            cluster.freeze(primary);
+            cluster.wait_for_failover(primary).await;
+        }
+    }
+    // Delivery goes on where the topic lives now.
+    take(&mut clients, &mut transcripts, 100).await;
+    stop.send(true).unwrap();
+    let outcomes = publishing.await.unwrap();
+    take_the_rest(&mut clients, &mut transcripts, &outcomes).await;
+    if let Fault::Moved = fault {
+        // Both listen on the new shard.
+        listeners(&cluster, "req-1", 2).await;
+    }
+    transcripts
+}
+
 #[tokio::test]
 async fn a_topic_moved_to_another_shard_mid_stream_goes_on_after_one_gap() {
-    within(async {
-        let cluster = RedisCluster::start(false).await;
-        let (a, b) = (instance(&cluster).await, instance(&cluster).await);
-        let mut clients = [Client::connect(&a).await, Client::connect(&b).await];
-        for client in &mut clients {
-            client.subscribe("req-1").await;
-        }
-        listeners(&cluster, "req-1", 2).await;
-        let from = cluster.primary_of("req-1").await;
-        let to = cluster
-            .urls()
-            .iter()
-            .map(|url| url.rsplit(':').next().unwrap().parse().unwrap())
-            .find(|&port| port != from)
-            .unwrap();
-
-        let (stop, publishing) = publish_until_stopped(a.publisher.clone());
-        let mut transcripts = [Transcript::default(), Transcript::default()];
-        take(&mut clients, &mut transcripts, 100).await;
-        cluster.move_slot_of("req-1", to).await;
-        assert_eq!(cluster.primary_of("req-1").await, to);
-        take(&mut clients, &mut transcripts, 100).await;
-        stop.send(true).unwrap();
-        let outcomes = publishing.await.unwrap();
-        take_the_rest(&mut clients, &mut transcripts, &outcomes).await;
-        for transcript in &transcripts {
-            // The new shard cannot tell the moved keys from replicated
-            // ones, so it begins the topic again, once.
-            assert_eq!(transcript.gaps, 1);
-        }
-        listeners(&cluster, "req-1", 2).await;
-    })
-    .await;
+    let transcripts = within(through(Fault::Moved)).await;
+    for transcript in &transcripts {
+        // The new shard cannot tell the moved keys from replicated ones,
+        // so it begins the topic again, once.
+        assert_eq!(transcript.gaps, 1);
+    }
 }
 
 #[tokio::test]
 async fn a_primary_killed_mid_stream_ends_in_everything_or_a_history_gap() {
-    within(async {
-        let mut cluster = RedisCluster::start(true).await;
-        let (a, b) = (instance(&cluster).await, instance(&cluster).await);
-        let mut clients = [Client::connect(&a).await, Client::connect(&b).await];
-        for client in &mut clients {
-            client.subscribe("req-1").await;
-        }
-        listeners(&cluster, "req-1", 2).await;
-        let primary = cluster.primary_of("req-1").await;
-
-        let (stop, publishing) = publish_until_stopped(a.publisher.clone());
-        let mut transcripts = [Transcript::default(), Transcript::default()];
-        take(&mut clients, &mut transcripts, 100).await;
-        cluster.kill(primary);
-        cluster.wait_for_failover(primary).await;
-        // Delivery goes on from the promoted replica.
-        take(&mut clients, &mut transcripts, 100).await;
-        stop.send(true).unwrap();
-        let outcomes = publishing.await.unwrap();
-        take_the_rest(&mut clients, &mut transcripts, &outcomes).await;
-    })
-    .await;
+    within(through(Fault::Killed)).await;
 }
 
 #[tokio::test]
 async fn a_primary_that_stops_answering_is_found_out_and_delivery_goes_on() {
-    within(async {
-        let cluster = RedisCluster::start(true).await;
-        let (a, b) = (instance(&cluster).await, instance(&cluster).await);
-        let mut clients = [Client::connect(&a).await, Client::connect(&b).await];
-        for client in &mut clients {
-            client.subscribe("req-1").await;
-        }
-        listeners(&cluster, "req-1", 2).await;
-        let primary = cluster.primary_of("req-1").await;
-
-        let (stop, publishing) = publish_until_stopped(a.publisher.clone());
-        let mut transcripts = [Transcript::default(), Transcript::default()];
-        take(&mut clients, &mut transcripts, 100).await;
-        // No connection closes: only unanswered commands and pings tell.
-        cluster.freeze(primary);
-        cluster.wait_for_failover(primary).await;
-        take(&mut clients, &mut transcripts, 100).await;
-        stop.send(true).unwrap();
-        let outcomes = publishing.await.unwrap();
-        take_the_rest(&mut clients, &mut transcripts, &outcomes).await;
-    })
-    .await;
+    // No connection closes: only unanswered commands and pings tell.
+    within(through(Fault::Frozen)).await;
 }

@@ -246,6 +246,34 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Client<S> {
     }
 }
 
+/// Publishes `{"type":"tick","n":0}`, `{"n":1}`, … on `topic`, one every
+/// `pause`, until told to stop; gives back whether each publish was
+/// confirmed.
+pub fn publish_until_stopped(
+    publisher: Publisher,
+    topic: &'static str,
+    pause: Duration,
+) -> (
+    tokio::sync::watch::Sender<bool>,
+    tokio::task::JoinHandle<std::collections::BTreeMap<u64, bool>>,
+) {
+    let (stop_tx, mut stop) = tokio::sync::watch::channel(false);
+    let publishing = tokio::spawn(async move {
+        let mut outcomes = std::collections::BTreeMap::new();
+        let mut n = 0u64;
+        while !*stop.borrow_and_update() {
+            let outcome = publisher
+                .publish_confirmed(topic, &serde_json::json!({"type": "tick", "n": n}))
+                .await;
+            outcomes.insert(n, outcome.is_ok());
+            n += 1;
+            tokio::time::sleep(pause).await;
+        }
+        outcomes
+    });
+    (stop_tx, publishing)
+}
+
 /// Whether a text message is a `subscribed` acknowledgement.
 pub fn is_ack(text: &str) -> bool {
     text.starts_with(r#"{"type":"subscribed""#)

@@ -9,8 +9,6 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use redis::cluster::ClusterClient;
-
 use super::TIMEOUT;
 
 pub struct RedisCluster {
@@ -80,14 +78,11 @@ impl RedisCluster {
         let slot: u16 = self
             .query(redis::cmd("CLUSTER").arg("KEYSLOT").arg(key))
             .await;
-        let slots: Vec<(u16, u16, (String, u16))> = {
-            let raw: redis::Value = self.query(redis::cmd("CLUSTER").arg("SLOTS")).await;
-            parse_slots(raw)
-        };
-        slots
+        let raw: redis::Value = self.query(redis::cmd("CLUSTER").arg("SLOTS")).await;
+        parse_slots(raw)
             .into_iter()
             .find(|(from, to, _)| (*from..=*to).contains(&slot))
-            .map(|(_, _, (_, port))| port)
+            .map(|(_, _, port)| port)
             .expect("every slot is served")
     }
 
@@ -207,17 +202,6 @@ impl RedisCluster {
         assert!(status.success());
     }
 
-    /// Whether the node on `port` answers (a frozen one does not).
-    async fn answers(port: u16) -> bool {
-        match node_connection_checked(port).await {
-            Some(mut conn) => redis::cmd("PING")
-                .query_async::<String>(&mut conn)
-                .await
-                .is_ok(),
-            None => false,
-        }
-    }
-
     /// Kills the node on `port` at once (SIGKILL).
     pub fn kill(&mut self, port: u16) {
         let node = self.nodes.iter_mut().find(|n| n.port == port).unwrap();
@@ -233,7 +217,7 @@ impl RedisCluster {
         let deadline = tokio::time::Instant::now() + TIMEOUT * 2;
         loop {
             let raw: redis::Value = self.query(redis::cmd("CLUSTER").arg("SLOTS")).await;
-            if parse_slots(raw).iter().all(|(_, _, (_, p))| *p != port) {
+            if parse_slots(raw).iter().all(|(_, _, p)| *p != port) {
                 break;
             }
             assert!(
@@ -252,25 +236,14 @@ impl RedisCluster {
         loop {
             let mut settled = true;
             for node in self.nodes.iter().filter(|n| n.child.is_some()) {
-                if !Self::answers(node.port).await {
+                // A frozen node answers nothing: it is left out.
+                let Some(info) = node_text(node.port, redis::cmd("CLUSTER").arg("INFO")).await
+                else {
                     continue;
-                }
-                let info: String = match node_connection_checked(node.port).await {
-                    Some(mut conn) => redis::cmd("CLUSTER")
-                        .arg("INFO")
-                        .query_async(&mut conn)
-                        .await
-                        .unwrap_or_default(),
-                    None => String::new(),
                 };
-                let replication: String = match node_connection_checked(node.port).await {
-                    Some(mut conn) => redis::cmd("INFO")
-                        .arg("replication")
-                        .query_async(&mut conn)
-                        .await
-                        .unwrap_or_default(),
-                    None => String::new(),
-                };
+                let replication = node_text(node.port, redis::cmd("INFO").arg("replication"))
+                    .await
+                    .unwrap_or_default();
                 let synced = !replication.contains("role:slave")
                     || replication.contains("master_link_status:up");
                 settled &= info.contains("cluster_state:ok")
@@ -357,14 +330,18 @@ async fn node_connection(port: u16) -> redis::aio::MultiplexedConnection {
     node_connection_checked(port).await.expect("the node is up")
 }
 
+/// A text reply from the node on `port`; `None` if it does not answer.
+async fn node_text(port: u16, cmd: &redis::Cmd) -> Option<String> {
+    cmd.query_async(&mut node_connection_checked(port).await?)
+        .await
+        .ok()
+}
+
 async fn wait_for_ping(port: u16) {
     let deadline = tokio::time::Instant::now() + TIMEOUT;
     loop {
-        if let Some(mut conn) = node_connection_checked(port).await {
-            let pong: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut conn).await;
-            if pong.is_ok() {
-                return;
-            }
+        if node_text(port, &redis::cmd("PING")).await.is_some() {
+            return;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
@@ -375,7 +352,8 @@ async fn wait_for_ping(port: u16) {
 }
 
 /// `CLUSTER SLOTS`: `[[from, to, [host, port, id], replicas…], …]`.
-fn parse_slots(raw: redis::Value) -> Vec<(u16, u16, (String, u16))> {
+/// Each range with the port of its primary.
+fn parse_slots(raw: redis::Value) -> Vec<(u16, u16, u16)> {
     let redis::Value::Array(ranges) = raw else {
         panic!("CLUSTER SLOTS: {raw:?}")
     };
@@ -390,18 +368,8 @@ fn parse_slots(raw: redis::Value) -> Vec<(u16, u16, (String, u16))> {
             let redis::Value::Array(primary) = &parts[2] else {
                 panic!("a primary")
             };
-            let host: String = redis::from_redis_value(primary[0].clone()).unwrap();
             let port: u16 = redis::from_redis_value(primary[1].clone()).unwrap();
-            (from, to, (host, port))
+            (from, to, port)
         })
         .collect()
-}
-
-/// A cluster connection for the test's own commands.
-pub async fn cluster_connection(urls: &[String]) -> redis::cluster_async::ClusterConnection {
-    ClusterClient::new(urls.to_vec())
-        .unwrap()
-        .get_async_connection()
-        .await
-        .expect("the cluster is up")
 }
