@@ -20,6 +20,9 @@
 //!
 //! `DELTA_ROLLUP_MS` turns on the publisher's delta rollup with that
 //! window (then deltas go through `stream_delta` even with a backplane).
+//! `COMPRESSION` (any value) turns on permessage-deflate; `PADDING=prose`
+//! pads with English text instead of `x`s (which deflate to almost
+//! nothing), for measuring compression on text like an assistant's.
 //!
 //! `WORKERS` is the number of Tokio worker threads (default 1), so the
 //! comparison with single-threaded Node is per core. With `REDIS_URL`, or
@@ -146,6 +149,9 @@ async fn serve(port: u16) -> Result<(), Box<dyn std::error::Error>> {
     // Defaults throughout (benchmark clients send no Origin), but for the
     // connection limit: S3 opens as many as the file limit allows.
     let mut builder = WsLayer::builder().max_connections(100_000);
+    if std::env::var_os("COMPRESSION").is_some() {
+        builder = builder.compression(true);
+    }
     if let Some(ms) = rollup_ms() {
         builder = builder.delta_rollup(Some(Duration::from_millis(ms)));
     }
@@ -235,7 +241,7 @@ async fn publish_rounds(
     count: usize,
     size: usize,
 ) -> String {
-    let padding = "x".repeat(size);
+    let padding = padding(size);
     let mut text = String::with_capacity(size + 24);
     let mut sender = Sender::new(publisher);
     let (mut deliveries, mut published) = (0, 0);
@@ -267,7 +273,7 @@ async fn publish_paced(publisher: &Publisher, query: &Query) -> String {
         return "{\"error\":\"bad query\"}".to_owned();
     }
     let total = (rate * duration).round() as u64;
-    let padding = "x".repeat(size);
+    let padding = padding(size);
     let mut text = String::with_capacity(size + 24);
     let start = std::time::Instant::now();
     let start_unix_ns = unix_ns();
@@ -339,6 +345,18 @@ impl Drop for Ticker {
 /// `DELTA_ROLLUP_MS`: the publisher's delta rollup window, if set.
 fn rollup_ms() -> Option<u64> {
     std::env::var("DELTA_ROLLUP_MS").ok()?.parse().ok()
+}
+
+/// `size` bytes of padding, without a colon: `x`s, or with `PADDING=prose`
+/// an assistant's sentence over and over.
+fn padding(size: usize) -> String {
+    const PROSE: &str = "Found 10 great places for pizza near you, sorted by rating and \
+                         distance; the first two take reservations tonight. ";
+    if std::env::var("PADDING").is_ok_and(|p| p == "prose") {
+        PROSE.chars().cycle().take(size).collect()
+    } else {
+        "x".repeat(size)
+    }
 }
 
 /// `<ns>:` then padding up to `size` bytes.

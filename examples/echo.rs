@@ -28,6 +28,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .max_queued_bytes(64 << 20)
         // It sends thousands of messages a second on one connection.
         .message_rate(tower_ws::MessageRate::per_second(1_000_000).burst(1_000_000))
+        // permessage-deflate, for the suite's compression cases (12.*, 13.*).
+        .compression(true)
         .on_message(|message, reply| {
             match message {
                 Inbound::Text(text) => reply.text(text),

@@ -12,7 +12,8 @@
 //!
 //! `--transport sse` subscribes with Server-Sent Events instead (`GET
 //! /ws?requestId=…`, `Accept: text/event-stream`), for servers that offer
-//! them, such as tower-ws's.
+//! them, such as tower-ws's. `--deflate` offers permessage-deflate as
+//! browsers do, and inflates what comes compressed.
 //!
 //! The client is minimal on purpose (raw frames over TCP, one read for
 //! many frames), so that on one core it outpaces the server it measures.
@@ -101,17 +102,24 @@ impl Chunked {
 /// One frame from the server.
 enum Frame {
     Text(std::ops::Range<usize>),
+    /// A text frame compressed with permessage-deflate (RSV1).
+    Compressed(std::ops::Range<usize>),
     Other,
     Closed,
 }
 
+/// The extension offered with `--deflate`, as browsers offer it.
+const DEFLATE_OFFER: &str =
+    "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n";
+
 impl Ws {
-    async fn connect(addr: SocketAddr) -> Result<Ws, Error> {
+    async fn connect(addr: SocketAddr, deflate: bool) -> Result<Ws, Error> {
         let mut stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
+        let offer = if deflate { DEFLATE_OFFER } else { "" };
         let request = format!(
             "GET /ws HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{offer}\r\n"
         );
         stream.write_all(request.as_bytes()).await?;
         let mut ws = Ws {
@@ -283,12 +291,50 @@ impl Ws {
         if b.len() < header + len {
             return None;
         }
-        let frame = match b[0] & 0x0F {
+        let frame = match b[0] & 0x4F {
             0x1 => Frame::Text(self.start + header..self.start + header + len),
+            0x41 => Frame::Compressed(self.start + header..self.start + header + len),
             0x8 => Frame::Closed,
             _ => Frame::Other,
         };
         Some((frame, header + len))
+    }
+}
+
+/// Inflates compressed messages (permessage-deflate, no context takeover).
+struct Inflater {
+    inflate: flate2::Decompress,
+    out: Vec<u8>,
+}
+
+impl Default for Inflater {
+    fn default() -> Self {
+        Self {
+            inflate: flate2::Decompress::new(false),
+            out: Vec::with_capacity(4 << 10),
+        }
+    }
+}
+
+impl Inflater {
+    fn inflate(&mut self, payload: &[u8]) -> Option<&[u8]> {
+        self.inflate.reset(false);
+        self.out.clear();
+        for input in [payload, &[0x00, 0x00, 0xFF, 0xFF][..]] {
+            let start = self.inflate.total_in();
+            loop {
+                self.out.reserve(4 << 10);
+                let read = (self.inflate.total_in() - start) as usize;
+                self.inflate
+                    .decompress_vec(&input[read..], &mut self.out, flate2::FlushDecompress::Sync)
+                    .ok()?;
+                let read = (self.inflate.total_in() - start) as usize;
+                if read == input.len() && self.out.len() < self.out.capacity() {
+                    break;
+                }
+            }
+        }
+        Some(&self.out)
     }
 }
 
@@ -326,6 +372,11 @@ fn main() -> Result<(), Error> {
 struct Options(Vec<String>);
 
 impl Options {
+    /// Whether `--deflate` was given: offer permessage-deflate.
+    fn deflate(&self) -> bool {
+        self.0.iter().any(|a| a == "--deflate")
+    }
+
     /// Whether `--transport sse` was given.
     fn events(&self) -> bool {
         self.0
@@ -585,9 +636,17 @@ async fn receive(
     let mut seen = Seen::default();
     // Frames that came in one read arrived together: one clock reading.
     let mut now = unix_ns();
+    let mut inflater = Inflater::default();
     while seen.messages < expected {
-        let range = match ws.next_buffered() {
-            Some(Frame::Text(range)) => range,
+        let bytes = match ws.next_buffered() {
+            Some(Frame::Text(range)) => &ws.buf[range],
+            Some(Frame::Compressed(range)) => match inflater.inflate(&ws.buf[range]) {
+                Some(bytes) => bytes,
+                None => {
+                    seen.invalid += 1;
+                    continue;
+                }
+            },
             Some(Frame::Other) => continue,
             Some(Frame::Closed) => break,
             None => match ws.fill().await {
@@ -598,7 +657,6 @@ async fn receive(
                 _ => break,
             },
         };
-        let bytes = &ws.buf[range];
         let Some(delta) = flat::parse(bytes).or_else(|| serde_json::from_slice(bytes).ok()) else {
             seen.invalid += 1;
             continue;
@@ -650,6 +708,7 @@ async fn connect_all(
     topic_of: impl Fn(u64) -> String,
 ) -> Result<(Vec<(Ws, String)>, Vec<u32>), Error> {
     let events = opts.events();
+    let deflate = opts.deflate();
     let gate = Arc::new(Semaphore::new(inflight));
     let mut tasks = Vec::with_capacity(clients as usize);
     for i in 0..clients {
@@ -663,7 +722,7 @@ async fn connect_all(
                 let handshake_us = started.elapsed().as_micros() as u32;
                 return Ok((ws, topic, handshake_us));
             }
-            let mut ws = Ws::connect(addr).await?;
+            let mut ws = Ws::connect(addr, deflate).await?;
             let handshake_us = started.elapsed().as_micros() as u32;
             ws.send_text(&format!(r#"{{"type":"subscribe","requestId":"{topic}"}}"#))
                 .await?;
@@ -716,7 +775,7 @@ async fn wait_subscribed(
             // A marker is any text frame.
             while let Ok(Ok(frame)) = tokio::time::timeout_at(deadline, ws.next()).await {
                 match frame {
-                    Frame::Text(_) => {
+                    Frame::Text(_) | Frame::Compressed(_) => {
                         got = true;
                         break;
                     }

@@ -25,6 +25,8 @@ pub enum BuildError {
     /// The backplane is already in use by another layer that still exists;
     /// each layer needs its own.
     BackplaneInUse,
+    /// The compression level is not between 1 and 9.
+    CompressionLevel(u32),
 }
 
 impl fmt::Display for BuildError {
@@ -45,6 +47,9 @@ impl fmt::Display for BuildError {
             Self::BackplaneInUse => f.write_str("backplane is already used by another layer"),
             Self::HistoryExceedsQueue => {
                 f.write_str("history bytes must not exceed max queued bytes")
+            }
+            Self::CompressionLevel(level) => {
+                write!(f, "compression level {level} is not between 1 and 9")
             }
         }
     }

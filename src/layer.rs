@@ -11,6 +11,7 @@ use tower::Layer;
 use crate::auth::{AuthHooks, Authorize, AuthorizeLaterFn, Principal, Rejection, UpgradeRequest};
 use crate::connection::outbox::SlowClientPolicy;
 use crate::error::BuildError;
+use crate::frame::deflate;
 use crate::hub::HistoryLimits;
 use crate::hub::Hub;
 use crate::inbound::{Handled, Hook, Inbound, Reply};
@@ -52,6 +53,10 @@ const DEFAULT_MESSAGE_RATE: MessageRate = MessageRate::per_second(100);
 /// The default time after which a connection that never subscribed counts
 /// as idle, 30 seconds.
 const DEFAULT_IDLE_AFTER: Duration = Duration::from_secs(30);
+/// The default smallest payload compressed, 256 bytes.
+const DEFAULT_COMPRESSION_THRESHOLD: usize = 256;
+/// The default deflate level, 1 (fastest).
+const DEFAULT_COMPRESSION_LEVEL: u32 = 1;
 
 /// A [`Layer`] that upgrades WebSocket requests on one path and passes
 /// every other request to the service it wraps.
@@ -121,6 +126,9 @@ pub struct WsLayerBuilder {
     limits: ConnectionLimits,
     auth: AuthHooks,
     trusted_proxy_header: Option<String>,
+    compression: bool,
+    compression_threshold: usize,
+    compression_level: u32,
     #[cfg(feature = "redis")]
     backplane: Option<crate::RedisBackplane>,
 }
@@ -158,6 +166,9 @@ impl Default for WsLayerBuilder {
             },
             auth: AuthHooks::default(),
             trusted_proxy_header: None,
+            compression: false,
+            compression_threshold: DEFAULT_COMPRESSION_THRESHOLD,
+            compression_level: DEFAULT_COMPRESSION_LEVEL,
             #[cfg(feature = "redis")]
             backplane: None,
         }
@@ -236,6 +247,44 @@ impl WsLayerBuilder {
     /// Defaults to 64 KiB.
     pub fn max_message_size(mut self, bytes: usize) -> Self {
         self.max_message_size = bytes;
+        self
+    }
+
+    /// Whether permessage-deflate (RFC 7692) is negotiated with clients that
+    /// offer it (every browser does). It is accepted without context
+    /// takeover either way, so a published message is compressed once, by
+    /// the first subscriber's writer that needs it, and the same frame goes
+    /// to every subscriber that negotiated it; no connection keeps
+    /// compression state between messages. Compressed client messages are
+    /// inflated under [`max_message_size`](Self::max_message_size).
+    ///
+    /// Off by default because compressing costs CPU for every message, and
+    /// a message that mixes a secret with text an attacker chooses can
+    /// leak the secret through its compressed size.
+    ///
+    /// Defaults to off.
+    pub fn compression(mut self, on: bool) -> Self {
+        self.compression = on;
+        self
+    }
+
+    /// The smallest payload compressed; smaller messages go out as they
+    /// are (a deflated `stream.delta` of a few words is no smaller). A
+    /// message that compression would not make smaller also goes out as
+    /// it is.
+    ///
+    /// Defaults to 256 bytes.
+    pub fn compression_threshold(mut self, bytes: usize) -> Self {
+        self.compression_threshold = bytes;
+        self
+    }
+
+    /// The deflate level, from 1 (fastest) to 9 (smallest); other values
+    /// are refused by [`build`](Self::build).
+    ///
+    /// Defaults to 1.
+    pub fn compression_level(mut self, level: u32) -> Self {
+        self.compression_level = level;
         self
     }
 
@@ -640,6 +689,13 @@ impl WsLayerBuilder {
         if self.history.messages > 0 && self.history.bytes > self.max_queued_bytes {
             return Err(BuildError::HistoryExceedsQueue);
         }
+        if !(1..=9).contains(&self.compression_level) {
+            return Err(BuildError::CompressionLevel(self.compression_level));
+        }
+        let compression = self.compression.then(|| deflate::Settings {
+            level: self.compression_level as u8,
+            threshold: u32::try_from(self.compression_threshold).unwrap_or(u32::MAX),
+        });
         let config = Config {
             path: self.path,
             origins,
@@ -657,6 +713,7 @@ impl WsLayerBuilder {
             connection_events: self.connection_events,
             event_streams: self.event_streams,
             delta_rollup: self.delta_rollup,
+            compression,
             sweep_interval: (self.history.completed_grace.min(self.history.age) / 2)
                 .clamp(Duration::from_millis(10), Duration::from_secs(1)),
         };

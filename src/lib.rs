@@ -128,7 +128,7 @@ pub mod fuzzing {
     /// Reads `data` as client frames, parsing every text message as a
     /// client message, and then parses all of `data` as one message.
     pub fn inbound(data: &[u8]) {
-        let mut decoder = crate::frame::Decoder::new(data, 1 << 16);
+        let mut decoder = crate::frame::Decoder::new(data, 1 << 16, true);
         // Reading from a slice never waits, so one poll finishes each read.
         while let Poll::Ready(Ok(decoded)) = poll_once(decoder.next()) {
             if let crate::frame::Decoded::Text(text) = decoded {

@@ -11,10 +11,10 @@
 //! the frame, so a slow subscriber's queue can merge consecutive deltas
 //! ([`MergedDelta`]) without parsing JSON.
 //!
-//! Other encodings of the same message (a Server-Sent Event) are made from
-//! the frame's payload the first time a subscriber needs one, and kept with
-//! it: once per message, not per subscriber, and never when no subscriber
-//! uses that transport.
+//! Other encodings of the same message (a Server-Sent Event, a compressed
+//! frame) are made from the frame's payload the first time a subscriber
+//! needs one, and kept with it: once per message, not per subscriber, and
+//! never when no subscriber uses that transport or extension.
 
 use std::sync::{Arc, OnceLock};
 
@@ -23,6 +23,7 @@ use serde::Serialize;
 
 use crate::error::PublishError;
 use crate::frame;
+use crate::frame::deflate::Deflate;
 
 /// Room for the longest header (10 bytes) and `{"seq":<u64>,` (29 bytes).
 const HEADROOM: usize = 40;
@@ -69,6 +70,9 @@ struct Sealed {
     delta: Option<Spans>,
     /// The Server-Sent Event, made on first use.
     event: OnceLock<Bytes>,
+    /// The frame compressed with the usual and with the small window, made
+    /// on first use; `None` when compressing would not make it smaller.
+    deflated: [OnceLock<Option<Bytes>>; 2],
 }
 
 impl Sealed {
@@ -78,6 +82,7 @@ impl Sealed {
             seq,
             delta,
             event: OnceLock::new(),
+            deflated: [OnceLock::new(), OnceLock::new()],
         }
     }
 }
@@ -175,6 +180,23 @@ impl Message {
     /// The complete frame, header included.
     pub(crate) fn frame(&self) -> &Bytes {
         &self.0.frame
+    }
+
+    /// The frame to write to a connection that negotiated `deflate`: the
+    /// compressed one, made by the first such connection and the same for
+    /// all, when the frame is a data frame large enough and compressing
+    /// makes it smaller.
+    pub(crate) fn wire(&self, deflate: Option<Deflate>) -> &Bytes {
+        let frame = &self.0.frame;
+        match deflate {
+            Some(deflate) if deflate.wants(frame) => {
+                let slot = &self.0.deflated[usize::from(deflate.small_window())];
+                slot.get_or_init(|| deflate.compress(frame))
+                    .as_ref()
+                    .unwrap_or(frame)
+            }
+            _ => frame,
+        }
     }
 
     /// The message as one Server-Sent Event: `id:` its `seq` (a topic
@@ -425,6 +447,42 @@ mod tests {
             assert_eq!(buf, serde_json::to_vec(text).unwrap(), "{text:?}");
             assert_eq!((a, b), (1, buf.len() - 1));
         }
+    }
+
+    fn negotiated(offer: &'static str) -> Option<Deflate> {
+        let mut headers = hyper::HeaderMap::new();
+        headers.insert(
+            hyper::header::SEC_WEBSOCKET_EXTENSIONS,
+            hyper::header::HeaderValue::from_static(offer),
+        );
+        let settings = crate::frame::deflate::Settings {
+            level: 1,
+            threshold: 256,
+        };
+        crate::frame::deflate::negotiate(&headers, settings).map(|(deflate, _)| deflate)
+    }
+
+    #[test]
+    fn a_message_is_compressed_once_for_every_connection_that_negotiated_it() {
+        let usual = negotiated("permessage-deflate");
+        let small = negotiated("permessage-deflate; server_max_window_bits=10");
+        let text = "Found 10 great places for pizza near you. ".repeat(20);
+        let m = Draft::json(&json!({"type": "stream.done", "fullText": text}))
+            .unwrap()
+            .seal(3);
+        let compressed = m.wire(usual);
+        assert_eq!(compressed[0], 0xC1);
+        assert!(compressed.len() < m.len() / 4);
+        assert_eq!(m.wire(usual).as_ptr(), compressed.as_ptr(), "made once");
+        assert_ne!(
+            m.wire(small).as_ptr(),
+            compressed.as_ptr(),
+            "its own window"
+        );
+        assert_eq!(m.wire(None), m.frame());
+
+        let delta = Draft::delta("t", "a few words").seal(4);
+        assert_eq!(delta.wire(usual), delta.frame(), "under the threshold");
     }
 
     #[test]

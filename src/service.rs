@@ -36,6 +36,7 @@ use crate::auth::{header_tokens, Authorize, Principal, Rejection, UpgradeRequest
 use crate::body::{LayerBody, WsBody};
 use crate::client_ip::{client_ip, IpSlot};
 use crate::connection::{self, Peer, Upgrade};
+use crate::frame::deflate;
 use crate::shared::Shared;
 use crate::shutdown::TaskGuard;
 use crate::sse::{self, StreamId, Subscription};
@@ -391,11 +392,16 @@ fn admit<B>(
         .and_then(|p| p.protocol())
         .map(str::to_owned);
     let Client { ip, origin } = client;
+    let deflate = shared
+        .config
+        .compression
+        .and_then(|settings| deflate::negotiate(req.headers(), settings));
     let peer = Peer {
         origin,
         user_agent: text(req.headers(), header::USER_AGENT),
         principal,
         ip,
+        deflate: deflate.as_ref().map(|(deflate, _)| *deflate),
     };
     let (mut response, upgrade) = if req.method() == Method::CONNECT {
         let upgrade = hyper::upgrade::on(&mut req);
@@ -424,6 +430,11 @@ fn admit<B>(
         response
             .headers_mut()
             .insert(header::SEC_WEBSOCKET_PROTOCOL, value);
+    }
+    if let Some((_, extensions)) = deflate {
+        response
+            .headers_mut()
+            .insert(header::SEC_WEBSOCKET_EXTENSIONS, extensions);
     }
     response
 }

@@ -39,6 +39,8 @@ pub(crate) struct Config {
     pub(crate) connection_events: bool,
     pub(crate) event_streams: bool,
     pub(crate) delta_rollup: Option<Duration>,
+    /// permessage-deflate, when it is on.
+    pub(crate) compression: Option<crate::frame::deflate::Settings>,
 }
 
 /// Per-connection and global limits.

@@ -20,6 +20,7 @@ use std::pin::Pin;
 use bytes::Bytes;
 use tokio::io::AsyncWrite;
 
+use crate::frame::deflate::Deflate;
 use crate::message::Message;
 
 /// At most this many frames per vectored write.
@@ -40,9 +41,18 @@ pub(crate) struct InFlight {
     frames: VecDeque<Message>,
     /// How much of the first frame is written.
     written: usize,
+    /// What the connection negotiated: its messages go out compressed.
+    deflate: Option<Deflate>,
 }
 
 impl InFlight {
+    pub(crate) fn new(deflate: Option<Deflate>) -> Self {
+        Self {
+            deflate,
+            ..Self::default()
+        }
+    }
+
     pub(crate) fn is_empty(&self) -> bool {
         self.frames.is_empty()
     }
@@ -64,10 +74,11 @@ impl InFlight {
     fn unwritten(&self) -> impl Iterator<Item = &[u8]> {
         let skip = self.written;
         self.frames.iter().enumerate().map(move |(i, m)| {
+            let frame = m.wire(self.deflate);
             if i == 0 {
-                &m.frame()[skip..]
+                &frame[skip..]
             } else {
-                &m.frame()[..]
+                &frame[..]
             }
         })
     }
@@ -133,7 +144,7 @@ impl InFlight {
             let Some(first) = self.frames.front() else {
                 return;
             };
-            let left = first.len() - self.written;
+            let left = first.wire(self.deflate).len() - self.written;
             if written >= left {
                 written -= left;
                 self.frames.pop_front();

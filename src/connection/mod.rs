@@ -27,6 +27,7 @@ use tokio::time::Instant;
 use crate::auth::Principal;
 use crate::client_id::ClientId;
 use crate::client_ip::IpSlot;
+use crate::frame::deflate::Deflate;
 use crate::frame::{self, close_code, Decoder};
 use crate::hub::TopicDigest;
 use crate::inbound::ClientEventKind;
@@ -40,12 +41,14 @@ use crate::stats::{Counters, Ended};
 /// receive the peer's Close before the socket is dropped.
 pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// What the handshake learned about the client, for the logs.
+/// What the handshake learned about the client (for the logs) and
+/// negotiated with it.
 pub(crate) struct Peer {
     pub(crate) origin: Option<String>,
     pub(crate) user_agent: Option<String>,
     pub(crate) principal: Option<Principal>,
     pub(crate) ip: Option<IpAddr>,
+    pub(crate) deflate: Option<Deflate>,
 }
 
 /// An accepted handshake: the server hands its stream over once the
@@ -84,7 +87,11 @@ pub(crate) async fn serve(
         }
     };
     let (read_half, mut write_half) = tokio::io::split(io);
-    let mut decoder = Decoder::new(read_half, shared.config.max_message_size);
+    let mut decoder = Decoder::new(
+        read_half,
+        shared.config.max_message_size,
+        peer.deflate.is_some(),
+    );
 
     let client_id = ClientId::next();
     let outbox = Arc::new(Outbox::new(
@@ -109,6 +116,7 @@ pub(crate) async fn serve(
         user_agent = ?peer.user_agent.as_deref(),
         principal = ?principal_id,
         ip = ?peer.ip,
+        compressed = peer.deflate.is_some(),
         "websocket_connected"
     );
     shared.connection_event(
@@ -117,7 +125,7 @@ pub(crate) async fn serve(
         ClientEventKind::Connected,
     );
 
-    let conn = Conn::new(&shared, &outbox, peer.principal.as_ref());
+    let conn = Conn::new(&shared, &outbox, peer.principal.as_ref(), peer.deflate);
     let mut topics = HashSet::new();
     let reason = conn.run(&mut decoder, &mut write_half, &mut topics).await;
 
@@ -170,7 +178,7 @@ pub(crate) fn handle_posted(
     text: &str,
     topics: &mut HashSet<Arc<str>>,
 ) {
-    let conn = Conn::new(shared, outbox, principal);
+    let conn = Conn::new(shared, outbox, principal, None);
     // Only a socket's reader ends a connection for a message.
     let _ = conn.on_message(crate::inbound::Inbound::Text(text), topics);
 }
@@ -186,13 +194,17 @@ pub(crate) fn subscribe_stream(
     topics: &mut HashSet<Arc<str>>,
 ) {
     let subscribe = crate::protocol::ClientMessage::Subscribe { request_id, since };
-    Conn::new(shared, outbox, principal).handle(subscribe, topics);
+    Conn::new(shared, outbox, principal, None).handle(subscribe, topics);
 }
 
 /// Tells a client without a socket that its message was refused, as its
 /// socket's reader would.
 pub(crate) fn refuse_posted(shared: &Shared, outbox: &Arc<Outbox>, error: &str, message: &str) {
-    Conn::new(shared, outbox, None).send_error(crate::protocol::UNKNOWN_REQUEST_ID, error, message);
+    Conn::new(shared, outbox, None, None).send_error(
+        crate::protocol::UNKNOWN_REQUEST_ID,
+        error,
+        message,
+    );
 }
 
 /// Why a connection ended, for the logs.
@@ -276,10 +288,17 @@ struct Conn<'a> {
     engaged: AtomicBool,
     /// Who the `authorize` hook said the client is.
     principal: Option<&'a Principal>,
+    /// Whether its messages go out compressed, and how.
+    deflate: Option<Deflate>,
 }
 
 impl<'a> Conn<'a> {
-    fn new(shared: &'a Shared, outbox: &'a Arc<Outbox>, principal: Option<&'a Principal>) -> Self {
+    fn new(
+        shared: &'a Shared,
+        outbox: &'a Arc<Outbox>,
+        principal: Option<&'a Principal>,
+        deflate: Option<Deflate>,
+    ) -> Self {
         Self {
             shared,
             outbox,
@@ -287,6 +306,7 @@ impl<'a> Conn<'a> {
             last_seen_ms: AtomicU64::new(0),
             engaged: AtomicBool::new(false),
             principal,
+            deflate,
         }
     }
 
@@ -406,13 +426,13 @@ mod tests {
         let (server_io, client_io) = tokio::io::duplex(1 << 16);
         let client = client(client_io);
         let (read_half, mut write_half) = tokio::io::split(server_io);
-        let mut decoder = Decoder::new(read_half, shared.config.max_message_size);
+        let mut decoder = Decoder::new(read_half, shared.config.max_message_size, false);
         let outbox = Arc::new(Outbox::new(
             ClientId::next(),
             1 << 20,
             SlowClientPolicy::Close,
         ));
-        let conn = Conn::new(&shared, &outbox, None);
+        let conn = Conn::new(&shared, &outbox, None, None);
         let reason = conn
             .run(&mut decoder, &mut write_half, &mut HashSet::new())
             .await;

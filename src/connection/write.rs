@@ -24,7 +24,7 @@ impl Conn<'_> {
         let interval = self.shared.config.heartbeat_interval;
         let mut ticker = tokio::time::interval_at(Instant::now() + interval, interval);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut in_flight = InFlight::default();
+        let mut in_flight = InFlight::new(self.deflate);
         let mut control: Vec<Bytes> = Vec::new();
         let mut ping_due = false;
         // Data frames in `in_flight` not yet counted as sent.

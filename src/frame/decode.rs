@@ -11,12 +11,18 @@
 //! size limit applies to the whole message), checks that text is UTF-8,
 //! failing at the fragment that breaks it, and checks Close frames
 //! (§5.5.1, §7.4), so what it yields are whole, valid messages.
+//!
+//! On a connection that negotiated permessage-deflate, RSV1 on a message's
+//! first frame marks it compressed (RFC 7692 §6): its frames are put
+//! together as they came, and the whole is inflated under the size limit
+//! before its text is checked.
 
 use std::pin::Pin;
 use std::task::Poll;
 
 use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
 
+use super::deflate::{self, InflateError, RSV1};
 use super::{close_code, OpCode, MAX_CONTROL_PAYLOAD};
 
 /// The most read at once into a connection that has nothing buffered.
@@ -64,6 +70,8 @@ fn violation(code: u16, reason: &'static str) -> DecodeError {
 pub(crate) struct Decoder<R> {
     frames: Frames<R>,
     max_message: usize,
+    /// The most a compressed message may take before it is inflated.
+    max_compressed: usize,
     /// The fragmented message being put together.
     assembling: Option<Assembly>,
     /// The last message put together, lent out until the next read.
@@ -73,17 +81,30 @@ pub(crate) struct Decoder<R> {
 /// A fragmented message being put together.
 struct Assembly {
     is_text: bool,
+    /// Compressed: inflated, and its text checked, once whole.
+    compressed: bool,
+    /// The most its frames may carry, put together.
+    limit: usize,
     buf: Vec<u8>,
     /// How much of `buf` is known to be valid UTF-8.
     utf8_checked: usize,
 }
 
 impl<R: AsyncRead + Unpin> Decoder<R> {
-    /// Reads messages from `io`, refusing those over `max_message` bytes.
-    pub(crate) fn new(io: R, max_message: usize) -> Self {
+    /// Reads messages from `io`, refusing those over `max_message` bytes;
+    /// with `inflate`, compressed ones too.
+    pub(crate) fn new(io: R, max_message: usize, inflate: bool) -> Self {
+        // Deflate's stored blocks add 5 bytes per 64 KiB: a message that
+        // does not compress may take a little more than its size.
+        let max_compressed = if inflate {
+            max_message.saturating_add(max_message / 1024 + 64)
+        } else {
+            max_message
+        };
         Self {
-            frames: Frames::new(io, max_message),
+            frames: Frames::new(io, max_compressed, inflate),
             max_message,
+            max_compressed,
             assembling: None,
             assembled: Vec::new(),
         }
@@ -103,15 +124,25 @@ impl<R: AsyncRead + Unpin> Decoder<R> {
                     ));
                 }
                 let is_text = frame.opcode == OpCode::Text;
+                if frame.fin && frame.compressed {
+                    inflate(frame.payload, self.max_message, &mut self.assembled)?;
+                    return whole(is_text, &self.assembled);
+                }
                 if frame.fin {
                     return whole(is_text, frame.payload);
                 }
                 let mut started = Assembly {
                     is_text,
+                    compressed: frame.compressed,
+                    limit: if frame.compressed {
+                        self.max_compressed
+                    } else {
+                        self.max_message
+                    },
                     buf: Vec::new(),
                     utf8_checked: 0,
                 };
-                started.push(frame.payload, self.max_message)?;
+                started.push(frame.payload)?;
                 self.assembling = Some(started);
                 Ok(Decoded::Fragment)
             }
@@ -122,12 +153,16 @@ impl<R: AsyncRead + Unpin> Decoder<R> {
                         "unexpected continuation frame",
                     ));
                 };
-                assembly.push(frame.payload, self.max_message)?;
+                assembly.push(frame.payload)?;
                 if !frame.fin {
                     return Ok(Decoded::Fragment);
                 }
                 let assembly = self.assembling.take().expect("checked above");
-                self.assembled = assembly.buf;
+                if assembly.compressed {
+                    inflate(&assembly.buf, self.max_message, &mut self.assembled)?;
+                } else {
+                    self.assembled = assembly.buf;
+                }
                 whole(assembly.is_text, &self.assembled)
             }
             OpCode::Close => close(frame.payload).map(Decoded::Close),
@@ -143,6 +178,17 @@ impl<R: AsyncRead + Unpin> Decoder<R> {
         self.assembling = None;
         self.frames.drain().await;
     }
+}
+
+/// Inflates a compressed message into `out`.
+fn inflate(compressed: &[u8], max: usize, out: &mut Vec<u8>) -> Result<(), DecodeError> {
+    deflate::inflate(compressed, max, out).map_err(|e| match e {
+        InflateError::TooBig => violation(close_code::MESSAGE_TOO_BIG, "message too big"),
+        InflateError::Corrupt => violation(
+            close_code::INVALID_PAYLOAD,
+            "compressed message does not inflate",
+        ),
+    })
 }
 
 /// A whole message, once its text is known to be UTF-8.
@@ -164,12 +210,12 @@ impl Assembly {
     /// limited each), and text must stay valid UTF-8 but for a character
     /// the next fragment finishes, so invalid text fails at the fragment
     /// that brings it.
-    fn push(&mut self, fragment: &[u8], max: usize) -> Result<(), DecodeError> {
-        if self.buf.len() + fragment.len() > max {
+    fn push(&mut self, fragment: &[u8]) -> Result<(), DecodeError> {
+        if self.buf.len() + fragment.len() > self.limit {
             return Err(violation(close_code::MESSAGE_TOO_BIG, "message too big"));
         }
         self.buf.extend_from_slice(fragment);
-        if self.is_text {
+        if self.is_text && !self.compressed {
             match std::str::from_utf8(&self.buf[self.utf8_checked..]) {
                 Ok(_) => self.utf8_checked = self.buf.len(),
                 Err(e) if e.error_len().is_none() => self.utf8_checked += e.valid_up_to(),
@@ -214,6 +260,8 @@ fn close(payload: &[u8]) -> Result<Option<u16>, DecodeError> {
 struct Frame<'a> {
     fin: bool,
     opcode: OpCode,
+    /// RSV1: the first frame of a compressed message.
+    compressed: bool,
     payload: &'a [u8],
 }
 
@@ -224,17 +272,21 @@ struct Frames<R> {
     start: usize,
     end: usize,
     max_payload: usize,
+    /// Whether RSV1 may be set (permessage-deflate was negotiated).
+    rsv1: bool,
 }
 
 impl<R: AsyncRead + Unpin> Frames<R> {
-    /// Reads frames from `io`, refusing payloads over `max_payload` bytes.
-    fn new(io: R, max_payload: usize) -> Self {
+    /// Reads frames from `io`, refusing payloads over `max_payload` bytes;
+    /// with `rsv1`, RSV1 is allowed on the first frame of a message.
+    fn new(io: R, max_payload: usize, rsv1: bool) -> Self {
         Self {
             io,
             buf: Vec::new(),
             start: 0,
             end: 0,
             max_payload,
+            rsv1,
         }
     }
 
@@ -254,6 +306,7 @@ impl<R: AsyncRead + Unpin> Frames<R> {
                     return Ok(Frame {
                         fin: first & 0x80 != 0,
                         opcode,
+                        compressed: first & RSV1 != 0,
                         payload,
                     });
                 }
@@ -291,12 +344,13 @@ impl<R: AsyncRead + Unpin> Frames<R> {
         if b.len() < 2 {
             return Ok(None);
         }
-        if b[0] & 0x70 != 0 {
-            return Err(broken(close_code::PROTOCOL_ERROR, "reserved bits set"));
-        }
         let Some(opcode) = OpCode::of(b[0]) else {
             return Err(broken(close_code::PROTOCOL_ERROR, "unknown opcode"));
         };
+        let rsv1_allowed = self.rsv1 && matches!(opcode, OpCode::Text | OpCode::Binary);
+        if b[0] & 0x70 != 0 && !(b[0] & 0x70 == RSV1 && rsv1_allowed) {
+            return Err(broken(close_code::PROTOCOL_ERROR, "reserved bits set"));
+        }
         if b[1] & 0x80 == 0 {
             return Err(broken(
                 close_code::PROTOCOL_ERROR,
@@ -427,7 +481,7 @@ mod tests {
         bytes: Vec<u8>,
         max: usize,
     ) -> Vec<Result<(bool, OpCode, Vec<u8>), DecodeError>> {
-        let mut reader = Frames::new(&bytes[..], max);
+        let mut reader = Frames::new(&bytes[..], max, false);
         let mut out = Vec::new();
         loop {
             match reader.next().await {
@@ -486,7 +540,7 @@ mod tests {
                 .unwrap();
             client
         });
-        let mut reader = Frames::new(server, 1 << 20);
+        let mut reader = Frames::new(server, 1 << 20, false);
         let frame = reader.next().await.unwrap();
         assert_eq!(frame.payload, &[b'q'; 10_000][..]);
         drop(writer.await.unwrap());
@@ -517,18 +571,20 @@ mod tests {
     fn fragmented_text_fails_at_the_fragment_that_breaks_utf8() {
         let mut a = Assembly {
             is_text: true,
+            compressed: false,
+            limit: 100,
             buf: Vec::new(),
             utf8_checked: 0,
         };
         // "é" split across two fragments is fine.
-        assert!(a.push(&[b'a', 0xC3], 100).is_ok());
-        assert!(a.push(&[0xA9, b'b'], 100).is_ok());
+        assert!(a.push(&[b'a', 0xC3]).is_ok());
+        assert!(a.push(&[0xA9, b'b']).is_ok());
         assert!(matches!(
-            a.push(&[0xFF], 100),
+            a.push(&[0xFF]),
             Err(DecodeError::Violation { code: 1007, .. })
         ));
         assert!(matches!(
-            a.push(&[b'x'; 200], 100),
+            a.push(&[b'x'; 200]),
             Err(DecodeError::Violation { code: 1009, .. })
         ));
     }
@@ -541,7 +597,7 @@ mod tests {
         bytes.extend(masked(0x82, &[1, 2]));
         bytes.extend(masked(0x88, &[0x03, 0xE8]));
         bytes.extend(masked(0x80, b"x"));
-        let mut decoder = Decoder::new(&bytes[..], 100);
+        let mut decoder = Decoder::new(&bytes[..], 100, false);
         assert_eq!(decoder.next().await, Ok(Decoded::Fragment));
         assert_eq!(decoder.next().await, Ok(Decoded::Ping(b"p")));
         assert_eq!(decoder.next().await, Ok(Decoded::Text("h\u{e9}llo")));

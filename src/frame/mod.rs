@@ -39,6 +39,7 @@ pub mod close_code {
 }
 
 mod decode;
+pub(crate) mod deflate;
 
 pub(crate) use self::decode::{DecodeError, Decoded, Decoder};
 
@@ -103,8 +104,13 @@ pub(crate) fn json_text<T: Serialize + ?Sized>(message: &T) -> Result<Bytes, ser
 /// `buf[payload_start..]` into the bytes right before it; returns where
 /// the frame starts. `payload_start` must leave room for the header.
 pub(crate) fn write_header_before(buf: &mut [u8], payload_start: usize) -> usize {
+    header_before(buf, payload_start, FIN | OpCode::Text as u8)
+}
+
+/// As [`write_header_before`], for a frame whose first byte is `first`.
+fn header_before(buf: &mut [u8], payload_start: usize, first: u8) -> usize {
     let mut header = [0u8; MAX_HEADER];
-    let header_len = write_header(&mut header, OpCode::Text, buf.len() - payload_start);
+    let header_len = write_header(&mut header, first, buf.len() - payload_start);
     let start = payload_start - header_len;
     buf[start..payload_start].copy_from_slice(&header[..header_len]);
     start
@@ -122,7 +128,7 @@ pub(crate) fn binary(payload: &[u8]) -> Bytes {
 
 fn data(opcode: OpCode, payload: &[u8]) -> Bytes {
     let mut header = [0u8; MAX_HEADER];
-    let header_len = write_header(&mut header, opcode, payload.len());
+    let header_len = write_header(&mut header, FIN | opcode as u8, payload.len());
     let mut buf = BytesMut::with_capacity(header_len + payload.len());
     buf.put_slice(&header[..header_len]);
     buf.put_slice(payload);
@@ -175,9 +181,10 @@ fn control(opcode: OpCode, payload: &[u8]) -> Bytes {
     buf.freeze()
 }
 
-/// Writes the header of a final, unmasked frame; returns its length.
-fn write_header(out: &mut [u8; MAX_HEADER], opcode: OpCode, payload_len: usize) -> usize {
-    out[0] = FIN | opcode as u8;
+/// Writes the header of an unmasked frame whose first byte is `first`;
+/// returns its length.
+fn write_header(out: &mut [u8; MAX_HEADER], first: u8, payload_len: usize) -> usize {
+    out[0] = first;
     if payload_len < 126 {
         out[1] = payload_len as u8;
         2

@@ -1,6 +1,7 @@
 // Opens the narration example's page in headless Chromium, runs a search,
 // and checks the page shows the whole narration: every delta, first word
-// included, adding up to stream.done's fullText, then the actions. Then a
+// included, adding up to stream.done's fullText (which comes compressed:
+// the handshake must have negotiated permessage-deflate), then the actions. Then a
 // page from another origin tries to open the socket: refused by the server
 // at BASE, accepted by the one at ALLOWED (started with that origin on its
 // allowlist). With SEARCH and STREAM, two instances sharing topics through
@@ -54,6 +55,14 @@ try {
   const narrate = async (url, label) => {
     const page = await browser.newPage();
     page.on("console", (m) => console.log("page:", m.text()));
+    // The handshake's response headers, as Chromium received them.
+    const cdp = await browser.newCDPSession(page);
+    await cdp.send("Network.enable");
+    let extensions = null;
+    cdp.on("Network.webSocketHandshakeResponseReceived", ({ response }) => {
+      const name = Object.keys(response.headers).find((h) => h.toLowerCase() === "sec-websocket-extensions");
+      extensions = name ? response.headers[name] : "";
+    });
     await page.goto(url);
     await page.waitForSelector("#narration[data-done=true]", { timeout: 20000 });
     await page.waitForSelector("#actions button", { timeout: 20000 });
@@ -62,8 +71,9 @@ try {
     const status = await page.textContent("#status");
     const buttons = await page.locator("#actions button").count();
     console.log(`${label}narration: ${JSON.stringify(text)}`);
-    console.log(`${label}complete: ${complete}, status: ${status}, buttons: ${buttons}`);
+    console.log(`${label}complete: ${complete}, status: ${status}, buttons: ${buttons}, extensions: ${JSON.stringify(extensions)}`);
     if (complete !== "true" || !text.startsWith("Found 10 great places") || buttons !== 2) failed = true;
+    if (!extensions?.startsWith("permessage-deflate")) failed = true;
     return page;
   };
   const page = await narrate(`${base}/?q=pizza`, "");

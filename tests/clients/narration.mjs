@@ -1,5 +1,6 @@
 // Node's `ws` against the running narration example: post a search,
-// subscribe, receive the whole narration, close cleanly. With a second
+// subscribe (with permessage-deflate negotiated), receive the whole
+// narration, close cleanly. With a second
 // address, the search goes to the first instance and the WebSocket to the
 // second (instances sharing topics through Redis).
 //
@@ -20,7 +21,11 @@ const result = await new Promise((resolve, reject) => {
   const timer = setTimeout(() => reject(new Error("timed out")), 20000);
   let text = "";
   let fullText = null;
-  ws.on("open", () => ws.send(JSON.stringify({ type: "subscribe", requestId })));
+  let extensions = "";
+  ws.on("open", () => {
+    extensions = ws.extensions;
+    ws.send(JSON.stringify({ type: "subscribe", requestId }));
+  });
   ws.on("message", (data) => {
     const msg = JSON.parse(data.toString());
     if (msg.type === "stream.delta") text += msg.text;
@@ -30,10 +35,11 @@ const result = await new Promise((resolve, reject) => {
       ws.close(1000, "done");
     }
   });
-  ws.on("close", (code) => resolve({ code, text, fullText }));
+  ws.on("close", (code) => resolve({ code, text, fullText, extensions }));
   ws.on("error", reject);
 });
-const ok = result.code === 1000 && result.fullText !== null && result.text === result.fullText;
-console.log(`${label}: close ${result.code}, ${result.text.length} chars streamed, matches fullText: ${result.text === result.fullText}`);
+const deflate = result.extensions.startsWith("permessage-deflate");
+const ok = result.code === 1000 && result.fullText !== null && result.text === result.fullText && deflate;
+console.log(`${label}: close ${result.code}, ${result.text.length} chars streamed, matches fullText: ${result.text === result.fullText}, extensions: ${JSON.stringify(result.extensions)}`);
 console.log(ok ? `${label} check: ok` : `${label} check: FAILED`);
 process.exit(ok ? 0 : 1);

@@ -1,6 +1,7 @@
 """Python's `websockets` against the running narration example.
 
-Two clients at once: one streams a whole narration and closes cleanly; the
+Two clients at once: one streams a whole narration (with permessage-deflate
+negotiated) and closes cleanly; the
 other completes the handshake by hand and then sends garbage (a frame with
 reserved bits set), and must be closed with 1002 while the first goes on.
 
@@ -33,6 +34,7 @@ async def narration():
     request_id = search("sushi")
     text, full_text = "", None
     async with websockets.connect(BASE.replace("http", "ws") + "/ws") as ws:
+        extensions = ws.response.headers.get("Sec-WebSocket-Extensions", "")
         await ws.send(json.dumps({"type": "subscribe", "requestId": request_id}))
         async for raw in ws:
             msg = json.loads(raw)
@@ -42,7 +44,7 @@ async def narration():
                 full_text = msg["fullText"]
             elif msg["type"] == "status" and msg["status"] == "done":
                 break
-    return text, full_text, ws.close_code
+    return text, full_text, ws.close_code, extensions
 
 
 async def garbage():
@@ -64,12 +66,22 @@ async def garbage():
 
 
 async def main():
-    (text, full_text, code), (opcode, close_code) = await asyncio.wait_for(
+    (text, full_text, code, extensions), (opcode, close_code) = await asyncio.wait_for(
         asyncio.gather(narration(), garbage()), 30
     )
-    print(f"python websockets: {len(text)} chars streamed, matches fullText: {text == full_text}, close {code}")
+    print(
+        f"python websockets: {len(text)} chars streamed, matches fullText: {text == full_text}, "
+        f"close {code}, extensions: {extensions!r}"
+    )
     print(f"python garbage client: opcode {opcode:#x}, close code {close_code}")
-    ok = text == full_text and full_text and code == 1000 and opcode == 0x8 and close_code == 1002
+    ok = (
+        text == full_text
+        and full_text
+        and code == 1000
+        and extensions.startswith("permessage-deflate")
+        and opcode == 0x8
+        and close_code == 1002
+    )
     print("python check: ok" if ok else "python check: FAILED")
     sys.exit(0 if ok else 1)
 
