@@ -27,6 +27,16 @@
 #   COMPARE=sse bench/run.sh [runs=3] [scenario…]
 #       bench_server's subscribers over WebSocket against the same over
 #       Server-Sent Events (loadgen --transport sse)
+#   COMPARE=deflate bench/run.sh [runs=3] [scenario…]
+#       bench_server padding with prose, without compression against the
+#       same with COMPRESSION and clients offering permessage-deflate
+#       (loadgen --deflate); adds wire_bytes, the bytes the loopback
+#       interface carried during the run
+#   COMPARE=uws-deflate bench/run.sh [runs=3] [scenario…]
+#       the same with compression against uWebSockets.js with its
+#       SHARED_COMPRESSOR (a copy of ../shared/bench/uws with that setting
+#       and compress=true on its publishes), both padding with x's, clients
+#       offering deflate
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-3}
@@ -37,10 +47,12 @@ case $compare in
   uws) servers=(tower-ws uws); default_scenarios="s1 s1x s2 s3 s4 s5 s5x" ;;
   backplane) servers=(in-process redis); default_scenarios="s1 s2 s5" ;;
   sse) servers=(websocket sse); default_scenarios="s1 s1x" ;;
+  deflate) servers=(plain deflate); default_scenarios="s1k s1 s3" ;;
+  uws-deflate) servers=(deflate-x uws-deflate); default_scenarios="s1k" ;;
   rollup) servers=(redis redis-rollup); default_scenarios="s5t" ;;
   cluster) servers=(redis redis-cluster); default_scenarios="s1 s2 s5" ;;
   redis-ab) servers=(redis redis-b); default_scenarios="s1 s2 s5" ;;
-  *) echo "COMPARE is node, uws, backplane, cluster, redis-ab, sse or rollup" >&2; exit 2 ;;
+  *) echo "COMPARE is node, uws, uws-deflate, backplane, cluster, redis-ab, sse, deflate or rollup" >&2; exit 2 ;;
 esac
 scenarios=("${@:-$default_scenarios}")
 read -r -a scenarios <<<"${scenarios[*]}"
@@ -54,12 +66,22 @@ mkdir -p target/bench
 
 free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
-if [ "$compare" = sse ] || [ "$compare" = node ] || [ "$compare" = uws ]; then
+if [ "$compare" = sse ] || [ "$compare" = node ] || [ "$compare" = uws ] || [ "$compare" = deflate ] ||
+  [ "$compare" = uws-deflate ]; then
   cargo build --release --example bench_server --example loadgen
 fi
 if [ "$compare" = uws ] && [ ! -d "$uws_dir/node_modules" ]; then
   rm -rf "$uws_dir" && cp -r "$shared/bench/uws" "$uws_dir" && chmod -R u+w "$uws_dir"
   (cd "$uws_dir" && ./build.sh)
+fi
+if [ "$compare" = uws-deflate ] && [ ! -d "$uws_dir-deflate/node_modules" ]; then
+  rm -rf "$uws_dir-deflate" && cp -r "$shared/bench/uws" "$uws_dir-deflate" && chmod -R u+w "$uws_dir-deflate"
+  # Compression on, and asked for on every publish (its fourth argument).
+  sed -i -e 's/compression: uWS.DISABLED/compression: uWS.SHARED_COMPRESSOR/' \
+    -e 's/\(app\.publish(.*\), false);/\1, false, true);/' "$uws_dir-deflate/server.js"
+  grep -q 'compression: uWS.SHARED_COMPRESSOR' "$uws_dir-deflate/server.js"
+  [ "$(grep -c 'false, true);' "$uws_dir-deflate/server.js")" -eq 2 ]
+  (cd "$uws_dir-deflate" && ./build.sh)
 fi
 if [ "$compare" = node ]; then
   if [ ! -d "$node_dir/node_modules" ]; then
@@ -118,9 +140,17 @@ redis_xadds() { # XADD calls the server's Redis servers have run
     awk -F'[=,]' '/^cmdstat_xadd:/ { s += $2 } END { print s + 0 }'
 }
 
+lo_bytes() { # bytes the loopback interface has received
+  awk -F'[: ]+' '/^ *lo:/ { print $3 }' /proc/net/dev
+}
+
 start_server() { # name port → pid
   case $1 in
     tower-ws | in-process | websocket | sse) PORT=$2 WORKERS=1 taskset -c 0 target/release/examples/bench_server >/dev/null 2>&1 & ;;
+    plain) PADDING=prose PORT=$2 WORKERS=1 taskset -c 0 target/release/examples/bench_server >/dev/null 2>&1 & ;;
+    deflate) COMPRESSION=1 PADDING=prose PORT=$2 WORKERS=1 taskset -c 0 target/release/examples/bench_server >/dev/null 2>&1 & ;;
+    deflate-x) COMPRESSION=1 PORT=$2 WORKERS=1 taskset -c 0 target/release/examples/bench_server >/dev/null 2>&1 & ;;
+    uws-deflate) (cd "$uws_dir-deflate" && PORT=$2 exec taskset -c 0 ./start.sh >/dev/null 2>&1) & ;;
     redis-rollup) DELTA_ROLLUP_MS=50 REDIS_URL="redis://127.0.0.1:$redis_port" PORT=$2 WORKERS=1 taskset -c 0 \
       "${REDIS_SERVER_BIN:-target/release/examples/bench_server}" >/dev/null 2>&1 & ;;
     redis) REDIS_URL="redis://127.0.0.1:$redis_port" PORT=$2 WORKERS=1 taskset -c 0 \
@@ -144,6 +174,7 @@ args_for() {
   case $1 in
     s1) echo "s1 --clients 1000 --count 2000 --size 128" ;;
     s1x) echo "s1 --clients 10000 --count 200 --size 128" ;;
+    s1k) echo "s1 --clients 1000 --count 200 --size 2048" ;;
     s2) echo "s2 --topics 1000 --count 200 --size 64" ;;
     s3) echo "s3 --clients 10000" ;;
     s4) echo "s4 --clients 5000 --inflight 64" ;;
@@ -163,6 +194,8 @@ for scenario in "${scenarios[@]}"; do
       # shellcheck disable=SC2046
       transport=()
       if [ "$server" = sse ]; then transport=(--transport sse); fi
+      case $server in *deflate*) transport=(--deflate) ;; esac
+      lo_before=$(lo_bytes)
       case $server in redis*) redis_before=$(redis_cpu "$server") xadds_before=$(redis_xadds "$server") ;; esac
       result=$(taskset -c 1 target/release/examples/loadgen $(args_for "$scenario" | sed "s/^\(s[0-9]\) /\1 127.0.0.1:$port /") --pid "$pid" "${transport[@]}")
       case $server in redis*)
@@ -170,6 +203,9 @@ for scenario in "${scenarios[@]}"; do
         # application published, and how many entries Redis appended.
         result=$(python3 -c 'import json, sys; r = json.loads(sys.argv[1]); n = r["server"].get("published") or 0; r["redis_cpu_us_per_msg"] = round((float(sys.argv[3]) - float(sys.argv[2])) * 1e6 / max(n, 1), 2); r["redis_xadds"] = int(sys.argv[5]) - int(sys.argv[4]); print(json.dumps(r, separators=(",", ":")))' "$result" "$redis_before" "$(redis_cpu "$server")" "$xadds_before" "$(redis_xadds "$server")")
       ;; esac
+      if [ "$compare" = deflate ] || [ "$compare" = uws-deflate ]; then
+        result=$(python3 -c 'import json, sys; r = json.loads(sys.argv[1]); r["wire_bytes"] = int(sys.argv[3]) - int(sys.argv[2]); print(json.dumps(r, separators=(",", ":")))' "$result" "$lo_before" "$(lo_bytes)")
+      fi
       kill "$pid" 2>/dev/null || true
       while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
       line="{\"scenario\":\"$scenario\",\"server\":\"$server\",\"run\":$run,\"result\":$result}"
@@ -181,7 +217,7 @@ done
 python3 - "$out" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
-keys = ["msgs_per_s", "p50_us", "p99_us", "p999_us", "lost", "server_rss_kib", "server_cpu_s", "redis_cpu_us_per_msg", "redis_xadds", "merged_frames", "delivered",
+keys = ["wire_bytes", "msgs_per_s", "p50_us", "p99_us", "p999_us", "lost", "server_rss_kib", "server_cpu_s", "redis_cpu_us_per_msg", "redis_xadds", "merged_frames", "delivered",
         "bytes_per_conn", "conns_per_s", "handshake_p50_us", "handshake_p99_us"]
 by = {}
 for r in rows:

@@ -348,12 +348,68 @@ fn rollup_ms() -> Option<u64> {
 }
 
 /// `size` bytes of padding, without a colon: `x`s, or with `PADDING=prose`
-/// an assistant's sentence over and over.
+/// words of an assistant's answer in a random order (fixed seed), which
+/// deflate about as much as English does.
 fn padding(size: usize) -> String {
-    const PROSE: &str = "Found 10 great places for pizza near you, sorted by rating and \
-                         distance; the first two take reservations tonight. ";
+    const WORDS: [&str; 48] = [
+        "the ",
+        "a ",
+        "and ",
+        "of ",
+        "to ",
+        "in ",
+        "is ",
+        "for ",
+        "near ",
+        "you ",
+        "with ",
+        "open ",
+        "now ",
+        "great ",
+        "places ",
+        "pizza ",
+        "ramen ",
+        "sushi ",
+        "rating ",
+        "walk ",
+        "minutes ",
+        "away ",
+        "top ",
+        "pick ",
+        "reviews ",
+        "say ",
+        "crust ",
+        "fresh ",
+        "best ",
+        "tonight ",
+        "table ",
+        "booking ",
+        "call ",
+        "directions ",
+        "price ",
+        "cheap ",
+        "quiet ",
+        "outdoor ",
+        "seating ",
+        "family ",
+        "friendly ",
+        "late ",
+        "menu ",
+        "vegan ",
+        "options ",
+        "parking ",
+        "street ",
+        "downtown. ",
+    ];
     if std::env::var("PADDING").is_ok_and(|p| p == "prose") {
-        PROSE.chars().cycle().take(size).collect()
+        let mut state = 1u32;
+        let mut text = String::with_capacity(size + 16);
+        while text.len() < size {
+            state = state.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+            text.push_str(WORDS[(state >> 16) as usize % WORDS.len()]);
+        }
+        text.truncate(size);
+        text
     } else {
         "x".repeat(size)
     }
