@@ -129,6 +129,10 @@ impl<R: AsyncRead + Unpin> Decoder<R> {
                     return whole(is_text, &self.assembled);
                 }
                 if frame.fin {
+                    // Frames may carry a compressed message's allowance.
+                    if frame.payload.len() > self.max_message {
+                        return Err(violation(close_code::MESSAGE_TOO_BIG, "message too big"));
+                    }
                     return whole(is_text, frame.payload);
                 }
                 let mut started = Assembly {
@@ -585,6 +589,16 @@ mod tests {
         ));
         assert!(matches!(
             a.push(&[b'x'; 200]),
+            Err(DecodeError::Violation { code: 1009, .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn with_inflation_on_a_plain_message_keeps_the_plain_limit() {
+        let bytes = masked(0x81, &[b'a'; 101]);
+        let mut decoder = Decoder::new(&bytes[..], 100, true);
+        assert!(matches!(
+            decoder.next().await,
             Err(DecodeError::Violation { code: 1009, .. })
         ));
     }
