@@ -285,7 +285,6 @@ async fn a_topic_moved_to_another_shard_mid_stream_goes_on_after_one_gap() {
 }
 
 #[tokio::test]
-#[ignore = "known defect, issue 13: in about 1 run in 4 delivery stalls for over 20 s after the primary is killed"]
 async fn a_primary_killed_mid_stream_ends_in_everything_or_a_history_gap() {
     within(through(Fault::Killed)).await;
 }

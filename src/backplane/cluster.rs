@@ -11,7 +11,10 @@
 //! a confirmation comes. A node that goes silent without closing its
 //! connection is not noticed by the cluster connection, which would go on
 //! routing to it: the primaries are pinged, and a ping left unanswered
-//! replaces the connection with one that learns the cluster anew.
+//! replaces the connection with one that learns the cluster anew. For a
+//! few rounds of answered pings after a node was lost, every topic is
+//! subscribed again: while a failover settles, the cluster connection can
+//! drop a subscription it had confirmed.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -39,7 +42,14 @@ pub(super) struct ClusterListener {
     /// How many times the connection was replaced: a ping's answer about
     /// an earlier one is stale.
     generation: u64,
+    /// Rounds of answered pings left in which every topic is subscribed
+    /// again, after a node was lost or the connection replaced.
+    settling: u8,
 }
+
+/// Rounds of answered pings after a disturbance in which subscriptions
+/// are asked for again.
+const SETTLING_ROUNDS: u8 = 3;
 
 impl ClusterListener {
     pub(super) fn new(
@@ -59,6 +69,7 @@ impl ClusterListener {
             wanted: HashSet::new(),
             unconfirmed: HashSet::new(),
             generation: 0,
+            settling: 0,
         }
     }
 
@@ -107,8 +118,8 @@ impl ClusterListener {
                     }
                 }
                 Some((generation, alive)) = answers.recv() => {
-                    if !alive && generation == self.generation {
-                        self.reconnect().await;
+                    if generation == self.generation {
+                        self.answered(alive).await;
                     }
                 }
                 () = retry => {
@@ -125,6 +136,24 @@ impl ClusterListener {
                 }
                 (false, None) => retry_at = Some(Instant::now() + backoff.next()),
                 (false, Some(_)) => {}
+            }
+        }
+    }
+
+    /// After a round of pings of the current connection.
+    async fn answered(&mut self, alive: bool) {
+        if !alive {
+            self.reconnect().await;
+        } else if self.settling > 0 {
+            // While a failover settles, the cluster connection can lose a
+            // confirmed subscription without a word (seen when a killed
+            // primary's replica took over): asking again is harmless where
+            // it holds, and the history read after each confirmation
+            // catches up.
+            self.settling -= 1;
+            self.unconfirmed.extend(self.wanted.iter().cloned());
+            for topic in &self.unconfirmed {
+                self.subscribe(topic);
             }
         }
     }
@@ -153,6 +182,7 @@ impl ClusterListener {
                 self.connection = connection;
                 self.pushes = pushes;
                 self.generation += 1;
+                self.settling = SETTLING_ROUNDS;
                 self.unconfirmed.extend(self.wanted.iter().cloned());
                 for topic in &self.unconfirmed {
                     self.subscribe(topic);
@@ -199,6 +229,7 @@ impl ClusterListener {
             }
             (PushKind::Disconnection, _) => {
                 tracing::warn!("websocket_backplane_shard_disconnected");
+                self.settling = SETTLING_ROUNDS;
                 self.unconfirmed.extend(self.wanted.iter().cloned());
             }
             _ => {}
