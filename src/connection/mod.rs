@@ -346,7 +346,8 @@ impl<'a> Conn<'a> {
                             if read_end.is_none() {
                                 // We began the close: give the client a
                                 // moment to answer before dropping the socket.
-                                self.await_peer_close(read.as_mut()).await;
+                                // Boxed: only closing connections hold it.
+                                Box::pin(self.await_peer_close(read.as_mut())).await;
                             }
                             Reason::ServerClosed(code.unwrap_or(close_code::NORMAL))
                         }

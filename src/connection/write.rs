@@ -40,9 +40,6 @@ impl Conn<'_> {
         let idle_by = limits.idle_after.map(|d| self.epoch + d);
         let subscribe_by = limits.subscribe_deadline.map(|d| self.epoch + d);
         let mut marked_idle = false;
-        // For a timer branch that is disabled: `select!` still builds its
-        // future. Read once, not on every write.
-        let unused = Instant::now();
         // Whether bytes were written since the last flush.
         let mut unflushed = false;
         loop {
@@ -98,7 +95,7 @@ impl Conn<'_> {
                                 }
                                 ping_due = true;
                             }
-                            _ = tokio::time::sleep_until(check_at.unwrap_or(unused)), if check_at.is_some() => {
+                            () = sleep_until(check_at) => {
                                 // It may have subscribed while this waited.
                                 if !self.engaged.load(Relaxed) {
                                     let now = Instant::now();
@@ -125,7 +122,7 @@ impl Conn<'_> {
             let event = tokio::select! {
                 biased;
                 _ = self.outbox.woken() => WriterEvent::Woken,
-                _ = tokio::time::sleep_until(deadline.unwrap_or(unused)), if deadline.is_some() => WriterEvent::Deadline,
+                () = sleep_until(deadline) => WriterEvent::Deadline,
                 _ = ticker.tick() => WriterEvent::Tick,
                 // A flush waits like a write (behind TLS it waits for the
                 // socket), so it is raced against kill and deadline too.
@@ -160,6 +157,16 @@ impl Conn<'_> {
                 WriterEvent::Wrote(Err(_)) => return WriteEnd::Io,
             }
         }
+    }
+}
+
+/// Sleeps until `at`, or forever without it. The timer is boxed: most
+/// connections never wait on these, and an inline one would be part of
+/// every connection's task, idle or not.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => Box::pin(tokio::time::sleep_until(at)).await,
+        None => std::future::pending().await,
     }
 }
 
