@@ -68,10 +68,17 @@ struct Sealed {
     seq: u64,
     /// For a `stream.delta`, where its strings lie in `frame`.
     delta: Option<Spans>,
-    /// The Server-Sent Event, made on first use.
+    /// Other encodings, made on first use. Boxed: most messages never
+    /// need one, and a message may sit in a history for minutes.
+    encodings: OnceLock<Box<Encodings>>,
+}
+
+#[derive(Debug, Default)]
+struct Encodings {
+    /// The Server-Sent Event.
     event: OnceLock<Bytes>,
-    /// The frame compressed with the usual and with the small window, made
-    /// on first use; `None` when compressing would not make it smaller.
+    /// The frame compressed with the usual and with the small window;
+    /// `None` when compressing would not make it smaller.
     deflated: [OnceLock<Option<Bytes>>; 2],
 }
 
@@ -81,8 +88,7 @@ impl Sealed {
             frame,
             seq,
             delta,
-            event: OnceLock::new(),
-            deflated: [OnceLock::new(), OnceLock::new()],
+            encodings: OnceLock::new(),
         }
     }
 }
@@ -182,6 +188,10 @@ impl Message {
         &self.0.frame
     }
 
+    fn encodings(&self) -> &Encodings {
+        self.0.encodings.get_or_init(Box::default)
+    }
+
     /// The frame to write to a connection that negotiated `deflate`: the
     /// compressed one, made by the first such connection and the same for
     /// all, when the frame is a data frame large enough and compressing
@@ -190,7 +200,7 @@ impl Message {
         let frame = &self.0.frame;
         match deflate {
             Some(deflate) if deflate.wants(frame) => {
-                let slot = &self.0.deflated[usize::from(deflate.small_window())];
+                let slot = &self.encodings().deflated[usize::from(deflate.small_window())];
                 slot.get_or_init(|| deflate.compress(frame))
                     .as_ref()
                     .unwrap_or(frame)
@@ -202,7 +212,7 @@ impl Message {
     /// The message as one Server-Sent Event: `id:` its `seq` (a topic
     /// message only), `data:` the frame's JSON.
     pub(crate) fn event(&self) -> &Bytes {
-        self.0
+        self.encodings()
             .event
             .get_or_init(|| event(self.0.seq, frame::payload(&self.0.frame)))
     }
