@@ -35,7 +35,7 @@ use tower::Service;
 use crate::auth::{header_tokens, Authorize, Principal, Rejection, UpgradeRequest};
 use crate::body::{LayerBody, WsBody};
 use crate::client_ip::{client_ip, IpSlot};
-use crate::connection::{self, Peer, Upgrade};
+use crate::connection::{self, Peer, Seen, Upgrade};
 use crate::frame::deflate;
 use crate::shared::Shared;
 use crate::shutdown::TaskGuard;
@@ -397,11 +397,13 @@ fn admit<B>(
         .compression
         .and_then(|settings| deflate::negotiate(req.headers(), settings));
     let peer = Peer {
-        origin,
-        user_agent: text(req.headers(), header::USER_AGENT),
         principal,
-        ip,
         deflate: deflate.as_ref().map(|(deflate, _)| *deflate),
+        seen: Box::new(Seen {
+            origin,
+            user_agent: text(req.headers(), header::USER_AGENT),
+            ip,
+        }),
     };
     let (mut response, upgrade) = if req.method() == Method::CONNECT {
         let upgrade = hyper::upgrade::on(&mut req);

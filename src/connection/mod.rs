@@ -41,14 +41,19 @@ use crate::stats::{Counters, Ended};
 /// receive the peer's Close before the socket is dropped.
 pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// What the handshake learned about the client (for the logs) and
-/// negotiated with it.
+/// What the handshake learned about the client and negotiated with it.
 pub(crate) struct Peer {
+    pub(crate) principal: Option<Principal>,
+    pub(crate) deflate: Option<Deflate>,
+    /// For the connection's first log line, then dropped.
+    pub(crate) seen: Box<Seen>,
+}
+
+/// What a connection's first log line says of its client.
+pub(crate) struct Seen {
     pub(crate) origin: Option<String>,
     pub(crate) user_agent: Option<String>,
-    pub(crate) principal: Option<Principal>,
     pub(crate) ip: Option<IpAddr>,
-    pub(crate) deflate: Option<Deflate>,
 }
 
 /// An accepted handshake: the server hands its stream over once the
@@ -62,82 +67,95 @@ pub(crate) enum Upgrade {
 }
 
 /// Runs one connection from the completed upgrade to the end of cleanup.
-pub(crate) async fn serve(
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn stores its arguments twice; see the body"
+)]
+pub(crate) fn serve(
     shared: Arc<Shared>,
     upgrade: Upgrade,
     peer: Peer,
     // Held until the connection's cleanup is done.
     counted: (TaskGuard, Option<IpSlot>),
-) {
-    let io = match upgrade {
-        Upgrade::Http1(upgrade) => upgrade
-            .await
-            .map(|ws| ws.into_inner())
-            .map_err(|e| e.to_string()),
-        Upgrade::Http2(upgrade) => upgrade
-            .await
-            .map(hyper_util::rt::TokioIo::new)
-            .map_err(|e| e.to_string()),
-    };
-    let io = match io {
-        Ok(io) => io,
-        Err(error) => {
-            tracing::debug!(%error, "websocket_upgrade_failed");
+) -> impl std::future::Future<Output = ()> + Send {
+    // An async block, not an async fn: an async fn keeps its arguments
+    // twice in its state (as given, and moved into locals), and this state
+    // is in every connection's task.
+    async move {
+        let io = match upgrade {
+            Upgrade::Http1(upgrade) => upgrade
+                .await
+                .map(|ws| ws.into_inner())
+                .map_err(|e| e.to_string()),
+            Upgrade::Http2(upgrade) => upgrade
+                .await
+                .map(hyper_util::rt::TokioIo::new)
+                .map_err(|e| e.to_string()),
+        };
+        let io = match io {
+            Ok(io) => io,
+            Err(error) => {
+                tracing::debug!(%error, "websocket_upgrade_failed");
+                return;
+            }
+        };
+        let (read_half, mut write_half) = tokio::io::split(io);
+        let mut decoder = Decoder::new(
+            read_half,
+            shared.config.max_message_size,
+            peer.deflate.is_some(),
+        );
+
+        let client_id = ClientId::next();
+        let outbox = Arc::new(Outbox::new(
+            client_id,
+            shared.config.max_queued_bytes,
+            shared.config.slow_client_policy,
+        ));
+        let principal_id = peer.principal.as_ref().map(Principal::id);
+        if !shared.hub.register(outbox.clone(), principal_id) {
+            // Shutdown began while this client was upgrading.
+            let close = frame::close(close_code::GOING_AWAY, "server shutting down");
+            let goodbye = async {
+                write_half.write_all(&close).await?;
+                write_half.flush().await
+            };
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, goodbye).await;
             return;
         }
-    };
-    let (read_half, mut write_half) = tokio::io::split(io);
-    let mut decoder = Decoder::new(
-        read_half,
-        shared.config.max_message_size,
-        peer.deflate.is_some(),
-    );
+        let seen = peer.seen;
+        tracing::info!(
+            %client_id,
+            origin = ?seen.origin.as_deref(),
+            user_agent = ?seen.user_agent.as_deref(),
+            principal = ?principal_id,
+            ip = ?seen.ip,
+            compressed = peer.deflate.is_some(),
+            "websocket_connected"
+        );
+        // Not held for the connection's life: a browser's User-Agent alone
+        // is a hundred bytes or more.
+        drop(seen);
+        shared.connection_event(
+            client_id,
+            peer.principal.as_ref(),
+            ClientEventKind::Connected,
+        );
 
-    let client_id = ClientId::next();
-    let outbox = Arc::new(Outbox::new(
-        client_id,
-        shared.config.max_queued_bytes,
-        shared.config.slow_client_policy,
-    ));
-    let principal_id = peer.principal.as_ref().map(Principal::id);
-    if !shared.hub.register(outbox.clone(), principal_id) {
-        // Shutdown began while this client was upgrading.
-        let close = frame::close(close_code::GOING_AWAY, "server shutting down");
-        let goodbye = async {
-            write_half.write_all(&close).await?;
-            write_half.flush().await
-        };
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, goodbye).await;
-        return;
+        let conn = Conn::new(&shared, &outbox, peer.principal.as_ref(), peer.deflate);
+        let mut topics = HashSet::new();
+        let reason = conn.run(&mut decoder, &mut write_half, &mut topics).await;
+
+        clean_up(
+            &shared,
+            &outbox,
+            peer.principal.as_ref(),
+            &topics,
+            reason.counted(),
+            &counted.0,
+        );
+        tracing::info!(%client_id, %reason, "websocket_disconnected");
     }
-    tracing::info!(
-        %client_id,
-        origin = ?peer.origin.as_deref(),
-        user_agent = ?peer.user_agent.as_deref(),
-        principal = ?principal_id,
-        ip = ?peer.ip,
-        compressed = peer.deflate.is_some(),
-        "websocket_connected"
-    );
-    shared.connection_event(
-        client_id,
-        peer.principal.as_ref(),
-        ClientEventKind::Connected,
-    );
-
-    let conn = Conn::new(&shared, &outbox, peer.principal.as_ref(), peer.deflate);
-    let mut topics = HashSet::new();
-    let reason = conn.run(&mut decoder, &mut write_half, &mut topics).await;
-
-    clean_up(
-        &shared,
-        &outbox,
-        peer.principal.as_ref(),
-        &topics,
-        reason.counted(),
-        &counted.0,
-    );
-    tracing::info!(%client_id, %reason, "websocket_disconnected");
 }
 
 /// Undoes what a connection that ended held (a WebSocket's or an event
