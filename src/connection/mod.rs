@@ -82,6 +82,9 @@ pub(crate) fn serve(
     // twice in its state (as given, and moved into locals), and this state
     // is in every connection's task.
     async move {
+        // Named whole: the block would capture only the fields it reads,
+        // and the address's slot would be dropped when this returns.
+        let (task, _ip_slot) = counted;
         let io = match upgrade {
             Upgrade::Http1(upgrade) => upgrade
                 .await
@@ -152,7 +155,7 @@ pub(crate) fn serve(
             peer.principal.as_ref(),
             &topics,
             reason.counted(),
-            &counted.0,
+            &task,
         );
         tracing::info!(%client_id, %reason, "websocket_disconnected");
     }
