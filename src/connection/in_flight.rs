@@ -16,6 +16,7 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io::IoSlice;
 use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use tokio::io::AsyncWrite;
@@ -85,57 +86,62 @@ impl InFlight {
 
     /// One write of the frames' bytes; returns how many bytes the socket
     /// took. Cancel-safe: until it completes, nothing was written.
-    pub(crate) async fn write_some<W: AsyncWrite + Unpin>(
-        &self,
-        io: &mut W,
-    ) -> std::io::Result<usize> {
-        let Some(first) = self.unwritten().next() else {
-            return Ok(0);
-        };
-        let written = if first.len() < PACK_BELOW {
-            self.write_packed(io).await?
-        } else {
-            self.write_vectored(io).await?
-        };
-        if written == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        Ok(written)
+    pub(crate) fn write_some<'a, W: AsyncWrite + Unpin>(
+        &'a self,
+        io: &'a mut W,
+    ) -> impl std::future::Future<Output = std::io::Result<usize>> + 'a {
+        // One poll_fn, not nested async fns: this future is in the
+        // connection's task, and two references are all it needs to hold.
+        std::future::poll_fn(move |cx| {
+            let Some(first) = self.unwritten().next() else {
+                return Poll::Ready(Ok(0));
+            };
+            let written = std::task::ready!(if first.len() < PACK_BELOW {
+                self.poll_packed(cx, io)
+            } else {
+                self.poll_vectored(cx, io)
+            })?;
+            if written == 0 {
+                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+            }
+            Poll::Ready(Ok(written))
+        })
     }
 
     /// Copies the leading small frames into the thread's buffer and writes
     /// it. The copy is made again on every poll, as the buffer is shared:
     /// a socket that is not writable costs one wasted copy per wake-up.
-    async fn write_packed<W: AsyncWrite + Unpin>(&self, io: &mut W) -> std::io::Result<usize> {
-        std::future::poll_fn(|cx| {
-            PACKED.with_borrow_mut(|buf| {
-                buf.clear();
-                for frame in self.unwritten() {
-                    if frame.len() >= PACK_BELOW || buf.len() + frame.len() > PACK_BYTES {
-                        break;
-                    }
-                    buf.extend_from_slice(frame);
+    fn poll_packed<W: AsyncWrite + Unpin>(
+        &self,
+        cx: &mut Context<'_>,
+        io: &mut W,
+    ) -> Poll<std::io::Result<usize>> {
+        PACKED.with_borrow_mut(|buf| {
+            buf.clear();
+            for frame in self.unwritten() {
+                if frame.len() >= PACK_BELOW || buf.len() + frame.len() > PACK_BYTES {
+                    break;
                 }
-                Pin::new(&mut *io).poll_write(cx, buf)
-            })
+                buf.extend_from_slice(frame);
+            }
+            Pin::new(&mut *io).poll_write(cx, buf)
         })
-        .await
     }
 
-    /// The slices are made on each poll, on the stack: held across the
-    /// `.await`, their 1 KiB would be part of every connection's task,
-    /// idle or not.
-    async fn write_vectored<W: AsyncWrite + Unpin>(&self, io: &mut W) -> std::io::Result<usize> {
-        std::future::poll_fn(|cx| {
-            let mut slices = [IoSlice::new(&[]); MAX_SLICES];
-            let mut count = 0;
-            for (slice, frame) in slices.iter_mut().zip(self.unwritten()) {
-                *slice = IoSlice::new(frame);
-                count += 1;
-            }
-            Pin::new(&mut *io).poll_write_vectored(cx, &slices[..count])
-        })
-        .await
+    /// The slices are made on each poll, on the stack: kept in the future,
+    /// their 1 KiB would be part of every connection's task.
+    fn poll_vectored<W: AsyncWrite + Unpin>(
+        &self,
+        cx: &mut Context<'_>,
+        io: &mut W,
+    ) -> Poll<std::io::Result<usize>> {
+        let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+        let mut count = 0;
+        for (slice, frame) in slices.iter_mut().zip(self.unwritten()) {
+            *slice = IoSlice::new(frame);
+            count += 1;
+        }
+        Pin::new(&mut *io).poll_write_vectored(cx, &slices[..count])
     }
 
     /// Drops `written` bytes from the front.

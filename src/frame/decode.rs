@@ -72,8 +72,9 @@ pub(crate) struct Decoder<R> {
     max_message: usize,
     /// The most a compressed message may take before it is inflated.
     max_compressed: usize,
-    /// The fragmented message being put together.
-    assembling: Option<Assembly>,
+    /// The fragmented message being put together; boxed, as most
+    /// connections never fragment and this sits in every connection's task.
+    assembling: Option<Box<Assembly>>,
     /// The last message put together, lent out until the next read.
     assembled: Vec<u8>,
 }
@@ -147,7 +148,7 @@ impl<R: AsyncRead + Unpin> Decoder<R> {
                     utf8_checked: 0,
                 };
                 started.push(frame.payload)?;
-                self.assembling = Some(started);
+                self.assembling = Some(Box::new(started));
                 Ok(Decoded::Fragment)
             }
             OpCode::Continuation => {
