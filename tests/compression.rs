@@ -13,7 +13,6 @@ use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-const MASK: [u8; 4] = [0x0A, 0x0B, 0x0C, 0x0D];
 const SYNC_TAIL: [u8; 4] = [0x00, 0x00, 0xFF, 0xFF];
 
 /// A client on a raw socket that speaks permessage-deflate by hand.
@@ -56,22 +55,11 @@ impl Raw {
 
     /// Sends one masked frame with `first` as its first byte.
     async fn send_frame(&mut self, first: u8, payload: &[u8]) {
-        let mut frame = vec![first];
-        match payload.len() {
-            n if n < 126 => frame.push(0x80 | n as u8),
-            n if n < 65536 => {
-                frame.push(0x80 | 126);
-                frame.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                frame.push(0x80 | 127);
-                frame.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        frame.extend_from_slice(&MASK);
-        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ MASK[i % 4]));
         // The server may close before it has read everything.
-        let _ = self.stream.write_all(&frame).await;
+        let _ = self
+            .stream
+            .write_all(&client_frame(first, payload, false))
+            .await;
     }
 
     /// Sends `text` as one compressed text message.
@@ -83,24 +71,11 @@ impl Raw {
     /// hung up.
     async fn frame(&mut self) -> Option<(u8, Vec<u8>)> {
         loop {
-            if self.buf.len() >= 2 {
-                let (len, header) = match self.buf[1] & 0x7F {
-                    126 if self.buf.len() >= 4 => {
-                        (u16::from_be_bytes([self.buf[2], self.buf[3]]) as usize, 4)
-                    }
-                    127 if self.buf.len() >= 10 => (
-                        u64::from_be_bytes(self.buf[2..10].try_into().unwrap()) as usize,
-                        10,
-                    ),
-                    126 | 127 => (usize::MAX, 0),
-                    n => (n as usize, 2),
-                };
-                if len != usize::MAX && self.buf.len() >= header + len {
-                    let first = self.buf[0];
-                    let payload = self.buf[header..header + len].to_vec();
-                    self.buf.drain(..header + len);
-                    return Some((first, payload));
-                }
+            if let Some((header, len)) = server_frame(&self.buf) {
+                let first = self.buf[0];
+                let payload = self.buf[header..header + len].to_vec();
+                self.buf.drain(..header + len);
+                return Some((first, payload));
             }
             let mut chunk = [0u8; 65536];
             match within(self.stream.read(&mut chunk)).await {

@@ -13,34 +13,8 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
 const GOOD: usize = 100;
-const MASK: [u8; 4] = [0x11, 0x22, 0x33, 0x44];
-
-/// A client frame: `first` byte as given, masked unless `unmasked`.
-fn frame(first: u8, payload: &[u8], unmasked: bool) -> Vec<u8> {
-    let mut f = vec![first];
-    let mask_bit = if unmasked { 0 } else { 0x80 };
-    match payload.len() {
-        n if n < 126 => f.push(mask_bit | n as u8),
-        n if n < 65536 => {
-            f.push(mask_bit | 126);
-            f.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            f.push(mask_bit | 127);
-            f.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    if unmasked {
-        f.extend_from_slice(payload);
-    } else {
-        f.extend_from_slice(&MASK);
-        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ MASK[i % 4]));
-    }
-    f
-}
-
 fn text(payload: &[u8]) -> Vec<u8> {
-    frame(0x81, payload, false)
+    client_frame(0x81, payload, false)
 }
 
 /// Opens a raw connection, sends `bytes`, and returns the close code the
@@ -60,21 +34,7 @@ async fn read_close(stream: &mut TcpStream) -> Option<u16> {
         loop {
             // Parse what we have: unmasked server frames.
             let mut at = 0;
-            while buf.len() >= at + 2 {
-                let (len, header) = match buf[at + 1] & 0x7F {
-                    126 if buf.len() >= at + 4 => {
-                        (u16::from_be_bytes([buf[at + 2], buf[at + 3]]) as usize, 4)
-                    }
-                    127 if buf.len() >= at + 10 => (
-                        u64::from_be_bytes(buf[at + 2..at + 10].try_into().unwrap()) as usize,
-                        10,
-                    ),
-                    126 | 127 => break,
-                    n => (n as usize, 2),
-                };
-                if buf.len() < at + header + len {
-                    break;
-                }
+            while let Some((header, len)) = server_frame(&buf[at..]) {
                 if buf[at] & 0x0F == 0x8 {
                     let payload = &buf[at + header..at + header + len];
                     return (payload.len() >= 2)
@@ -161,32 +121,48 @@ async fn hostile_clients_get_their_codes_while_good_clients_get_everything() {
         (
             "fragments that never end",
             {
-                let mut b = frame(0x01, &vec![b'a'; 30_000], false);
+                let mut b = client_frame(0x01, &vec![b'a'; 30_000], false);
                 for _ in 0..5 {
-                    b.extend(frame(0x00, &vec![b'a'; 30_000], false));
+                    b.extend(client_frame(0x00, &vec![b'a'; 30_000], false));
                 }
                 b
             },
             Some(1009),
         ),
-        ("unmasked frame", frame(0x81, b"hello", true), Some(1002)),
-        ("reserved bits", frame(0xF1, b"x", false), Some(1002)),
-        ("reserved opcode", frame(0x83, b"x", false), Some(1002)),
         (
-            "continuation without a start",
-            frame(0x80, b"x", false),
+            "unmasked frame",
+            client_frame(0x81, b"hello", true),
             Some(1002),
         ),
-        ("fragmented ping", frame(0x09, b"x", false), Some(1002)),
-        ("oversized ping", frame(0x89, &[0; 126], false), Some(1002)),
+        ("reserved bits", client_frame(0xF1, b"x", false), Some(1002)),
+        (
+            "reserved opcode",
+            client_frame(0x83, b"x", false),
+            Some(1002),
+        ),
+        (
+            "continuation without a start",
+            client_frame(0x80, b"x", false),
+            Some(1002),
+        ),
+        (
+            "fragmented ping",
+            client_frame(0x09, b"x", false),
+            Some(1002),
+        ),
+        (
+            "oversized ping",
+            client_frame(0x89, &[0; 126], false),
+            Some(1002),
+        ),
         (
             "close with a 1-byte payload",
-            frame(0x88, &[3], false),
+            client_frame(0x88, &[3], false),
             Some(1002),
         ),
         (
             "close with a forbidden code",
-            frame(0x88, &1005u16.to_be_bytes(), false),
+            client_frame(0x88, &1005u16.to_be_bytes(), false),
             Some(1002),
         ),
         ("10,000 subscribes", subscribe_flood, Some(1008)),
@@ -195,7 +171,7 @@ async fn hostile_clients_get_their_codes_while_good_clients_get_everything() {
             {
                 let mut b = vec![0x81, 0x80 | 127];
                 b.extend_from_slice(&(1u64 << 63).to_be_bytes());
-                b.extend_from_slice(&MASK);
+                b.extend_from_slice(&[1, 2, 3, 4]);
                 b
             },
             Some(1009),
@@ -259,7 +235,7 @@ async fn registered_close_codes_are_answered_in_kind() {
     let server = axum_server(builder()).await;
     // 1012–1014 are in IANA's registry; 1015 is for local use only.
     for (sent, answer) in [(1012, 1012), (1013, 1013), (1014, 1014), (1015, 1002)] {
-        let close = frame(0x88, &u16::to_be_bytes(sent), false);
+        let close = client_frame(0x88, &u16::to_be_bytes(sent), false);
         assert_eq!(close_code_for(&server, close).await, Some(answer), "{sent}");
     }
 }

@@ -394,6 +394,47 @@ pub async fn stalled_client(addr: SocketAddr, recv_buffer: u32) -> TcpStream {
     stream
 }
 
+/// A client frame with `first` as its first byte, masked unless
+/// `unmasked`.
+pub fn client_frame(first: u8, payload: &[u8], unmasked: bool) -> Vec<u8> {
+    const MASK: [u8; 4] = [0x11, 0x22, 0x33, 0x44];
+    let mut f = vec![first];
+    let mask_bit = if unmasked { 0 } else { 0x80 };
+    match payload.len() {
+        n if n < 126 => f.push(mask_bit | n as u8),
+        n if n < 65536 => {
+            f.push(mask_bit | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            f.push(mask_bit | 127);
+            f.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    if unmasked {
+        f.extend_from_slice(payload);
+    } else {
+        f.extend_from_slice(&MASK);
+        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ MASK[i % 4]));
+    }
+    f
+}
+
+/// The header and payload lengths of the unmasked server frame at the
+/// start of `buf`, once all of it is there.
+pub fn server_frame(buf: &[u8]) -> Option<(usize, usize)> {
+    let (len, header) = match *buf.get(1)? & 0x7F {
+        126 if buf.len() >= 4 => (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4),
+        127 if buf.len() >= 10 => (
+            u64::from_be_bytes(buf[2..10].try_into().unwrap()) as usize,
+            10,
+        ),
+        126 | 127 => return None,
+        n => (n as usize, 2),
+    };
+    (buf.len() >= header + len).then_some((header, len))
+}
+
 /// Sends one masked client text frame on a raw socket.
 pub async fn send_raw_text(stream: &mut TcpStream, text: &str) {
     let payload = text.as_bytes();
