@@ -151,10 +151,7 @@ impl ClusterListener {
             // it holds, and the history read after each confirmation
             // catches up.
             self.settling -= 1;
-            self.unconfirmed.extend(self.wanted.iter().cloned());
-            for topic in &self.unconfirmed {
-                self.subscribe(topic);
-            }
+            self.subscribe_all();
         }
     }
 
@@ -183,10 +180,7 @@ impl ClusterListener {
                 self.pushes = pushes;
                 self.generation += 1;
                 self.settling = SETTLING_ROUNDS;
-                self.unconfirmed.extend(self.wanted.iter().cloned());
-                for topic in &self.unconfirmed {
-                    self.subscribe(topic);
-                }
+                self.subscribe_all();
             }
             Err(e) => tracing::debug!(error = %e, "websocket_backplane_connect_failed"),
         }
@@ -233,6 +227,15 @@ impl ClusterListener {
                 self.unconfirmed.extend(self.wanted.iter().cloned());
             }
             _ => {}
+        }
+    }
+
+    /// Asks again for every wanted topic, none counted as held until its
+    /// confirmation comes.
+    fn subscribe_all(&mut self) {
+        self.unconfirmed.extend(self.wanted.iter().cloned());
+        for topic in &self.unconfirmed {
+            self.subscribe(topic);
         }
     }
 
