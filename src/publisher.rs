@@ -139,7 +139,7 @@ impl Publisher {
     ) -> impl Future<Output = Result<u64, PublishError>> + Send + 'static {
         let outcome = Draft::json(message).and_then(|draft| {
             self.in_order(topic, || {
-                self.shared.ensure_sweeper();
+                self.shared.ensure_background_tasks();
                 Counters::add(&self.shared.hub.counters.messages_published, 1);
                 match self.shared.hub.relay() {
                     Some(relay) => {
@@ -166,7 +166,7 @@ impl Publisher {
     /// [`completed_grace`](crate::WsLayerBuilder::completed_grace), then
     /// dropped. Messages may still be published to it meanwhile.
     pub fn complete(&self, topic: &str) {
-        self.shared.ensure_sweeper();
+        self.shared.ensure_background_tasks();
         self.in_order(topic, || self.shared.hub.complete(topic));
     }
 
@@ -363,7 +363,7 @@ impl Publisher {
         draft: Draft,
         complete: bool,
     ) -> Result<usize, PublishError> {
-        self.shared.ensure_sweeper();
+        self.shared.ensure_background_tasks();
         Counters::add(&self.shared.hub.counters.messages_published, 1);
         let queued = match self.shared.hub.relay() {
             Some(relay) => {

@@ -397,7 +397,7 @@ fn admit<B>(
         .compression
         .and_then(|settings| deflate::negotiate(req.headers(), settings));
     let peer = Peer {
-        principal,
+        principal: principal.map(Box::new),
         deflate: deflate.as_ref().map(|(deflate, _)| *deflate),
         seen: Box::new(Seen {
             origin,
@@ -495,7 +495,7 @@ pub(crate) fn take_slots(
             }
         },
     };
-    shared.ensure_sweeper();
+    shared.ensure_background_tasks();
     Ok((task, ip_slot))
 }
 

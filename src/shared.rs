@@ -1,6 +1,6 @@
 //! What the layer, its services, its connections and its publishers share:
 //! the validated configuration, the hub, the connection count, and the
-//! sweeper that expires history.
+//! background tasks (history's sweeper, the heartbeat).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -67,7 +67,7 @@ pub(crate) struct Shared {
     pub(crate) streams: crate::sse::Streams,
     /// With a rollup window, the deltas held in it.
     pub(crate) rollup: Option<crate::rollup::Rollup>,
-    sweeping: AtomicBool,
+    background_started: AtomicBool,
 }
 
 impl Shared {
@@ -109,7 +109,7 @@ impl Shared {
             receiver: Mutex::new(Some(receiver)),
             streams: crate::sse::Streams::default(),
             rollup,
-            sweeping: AtomicBool::new(false),
+            background_started: AtomicBool::new(false),
         })
     }
 
@@ -126,19 +126,24 @@ impl Shared {
         }
     }
 
-    /// Starts the task that expires history and drops idle topics, once,
-    /// from the first call made inside a Tokio runtime. The task ends when
-    /// the layer and every publisher are gone.
-    pub(crate) fn ensure_sweeper(self: &Arc<Self>) {
-        if self.sweeping.load(Ordering::Relaxed) {
+    /// Starts the layer's two background tasks once, from the first call
+    /// made inside a Tokio runtime: the sweeper, which expires history and
+    /// drops idle topics, and the connections' heartbeat. Both end when the
+    /// layer and every publisher are gone.
+    pub(crate) fn ensure_background_tasks(self: &Arc<Self>) {
+        if self.background_started.load(Ordering::Relaxed) {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        if self.sweeping.swap(true, Ordering::Relaxed) {
+        if self.background_started.swap(true, Ordering::Relaxed) {
             return;
         }
+        runtime.spawn(crate::connection::heartbeat::run(
+            Arc::downgrade(self),
+            self.config.heartbeat_interval,
+        ));
         let shared: Weak<Self> = Arc::downgrade(self);
         let interval = self.config.sweep_interval;
         runtime.spawn(async move {

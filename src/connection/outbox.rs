@@ -11,6 +11,7 @@
 //! queued data.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Mutex;
 
 use bytes::Bytes;
@@ -106,8 +107,10 @@ pub(crate) struct Outbox {
     max_bytes: usize,
     policy: SlowClientPolicy,
     state: Mutex<State>,
-    /// Woken on the first frame after the queue was empty, and on every
-    /// change of the closing state.
+    /// Set by the shared heartbeat, taken by the writer.
+    beat: AtomicBool,
+    /// Woken on the first frame after the queue was empty, on every change
+    /// of the closing state, and on a heartbeat.
     wake: Notify,
 }
 
@@ -163,8 +166,20 @@ impl Outbox {
             max_bytes,
             policy,
             state: Mutex::new(State::default()),
+            beat: AtomicBool::new(false),
             wake: Notify::new(),
         }
+    }
+
+    /// A heartbeat: the writer pings the client, or ends a silent one.
+    pub(crate) fn beat(&self) {
+        self.beat.store(true, Relaxed);
+        self.wake.notify_one();
+    }
+
+    /// Whether a heartbeat came since the last call.
+    pub(crate) fn take_beat(&self) -> bool {
+        self.beat.load(Relaxed) && self.beat.swap(false, Relaxed)
     }
 
     pub(crate) fn client_id(&self) -> ClientId {

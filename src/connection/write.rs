@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use bytes::Bytes;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::time::{Instant, MissedTickBehavior};
+use tokio::time::Instant;
 
 use super::in_flight::InFlight;
 use super::outbox::{Status, Take};
@@ -17,13 +17,11 @@ use crate::message::Message;
 use crate::stats::Counters;
 
 impl Conn<'_> {
-    /// Writes the outbox's frames, pings every interval, and ends with the
-    /// Close frame once the outbox is closing. Writes one system call at a
-    /// time so that pongs and pings go in between frames, ahead of data.
+    /// Writes the outbox's frames, pings at every heartbeat (see
+    /// [`heartbeat`](super::heartbeat)), and ends with the Close frame once
+    /// the outbox is closing. Writes one system call at a time so that
+    /// pongs and pings go in between frames, ahead of data.
     pub(super) async fn write_loop(&self, io: &mut (impl AsyncWrite + Unpin)) -> WriteEnd {
-        let interval = self.shared.config.heartbeat_interval;
-        let mut ticker = tokio::time::interval_at(Instant::now() + interval, interval);
-        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut in_flight = InFlight::new(self.deflate);
         let mut control: Vec<Bytes> = Vec::new();
         let mut ping_due = false;
@@ -43,6 +41,12 @@ impl Conn<'_> {
         // Whether bytes were written since the last flush.
         let mut unflushed = false;
         loop {
+            if self.outbox.take_beat() {
+                if self.is_dead() {
+                    return WriteEnd::HeartbeatTimeout;
+                }
+                ping_due = true;
+            }
             if in_flight.at_boundary() && close_code.is_none() {
                 self.outbox.take_control(&mut control);
                 if ping_due {
@@ -68,51 +72,52 @@ impl Conn<'_> {
                 if let Some(code) = close_code {
                     return WriteEnd::SentClose(code);
                 }
-                match self.outbox.take(&mut in_flight) {
-                    Take::Frames { data_frames } => unsent = data_frames,
+                let idle = match self.outbox.take(&mut in_flight) {
+                    Take::Frames { data_frames } => {
+                        unsent = data_frames;
+                        false
+                    }
                     Take::Close(frame) => {
                         close_code = Some(frame::close_parts(&frame).0);
                         in_flight.extend([Message::plain(frame)]);
+                        false
                     }
                     Take::Stop => return WriteEnd::Stopped,
-                    Take::Idle => {
-                        // The next moment a client that has not subscribed is
-                        // looked at again.
-                        let check_at = if self.engaged.load(Relaxed) {
-                            None
-                        } else {
-                            [idle_by.filter(|_| !marked_idle), subscribe_by]
-                                .into_iter()
-                                .flatten()
-                                .min()
-                        };
-                        tokio::select! {
-                            biased;
-                            _ = self.outbox.woken() => {}
-                            _ = ticker.tick() => {
-                                if self.is_dead() {
-                                    return WriteEnd::HeartbeatTimeout;
+                    Take::Idle => true,
+                };
+                // Decided before waiting, so that the `Take` is not part of
+                // the waiting state.
+                if idle {
+                    // The next moment a client that has not subscribed is
+                    // looked at again.
+                    let check_at = if self.engaged.load(Relaxed) {
+                        None
+                    } else {
+                        [idle_by.filter(|_| !marked_idle), subscribe_by]
+                            .into_iter()
+                            .flatten()
+                            .min()
+                    };
+                    tokio::select! {
+                        biased;
+                        _ = self.outbox.woken() => {}
+                        () = sleep_until(check_at) => {
+                            // It may have subscribed while this waited.
+                            if !self.engaged.load(Relaxed) {
+                                let now = Instant::now();
+                                if !marked_idle && idle_by.is_some_and(|at| now >= at) {
+                                    marked_idle = true;
+                                    self.shared.hub.mark_idle(self.outbox.client_id());
                                 }
-                                ping_due = true;
-                            }
-                            () = sleep_until(check_at) => {
-                                // It may have subscribed while this waited.
-                                if !self.engaged.load(Relaxed) {
-                                    let now = Instant::now();
-                                    if !marked_idle && idle_by.is_some_and(|at| now >= at) {
-                                        marked_idle = true;
-                                        self.shared.hub.mark_idle(self.outbox.client_id());
-                                    }
-                                    if subscribe_by.is_some_and(|at| now >= at) {
-                                        tracing::info!(client_id = %self.outbox.client_id(), "websocket_subscribe_deadline");
-                                        let close = frame::close(close_code::POLICY_VIOLATION, "no subscription in time");
-                                        self.outbox.close(Some(close), true);
-                                    }
+                                if subscribe_by.is_some_and(|at| now >= at) {
+                                    tracing::info!(client_id = %self.outbox.client_id(), "websocket_subscribe_deadline");
+                                    let close = frame::close(close_code::POLICY_VIOLATION, "no subscription in time");
+                                    self.outbox.close(Some(close), true);
                                 }
                             }
                         }
-                        continue;
                     }
+                    continue;
                 }
                 if self.outbox.status() != Status::Open {
                     deadline.get_or_insert_with(|| Instant::now() + CLOSE_TIMEOUT);
@@ -123,7 +128,6 @@ impl Conn<'_> {
                 biased;
                 _ = self.outbox.woken() => WriterEvent::Woken,
                 () = sleep_until(deadline) => WriterEvent::Deadline,
-                _ = ticker.tick() => WriterEvent::Tick,
                 // A flush waits like a write (behind TLS it waits for the
                 // socket), so it is raced against kill and deadline too.
                 written = async {
@@ -143,12 +147,6 @@ impl Conn<'_> {
                     Status::Open => {}
                 },
                 WriterEvent::Deadline => return WriteEnd::CloseTimeout,
-                WriterEvent::Tick => {
-                    if self.is_dead() {
-                        return WriteEnd::HeartbeatTimeout;
-                    }
-                    ping_due = true;
-                }
                 WriterEvent::Wrote(Ok(Some(n))) => {
                     in_flight.advance(n);
                     unflushed = true;
@@ -183,7 +181,6 @@ async fn flush_now(io: &mut (impl AsyncWrite + Unpin)) -> Option<std::io::Result
 enum WriterEvent {
     Woken,
     Deadline,
-    Tick,
     /// Bytes written, or `None` for a flush done.
     Wrote(std::io::Result<Option<usize>>),
 }

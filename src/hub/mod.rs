@@ -174,6 +174,12 @@ impl Hub {
         true
     }
 
+    /// Calls `f` with every registered connection's outbox, under the
+    /// registry's lock: `f` must not call back into the hub.
+    pub(crate) fn each_client(&self, mut f: impl FnMut(&Arc<Outbox>)) {
+        lock(&self.clients).map.values().for_each(&mut f);
+    }
+
     pub(crate) fn deregister(&self, client_id: ClientId, principal: Option<&str>) {
         let mut clients = lock(&self.clients);
         clients.idle.remove(&client_id);
