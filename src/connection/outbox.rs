@@ -13,9 +13,9 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Mutex;
+use std::task::{Poll, Waker};
 
 use bytes::Bytes;
-use tokio::sync::Notify;
 
 use crate::message::{MergedDelta, Message};
 use crate::ClientId;
@@ -109,9 +109,6 @@ pub(crate) struct Outbox {
     state: Mutex<State>,
     /// Set by the shared heartbeat, taken by the writer.
     beat: AtomicBool,
-    /// Woken on the first frame after the queue was empty, on every change
-    /// of the closing state, and on a heartbeat.
-    wake: Notify,
 }
 
 #[derive(Default)]
@@ -122,6 +119,13 @@ struct State {
     closing: Option<Closing>,
     close_sent: bool,
     killed: bool,
+    /// A wake the writer has not seen yet: set on the first frame after
+    /// the queue was empty, on every change of the closing state, and on
+    /// a heartbeat.
+    woken: bool,
+    /// The writer's task while it waits. One task waits on an outbox, so
+    /// one waker (not a `Notify` and its wait list) is enough.
+    waiter: Option<Waker>,
 }
 
 struct Closing {
@@ -167,14 +171,13 @@ impl Outbox {
             policy,
             state: Mutex::new(State::default()),
             beat: AtomicBool::new(false),
-            wake: Notify::new(),
         }
     }
 
     /// A heartbeat: the writer pings the client, or ends a silent one.
     pub(crate) fn beat(&self) {
         self.beat.store(true, Relaxed);
-        self.wake.notify_one();
+        self.wake(self.lock());
     }
 
     /// Whether a heartbeat came since the last call.
@@ -209,8 +212,7 @@ impl Outbox {
                 let close =
                     crate::frame::close(crate::close_code::TRY_AGAIN_LATER, "outbound queue full");
                 let discarded = state.begin_close(Some(close), false) + 1;
-                drop(state);
-                self.wake.notify_one();
+                self.wake(state);
                 return Push::Overflowed { discarded };
             }
         }
@@ -229,9 +231,8 @@ impl Outbox {
         };
         state.data_bytes += len;
         state.data.push_back(Queued::One(message));
-        drop(state);
         if was_empty {
-            self.wake.notify_one();
+            self.wake(state);
         }
         Push::Queued { coalesced }
     }
@@ -243,8 +244,7 @@ impl Outbox {
             return;
         }
         state.control.push(frame);
-        drop(state);
-        self.wake.notify_one();
+        self.wake(state);
     }
 
     /// Starts closing: no new frames are accepted. With `flush`, what is
@@ -258,8 +258,7 @@ impl Outbox {
             return 0;
         }
         let discarded = state.begin_close(frame, flush);
-        drop(state);
-        self.wake.notify_one();
+        self.wake(state);
         discarded
     }
 
@@ -269,8 +268,7 @@ impl Outbox {
         let mut state = self.lock();
         state.killed = true;
         let discarded = state.discard_data();
-        drop(state);
-        self.wake.notify_one();
+        self.wake(state);
         discarded
     }
 
@@ -337,11 +335,30 @@ impl Outbox {
         }
     }
 
-    /// Waits for a wake (see [`Outbox::wake`]). Cancel-safe: a wake that
-    /// races with dropping this future is caught by the writer looking at
-    /// the state again before it waits.
-    pub(crate) async fn woken(&self) {
-        self.wake.notified().await;
+    /// Waits for a wake, or takes one that came while nobody waited.
+    /// Cancel-safe: a wake is only taken when this returns.
+    pub(crate) fn woken(&self) -> impl std::future::Future<Output = ()> + '_ {
+        std::future::poll_fn(|cx| {
+            let mut state = self.lock();
+            if std::mem::take(&mut state.woken) {
+                return Poll::Ready(());
+            }
+            match &state.waiter {
+                Some(waiter) if waiter.will_wake(cx.waker()) => {}
+                _ => state.waiter = Some(cx.waker().clone()),
+            }
+            Poll::Pending
+        })
+    }
+
+    /// Records a wake and wakes the writer, after the lock is let go.
+    fn wake(&self, mut state: std::sync::MutexGuard<'_, State>) {
+        state.woken = true;
+        let waiter = state.waiter.take();
+        drop(state);
+        if let Some(waiter) = waiter {
+            waiter.wake();
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
