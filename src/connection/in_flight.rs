@@ -54,6 +54,12 @@ impl InFlight {
         }
     }
 
+    /// Gives back the room of frames written, while the writer waits.
+    pub(crate) fn release(&mut self) {
+        debug_assert!(self.frames.is_empty());
+        self.frames = VecDeque::new();
+    }
+
     pub(crate) fn is_empty(&self) -> bool {
         self.frames.is_empty()
     }

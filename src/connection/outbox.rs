@@ -307,7 +307,11 @@ impl Outbox {
         }
         let state = &mut *state;
         match &mut state.closing {
-            None => Take::Idle,
+            None => {
+                // The writer waits now: an idle connection holds no queue.
+                state.data = VecDeque::new();
+                Take::Idle
+            }
             Some(closing) => {
                 state.close_sent = true;
                 match closing.frame.take() {

@@ -88,6 +88,7 @@ impl Conn<'_> {
                 // Decided before waiting, so that the `Take` is not part of
                 // the waiting state.
                 if idle {
+                    in_flight.release();
                     // The next moment a client that has not subscribed is
                     // looked at again.
                     let check_at = if self.engaged.load(Relaxed) {

@@ -128,6 +128,12 @@ impl TopicState {
         if limits.messages > 0 {
             self.history_bytes += message.len();
             delta = message.len() as isize;
+            // Room for the first few messages is made one at a time: many
+            // topics only ever hold one or two, and a `VecDeque` would
+            // otherwise make room for four.
+            if self.history.len() == self.history.capacity() && self.history.len() < 4 {
+                self.history.reserve_exact(1);
+            }
             self.history.push_back(Held {
                 seq,
                 at: now,
