@@ -272,12 +272,10 @@ impl Outbox {
         discarded
     }
 
-    /// Moves the queued control frames into `out`.
-    pub(crate) fn take_control(&self, out: &mut Vec<Bytes>) {
-        let mut state = self.lock();
-        if !state.control.is_empty() {
-            out.append(&mut state.control);
-        }
+    /// Takes the queued control frames, and their room with them: a
+    /// connection pinged once an interval would otherwise hold it forever.
+    pub(crate) fn take_control(&self) -> Vec<Bytes> {
+        std::mem::take(&mut self.lock().control)
     }
 
     /// Moves the data to write next into `batch`: up to
@@ -454,9 +452,7 @@ mod tests {
         let o = outbox(100);
         assert_eq!(o.push(plain(b"d1")), Push::Queued { coalesced: 0 });
         o.push_control(Bytes::from_static(b"c1"));
-        let mut control = Vec::new();
-        o.take_control(&mut control);
-        assert_eq!(control, [&b"c1"[..]]);
+        assert_eq!(o.take_control(), [&b"c1"[..]]);
         let mut batch = Vec::new();
         assert_eq!(o.take(&mut batch), Take::Frames { data_frames: 1 });
         assert_eq!(batch[0].frame(), &b"d1"[..]);

@@ -29,7 +29,8 @@ impl Conn<'_> {
             tracing::debug!(client_id = %self.outbox.client_id(), code, reason, "websocket_protocol_violation");
             // What was queued before the violation still goes out first.
             self.discarded(self.outbox.close(Some(frame::close(code, reason)), true));
-            decoder.drain().await;
+            // Boxed: only a client that broke the protocol waits here.
+            Box::pin(decoder.drain()).await;
         }
         end
     }

@@ -5,7 +5,6 @@
 
 use std::sync::atomic::Ordering::Relaxed;
 
-use bytes::Bytes;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
@@ -23,7 +22,6 @@ impl Conn<'_> {
     /// pongs and pings go in between frames, ahead of data.
     pub(super) async fn write_loop(&self, io: &mut (impl AsyncWrite + Unpin)) -> WriteEnd {
         let mut in_flight = InFlight::new(self.deflate);
-        let mut control: Vec<Bytes> = Vec::new();
         let mut ping_due = false;
         // Data frames in `in_flight` not yet counted as sent.
         let mut unsent = 0;
@@ -32,11 +30,6 @@ impl Conn<'_> {
         // Set once the connection starts closing: the last frames must be
         // written by then.
         let mut deadline: Option<Instant> = None;
-        // When a client that never subscribed counts as idle, and when it
-        // is closed whatever the load.
-        let limits = &self.shared.config.limits;
-        let idle_by = limits.idle_after.map(|d| self.epoch + d);
-        let subscribe_by = limits.subscribe_deadline.map(|d| self.epoch + d);
         let mut marked_idle = false;
         // Whether bytes were written since the last flush.
         let mut unflushed = false;
@@ -48,12 +41,12 @@ impl Conn<'_> {
                 ping_due = true;
             }
             if in_flight.at_boundary() && close_code.is_none() {
-                self.outbox.take_control(&mut control);
+                let mut control = self.outbox.take_control();
                 if ping_due {
                     control.push(frame::ping());
                     ping_due = false;
                 }
-                in_flight.prepend(control.drain(..));
+                in_flight.prepend(control.into_iter());
             }
             if in_flight.is_empty() && unsent > 0 {
                 Counters::add(&self.shared.hub.counters.messages_sent, unsent);
@@ -94,7 +87,7 @@ impl Conn<'_> {
                     let check_at = if self.engaged.load(Relaxed) {
                         None
                     } else {
-                        [idle_by.filter(|_| !marked_idle), subscribe_by]
+                        [self.idle_by().filter(|_| !marked_idle), self.subscribe_by()]
                             .into_iter()
                             .flatten()
                             .min()
@@ -106,11 +99,11 @@ impl Conn<'_> {
                             // It may have subscribed while this waited.
                             if !self.engaged.load(Relaxed) {
                                 let now = Instant::now();
-                                if !marked_idle && idle_by.is_some_and(|at| now >= at) {
+                                if !marked_idle && self.idle_by().is_some_and(|at| now >= at) {
                                     marked_idle = true;
                                     self.shared.hub.mark_idle(self.outbox.client_id());
                                 }
-                                if subscribe_by.is_some_and(|at| now >= at) {
+                                if self.subscribe_by().is_some_and(|at| now >= at) {
                                     tracing::info!(client_id = %self.outbox.client_id(), "websocket_subscribe_deadline");
                                     let close = frame::close(close_code::POLICY_VIOLATION, "no subscription in time");
                                     self.outbox.close(Some(close), true);
@@ -156,6 +149,23 @@ impl Conn<'_> {
                 WriterEvent::Wrote(Err(_)) => return WriteEnd::Io,
             }
         }
+    }
+}
+
+impl Conn<'_> {
+    // Computed where used rather than kept in locals: those would be part
+    // of every connection's waiting state.
+
+    /// When a client that never subscribed counts as idle.
+    fn idle_by(&self) -> Option<Instant> {
+        let limits = &self.shared.config.limits;
+        limits.idle_after.map(|d| self.epoch + d)
+    }
+
+    /// When a client that never subscribed is closed, whatever the load.
+    fn subscribe_by(&self) -> Option<Instant> {
+        let limits = &self.shared.config.limits;
+        limits.subscribe_deadline.map(|d| self.epoch + d)
     }
 }
 

@@ -93,15 +93,13 @@ async fn write(shared: &Shared, stream: &Stream, chunks: &mpsc::Sender<Bytes>) -
     let mut ticker = tokio::time::interval_at(Instant::now() + interval, interval);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut batch: Vec<Message> = Vec::new();
-    let mut control = Vec::new();
     // Whether something was written since the last tick.
     let mut written = true;
     let mut deadline: Option<Instant> = None;
     let unused = Instant::now();
     loop {
         // Pongs answer WebSocket pings; a stream has none to answer.
-        outbox.take_control(&mut control);
-        control.clear();
+        drop(outbox.take_control());
         let mut data_frames = 0;
         let mut close = None;
         let chunk = match outbox.take(&mut batch) {
