@@ -112,14 +112,18 @@ pub(crate) fn serve(
             peer.deflate.is_some(),
         );
 
-        let client_id = ClientId::next();
         let outbox = Arc::new(Outbox::new(
-            client_id,
+            ClientId::next(),
             shared.config.max_queued_bytes,
             shared.config.slow_client_policy,
         ));
-        let principal_id = peer.principal.as_deref().map(Principal::id);
-        if !shared.hub.register(outbox.clone(), principal_id) {
+        if !welcome(
+            &shared,
+            &outbox,
+            peer.principal.as_deref(),
+            peer.deflate.is_some(),
+            *peer.seen,
+        ) {
             // Shutdown began while this client was upgrading.
             let close = frame::close(close_code::GOING_AWAY, "server shutting down");
             let goodbye = async {
@@ -129,24 +133,6 @@ pub(crate) fn serve(
             let _ = tokio::time::timeout(CLOSE_TIMEOUT, goodbye).await;
             return;
         }
-        let seen = peer.seen;
-        tracing::info!(
-            %client_id,
-            origin = ?seen.origin.as_deref(),
-            user_agent = ?seen.user_agent.as_deref(),
-            principal = ?principal_id,
-            ip = ?seen.ip,
-            compressed = peer.deflate.is_some(),
-            "websocket_connected"
-        );
-        // Not held for the connection's life: a browser's User-Agent alone
-        // is a hundred bytes or more.
-        drop(seen);
-        shared.connection_event(
-            client_id,
-            peer.principal.as_deref(),
-            ClientEventKind::Connected,
-        );
 
         let conn = Conn::new(&shared, &outbox, peer.principal.as_deref(), peer.deflate);
         let mut topics = HashSet::new();
@@ -160,11 +146,41 @@ pub(crate) fn serve(
             reason.counted(),
             &counted.0,
         );
-        tracing::info!(%client_id, %reason, "websocket_disconnected");
+        tracing::info!(client_id = %outbox.client_id(), %reason, "websocket_disconnected");
         // Moved whole, so that the block captures the pair and not only
         // the field it reads: the address's slot is held to the end.
         drop(counted);
     }
+}
+
+/// Registers a connection in the hub, logs it and tells the application;
+/// `false` if shutdown began first. Apart from `serve`: its locals would
+/// otherwise be kept in every connection's task. `seen` is dropped here,
+/// not held for the connection's life: a browser's User-Agent alone is a
+/// hundred bytes or more.
+fn welcome(
+    shared: &Shared,
+    outbox: &Arc<Outbox>,
+    principal: Option<&Principal>,
+    compressed: bool,
+    seen: Seen,
+) -> bool {
+    let client_id = outbox.client_id();
+    let principal_id = principal.map(Principal::id);
+    if !shared.hub.register(outbox.clone(), principal_id) {
+        return false;
+    }
+    tracing::info!(
+        %client_id,
+        origin = ?seen.origin.as_deref(),
+        user_agent = ?seen.user_agent.as_deref(),
+        principal = ?principal_id,
+        ip = ?seen.ip,
+        compressed,
+        "websocket_connected"
+    );
+    shared.connection_event(client_id, principal, ClientEventKind::Connected);
+    true
 }
 
 /// Undoes what a connection that ended held (a WebSocket's or an event

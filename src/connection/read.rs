@@ -24,33 +24,19 @@ impl Conn<'_> {
         decoder: &mut Decoder<impl AsyncRead + Unpin>,
         topics: &mut HashSet<Arc<str>>,
     ) -> ReadEnd {
-        let end = self.read_frames(decoder, topics).await;
-        if let ReadEnd::Violation { code, reason } = end {
-            tracing::debug!(client_id = %self.outbox.client_id(), code, reason, "websocket_protocol_violation");
-            // What was queued before the violation still goes out first.
-            self.discarded(self.outbox.close(Some(frame::close(code, reason)), true));
-            // Boxed: only a client that broke the protocol waits here.
-            Box::pin(decoder.drain()).await;
-        }
-        end
-    }
-
-    async fn read_frames(
-        &self,
-        decoder: &mut Decoder<impl AsyncRead + Unpin>,
-        topics: &mut HashSet<Arc<str>>,
-    ) -> ReadEnd {
         let MessageRate { per_second, burst } = self.shared.config.limits.message_rate;
         let mut rate = RateLimit::new(per_second, burst, Instant::now());
-        loop {
+        // One async fn, not a loop in a helper: each level of async fn
+        // would keep its own copy of the references in the task.
+        let end = loop {
             let decoded = match decoder.next().await {
                 Ok(decoded) => decoded,
-                Err(DecodeError::Gone) => return ReadEnd::Gone,
+                Err(DecodeError::Gone) => break ReadEnd::Gone,
                 Err(DecodeError::Violation { code, reason }) => {
-                    return ReadEnd::Violation { code, reason }
+                    break ReadEnd::Violation { code, reason }
                 }
                 Err(DecodeError::Broken { code, reason }) => {
-                    return ReadEnd::Broken { code, reason }
+                    break ReadEnd::Broken { code, reason }
                 }
             };
             self.touch();
@@ -70,7 +56,7 @@ impl Conn<'_> {
                         continue;
                     }
                     Verdict::Exceeded => {
-                        return ReadEnd::Violation {
+                        break ReadEnd::Violation {
                             code: close_code::POLICY_VIOLATION,
                             reason: "message rate exceeded",
                         }
@@ -89,13 +75,21 @@ impl Conn<'_> {
                         Some(code) => frame::close(code, ""),
                         None => frame::close_empty(),
                     };
-                    return ReadEnd::ClientClosed { code, reply };
+                    break ReadEnd::ClientClosed { code, reply };
                 }
                 Decoded::Pong | Decoded::Fragment => continue,
             };
             if let Err(end) = self.on_message(inbound, topics) {
-                return end;
+                break end;
             }
+        };
+        if let ReadEnd::Violation { code, reason } = end {
+            tracing::debug!(client_id = %self.outbox.client_id(), code, reason, "websocket_protocol_violation");
+            // What was queued before the violation still goes out first.
+            self.discarded(self.outbox.close(Some(frame::close(code, reason)), true));
+            // Boxed: only a client that broke the protocol waits here.
+            Box::pin(decoder.drain()).await;
         }
+        end
     }
 }
