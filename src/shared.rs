@@ -67,7 +67,8 @@ pub(crate) struct Shared {
     pub(crate) streams: crate::sse::Streams,
     /// With a rollup window, the deltas held in it.
     pub(crate) rollup: Option<crate::rollup::Rollup>,
-    background_started: AtomicBool,
+    heartbeat_running: AtomicBool,
+    sweeper_running: AtomicBool,
 }
 
 impl Shared {
@@ -109,7 +110,8 @@ impl Shared {
             receiver: Mutex::new(Some(receiver)),
             streams: crate::sse::Streams::default(),
             rollup,
-            background_started: AtomicBool::new(false),
+            heartbeat_running: AtomicBool::new(false),
+            sweeper_running: AtomicBool::new(false),
         })
     }
 
@@ -126,40 +128,83 @@ impl Shared {
         }
     }
 
-    /// Starts the layer's two background tasks once, from the first call
-    /// made inside a Tokio runtime: the sweeper, which expires history and
-    /// drops idle topics, and the connections' heartbeat. Both end when the
-    /// layer and every publisher are gone.
+    /// Starts the layer's two background tasks, from a call made inside a
+    /// Tokio runtime, unless they run: the sweeper, which expires history
+    /// and drops idle topics, and the connections' heartbeat. Both end when
+    /// the layer and every publisher are gone. A task its runtime dropped
+    /// (a layer that outlives the runtime it first ran on) is started again
+    /// on the next call.
     pub(crate) fn ensure_background_tasks(self: &Arc<Self>) {
-        if self.background_started.load(Ordering::Relaxed) {
+        self.spawn_unless_running(
+            |shared| &shared.heartbeat_running,
+            |shared| {
+                let interval = self.config.heartbeat_interval;
+                crate::connection::heartbeat::run(shared, interval)
+            },
+        );
+        self.spawn_unless_running(
+            |shared| &shared.sweeper_running,
+            |shared| {
+                let interval = self.config.sweep_interval;
+                sweep(shared, interval)
+            },
+        );
+    }
+
+    fn spawn_unless_running<F>(
+        self: &Arc<Self>,
+        running: fn(&Self) -> &AtomicBool,
+        task: impl FnOnce(Weak<Self>) -> F,
+    ) where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        if running(self).load(Ordering::Relaxed) {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        if self.background_started.swap(true, Ordering::Relaxed) {
+        if running(self).swap(true, Ordering::Relaxed) {
             return;
         }
-        runtime.spawn(crate::connection::heartbeat::run(
-            Arc::downgrade(self),
-            self.config.heartbeat_interval,
-        ));
-        let shared: Weak<Self> = Arc::downgrade(self);
-        let interval = self.config.sweep_interval;
+        let guard = Running {
+            shared: Arc::downgrade(self),
+            flag: running,
+        };
+        let task = task(Arc::downgrade(self));
         runtime.spawn(async move {
-            let mut ticker = tokio::time::interval(interval);
-            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                ticker.tick().await;
-                match shared.upgrade() {
-                    Some(shared) => {
-                        shared.hub.sweep();
-                        #[cfg(feature = "metrics")]
-                        crate::metrics::export(&shared);
-                    }
-                    None => return,
-                }
-            }
+            let _guard = guard;
+            task.await;
         });
+    }
+}
+
+/// Clears a background task's flag when the task ends or is dropped.
+struct Running {
+    shared: Weak<Shared>,
+    flag: fn(&Shared) -> &AtomicBool,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(shared) = self.shared.upgrade() {
+            (self.flag)(&shared).store(false, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Expires history and drops idle topics every `interval`, until the layer
+/// and every publisher are gone.
+async fn sweep(shared: Weak<Shared>, interval: Duration) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        shared.hub.sweep();
+        #[cfg(feature = "metrics")]
+        crate::metrics::export(&shared);
     }
 }

@@ -33,6 +33,31 @@ async fn a_client_that_never_answers_pings_is_terminated() {
     .await;
 }
 
+#[test]
+fn a_layer_that_outlives_the_runtime_it_first_ran_on_still_beats() {
+    let (layer, publisher) = fast_heartbeat().build().unwrap();
+    let first = tokio::runtime::Runtime::new().unwrap();
+    first.block_on(async {
+        let addr = serve_axum(layer.clone(), None).await;
+        let mut client = stalled_client(addr, 64 * 1024).await;
+        send_raw_text(&mut client, r#"{"type":"subscribe","requestId":"a"}"#).await;
+        subscribers(&publisher, "a", 1).await;
+    });
+    // Its tasks, the heartbeat's among them, are dropped with it.
+    drop(first);
+    let second = tokio::runtime::Runtime::new().unwrap();
+    second.block_on(async {
+        let addr = serve_axum(layer, None).await;
+        let mut silent = stalled_client(addr, 64 * 1024).await;
+        send_raw_text(&mut silent, r#"{"type":"subscribe","requestId":"t"}"#).await;
+        subscribers(&publisher, "t", 1).await;
+        eventually("heartbeat termination on the second runtime", || {
+            publisher.stats().heartbeat_timeouts == 1
+        })
+        .await;
+    });
+}
+
 #[tokio::test]
 async fn a_client_that_answers_pings_stays_connected() {
     // A timeout of ten intervals leaves room for a busy CI machine.

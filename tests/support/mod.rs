@@ -60,8 +60,15 @@ pub async fn axum_server_with_send_buffer(
     builder: WsLayerBuilder,
     send_buffer: Option<usize>,
 ) -> Server {
-    use axum::serve::ListenerExt;
     let (layer, publisher) = builder.build().expect("valid config");
+    let addr = serve_axum(layer, send_buffer).await;
+    Server { addr, publisher }
+}
+
+/// Serves `layer` in front of the axum app on a new port, on the current
+/// runtime.
+pub async fn serve_axum(layer: WsLayer, send_buffer: Option<usize>) -> SocketAddr {
+    use axum::serve::ListenerExt;
     let app = Router::new()
         .route("/hello", get(|| async { "hello from axum" }))
         .layer(layer);
@@ -75,7 +82,7 @@ pub async fn axum_server_with_send_buffer(
         }
     });
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    Server { addr, publisher }
+    addr
 }
 
 /// A plain hyper `service_fn` inside a tower-http stack, served by
