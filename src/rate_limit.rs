@@ -47,9 +47,9 @@ pub(crate) enum Verdict {
     Exceeded,
 }
 
+/// The bucket's state; the rate is the layer's, given to each check (it
+/// is the same for every connection, and this is kept by each).
 pub(crate) struct RateLimit {
-    per_second: f64,
-    burst: f64,
     tokens: f64,
     last: Instant,
     /// Messages refused, less one for each allowed since: a client that
@@ -59,20 +59,20 @@ pub(crate) struct RateLimit {
 }
 
 impl RateLimit {
-    /// `per_second` on average, bursts of up to `burst`; starts full.
-    pub(crate) fn new(per_second: u32, burst: u32, now: Instant) -> Self {
+    /// A full bucket for `rate`.
+    pub(crate) fn new(rate: MessageRate, now: Instant) -> Self {
         Self {
-            per_second: f64::from(per_second),
-            burst: f64::from(burst),
-            tokens: f64::from(burst),
+            tokens: f64::from(rate.burst),
             last: now,
             strikes: 0,
         }
     }
 
-    pub(crate) fn check(&mut self, now: Instant) -> Verdict {
-        let refill = now.saturating_duration_since(self.last).as_secs_f64() * self.per_second;
-        self.tokens = (self.tokens + refill).min(self.burst);
+    pub(crate) fn check(&mut self, rate: MessageRate, now: Instant) -> Verdict {
+        let burst = f64::from(rate.burst);
+        let refill =
+            now.saturating_duration_since(self.last).as_secs_f64() * f64::from(rate.per_second);
+        self.tokens = (self.tokens + refill).min(burst);
         self.last = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
@@ -80,7 +80,7 @@ impl RateLimit {
             return Verdict::Allowed;
         }
         self.strikes += 1;
-        if f64::from(self.strikes) > self.burst {
+        if f64::from(self.strikes) > burst {
             Verdict::Exceeded
         } else {
             Verdict::Limited
@@ -96,17 +96,18 @@ mod tests {
     #[test]
     fn bursts_then_the_rate_then_closing_when_it_persists() {
         let start = Instant::now();
-        let mut limit = RateLimit::new(10, 5, start);
+        let rate = MessageRate::per_second(10).burst(5);
+        let mut limit = RateLimit::new(rate, start);
         for _ in 0..5 {
-            assert_eq!(limit.check(start), Verdict::Allowed);
+            assert_eq!(limit.check(rate, start), Verdict::Allowed);
         }
-        assert_eq!(limit.check(start), Verdict::Limited);
+        assert_eq!(limit.check(rate, start), Verdict::Limited);
         // 100 ms later one token is back.
         let later = start + Duration::from_millis(100);
-        assert_eq!(limit.check(later), Verdict::Allowed);
+        assert_eq!(limit.check(rate, later), Verdict::Allowed);
         for _ in 0..5 {
-            assert_eq!(limit.check(later), Verdict::Limited);
+            assert_eq!(limit.check(rate, later), Verdict::Limited);
         }
-        assert_eq!(limit.check(later), Verdict::Exceeded);
+        assert_eq!(limit.check(rate, later), Verdict::Exceeded);
     }
 }

@@ -353,59 +353,67 @@ impl<'a> Conn<'a> {
         }
     }
 
-    async fn run(
-        &self,
-        decoder: &mut Decoder<impl AsyncRead + Unpin>,
-        writer: &mut (impl AsyncWrite + Unpin),
-        topics: &mut HashSet<Arc<str>>,
-    ) -> Reason {
-        let read = self.read_loop(decoder, topics);
-        let write = self.write_loop(writer);
-        tokio::pin!(read, write);
-        let mut read_end: Option<Reason> = None;
-        loop {
-            tokio::select! {
-                end = &mut read, if read_end.is_none() => {
-                    read_end = Some(match end {
-                        ReadEnd::ClientClosed { code, reply } => {
-                            self.discarded(self.outbox.close(Some(reply), false));
-                            Reason::ClientClosed(code)
-                        }
-                        ReadEnd::Violation { code, .. } => Reason::ServerClosed(code),
-                        ReadEnd::Broken { code, reason } => {
-                            tracing::debug!(client_id = %self.outbox.client_id(), code, reason, "websocket_protocol_violation");
-                            self.discarded(self.outbox.close(Some(frame::close(code, reason)), true));
-                            Reason::ServerClosed(code)
-                        }
-                        ReadEnd::Gone => {
-                            self.discarded(self.outbox.kill());
-                            Reason::Gone
-                        }
-                    });
-                }
-                end = &mut write => {
-                    let reason = match end {
-                        WriteEnd::SentClose(code) => {
-                            if read_end.is_none() {
-                                // We began the close: give the client a
-                                // moment to answer before dropping the socket.
-                                // Boxed: only closing connections hold it.
-                                Box::pin(self.await_peer_close(read.as_mut())).await;
+    #[allow(clippy::manual_async_fn, reason = "see `serve`")]
+    fn run<'s, R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+        &'s self,
+        decoder: &'s mut Decoder<R>,
+        writer: &'s mut W,
+        topics: &'s mut HashSet<Arc<str>>,
+    ) -> impl std::future::Future<Output = Reason> + use<'s, 'a, R, W> {
+        // An async block, as in `serve`.
+        async move {
+            let read = self.read_loop(decoder, topics);
+            let write = self.write_loop(writer);
+            tokio::pin!(read, write);
+            let mut read_end: Option<Reason> = None;
+            let write_end = loop {
+                tokio::select! {
+                    end = &mut read, if read_end.is_none() => {
+                        read_end = Some(match end {
+                            ReadEnd::ClientClosed { code, reply } => {
+                                self.discarded(self.outbox.close(Some(reply), false));
+                                Reason::ClientClosed(code)
                             }
-                            Reason::ServerClosed(code.unwrap_or(close_code::NORMAL))
-                        }
-                        WriteEnd::Stopped if self.outbox.status() == Status::Killed && read_end.is_none() => Reason::Killed,
-                        WriteEnd::Stopped | WriteEnd::Io => Reason::Gone,
-                        WriteEnd::HeartbeatTimeout => {
-                            Counters::add(&self.shared.hub.counters.heartbeat_timeouts, 1);
-                            tracing::info!(client_id = %self.outbox.client_id(), "websocket_heartbeat_timeout");
-                            Reason::HeartbeatTimeout
-                        }
-                        WriteEnd::CloseTimeout => Reason::CloseTimeout,
-                    };
-                    return read_end.unwrap_or(reason);
+                            ReadEnd::Violation { code, .. } => Reason::ServerClosed(code),
+                            ReadEnd::Broken { code, reason } => {
+                                tracing::debug!(client_id = %self.outbox.client_id(), code, reason, "websocket_protocol_violation");
+                                self.discarded(self.outbox.close(Some(frame::close(code, reason)), true));
+                                Reason::ServerClosed(code)
+                            }
+                            ReadEnd::Gone => {
+                                self.discarded(self.outbox.kill());
+                                Reason::Gone
+                            }
+                        });
+                    }
+                    end = &mut write => break end,
                 }
-            }
+            };
+            // Out of the select, so that its output is not kept while waiting.
+            let reason = match write_end {
+                WriteEnd::SentClose(code) => {
+                    if read_end.is_none() {
+                        // We began the close: give the client a moment to
+                        // answer before dropping the socket. Boxed: only
+                        // closing connections hold it.
+                        Box::pin(self.await_peer_close(read.as_mut())).await;
+                    }
+                    Reason::ServerClosed(code.unwrap_or(close_code::NORMAL))
+                }
+                WriteEnd::Stopped
+                    if self.outbox.status() == Status::Killed && read_end.is_none() =>
+                {
+                    Reason::Killed
+                }
+                WriteEnd::Stopped | WriteEnd::Io => Reason::Gone,
+                WriteEnd::HeartbeatTimeout => {
+                    Counters::add(&self.shared.hub.counters.heartbeat_timeouts, 1);
+                    tracing::info!(client_id = %self.outbox.client_id(), "websocket_heartbeat_timeout");
+                    Reason::HeartbeatTimeout
+                }
+                WriteEnd::CloseTimeout => Reason::CloseTimeout,
+            };
+            read_end.unwrap_or(reason)
         }
     }
 

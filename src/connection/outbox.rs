@@ -180,6 +180,17 @@ impl Outbox {
         self.wake(self.lock());
     }
 
+    /// Gives back the room an empty queue grew to. Called once a
+    /// heartbeat, not whenever the queue empties: publishers would then
+    /// make the room again for nearly every message to a connection that
+    /// keeps up.
+    pub(crate) fn release_room(&self) {
+        let mut state = self.lock();
+        if state.data.is_empty() {
+            state.data = VecDeque::new();
+        }
+    }
+
     /// Whether a heartbeat came since the last call.
     pub(crate) fn take_beat(&self) -> bool {
         self.beat.load(Relaxed) && self.beat.swap(false, Relaxed)
@@ -305,11 +316,7 @@ impl Outbox {
         }
         let state = &mut *state;
         match &mut state.closing {
-            None => {
-                // The writer waits now: an idle connection holds no queue.
-                state.data = VecDeque::new();
-                Take::Idle
-            }
+            None => Take::Idle,
             Some(closing) => {
                 state.close_sent = true;
                 match closing.frame.take() {

@@ -11,85 +11,89 @@ use super::{Conn, ReadEnd};
 use crate::frame::{self, close_code, DecodeError, Decoded, Decoder};
 use crate::inbound::Inbound;
 use crate::protocol::{self, error_code};
-use crate::rate_limit::{MessageRate, RateLimit, Verdict};
+use crate::rate_limit::{RateLimit, Verdict};
 
-impl Conn<'_> {
+impl<'a> Conn<'a> {
     /// Reads and handles frames until the connection ends. After a
     /// violation it starts the close and keeps reading, discarding, until
     /// the client hangs up (bounded by the close timeout): closing a socket
     /// with unread input makes the kernel reset it, and the client would
     /// lose the Close frame that says why.
-    pub(super) async fn read_loop(
-        &self,
-        decoder: &mut Decoder<impl AsyncRead + Unpin>,
-        topics: &mut HashSet<Arc<str>>,
-    ) -> ReadEnd {
-        let MessageRate { per_second, burst } = self.shared.config.limits.message_rate;
-        let mut rate = RateLimit::new(per_second, burst, Instant::now());
-        // One async fn, not a loop in a helper: each level of async fn
-        // would keep its own copy of the references in the task.
-        let end = loop {
-            let decoded = match decoder.next().await {
-                Ok(decoded) => decoded,
-                Err(DecodeError::Gone) => break ReadEnd::Gone,
-                Err(DecodeError::Violation { code, reason }) => {
-                    break ReadEnd::Violation { code, reason }
-                }
-                Err(DecodeError::Broken { code, reason }) => {
-                    break ReadEnd::Broken { code, reason }
-                }
-            };
-            self.touch();
-            // Whole messages and pings count against the rate.
-            if matches!(
-                decoded,
-                Decoded::Text(_) | Decoded::Binary(_) | Decoded::Ping(_)
-            ) {
-                match rate.check(Instant::now()) {
-                    Verdict::Allowed => {}
-                    Verdict::Limited => {
-                        self.send_error(
-                            protocol::UNKNOWN_REQUEST_ID,
-                            error_code::RATE_LIMITED,
-                            "too many messages; this one was not processed",
-                        );
-                        continue;
+    #[allow(clippy::manual_async_fn, reason = "see `serve`")]
+    pub(super) fn read_loop<'s, R: AsyncRead + Unpin>(
+        &'s self,
+        decoder: &'s mut Decoder<R>,
+        topics: &'s mut HashSet<Arc<str>>,
+    ) -> impl std::future::Future<Output = ReadEnd> + use<'s, 'a, R> {
+        // An async block, as in `serve`: an async fn keeps its arguments
+        // twice, and this state is in every connection's task.
+        async move {
+            let mut rate = RateLimit::new(self.shared.config.limits.message_rate, Instant::now());
+            // One async fn, not a loop in a helper: each level of async fn
+            // would keep its own copy of the references in the task.
+            let end = loop {
+                let decoded = match decoder.next().await {
+                    Ok(decoded) => decoded,
+                    Err(DecodeError::Gone) => break ReadEnd::Gone,
+                    Err(DecodeError::Violation { code, reason }) => {
+                        break ReadEnd::Violation { code, reason }
                     }
-                    Verdict::Exceeded => {
-                        break ReadEnd::Violation {
-                            code: close_code::POLICY_VIOLATION,
-                            reason: "message rate exceeded",
+                    Err(DecodeError::Broken { code, reason }) => {
+                        break ReadEnd::Broken { code, reason }
+                    }
+                };
+                self.touch();
+                // Whole messages and pings count against the rate.
+                if matches!(
+                    decoded,
+                    Decoded::Text(_) | Decoded::Binary(_) | Decoded::Ping(_)
+                ) {
+                    match rate.check(self.shared.config.limits.message_rate, Instant::now()) {
+                        Verdict::Allowed => {}
+                        Verdict::Limited => {
+                            self.send_error(
+                                protocol::UNKNOWN_REQUEST_ID,
+                                error_code::RATE_LIMITED,
+                                "too many messages; this one was not processed",
+                            );
+                            continue;
+                        }
+                        Verdict::Exceeded => {
+                            break ReadEnd::Violation {
+                                code: close_code::POLICY_VIOLATION,
+                                reason: "message rate exceeded",
+                            }
                         }
                     }
                 }
-            }
-            let inbound = match decoded {
-                Decoded::Text(text) => Inbound::Text(text),
-                Decoded::Binary(payload) => Inbound::Binary(payload),
-                Decoded::Ping(payload) => {
-                    self.outbox.push_control(frame::pong(payload));
-                    continue;
+                let inbound = match decoded {
+                    Decoded::Text(text) => Inbound::Text(text),
+                    Decoded::Binary(payload) => Inbound::Binary(payload),
+                    Decoded::Ping(payload) => {
+                        self.outbox.push_control(frame::pong(payload));
+                        continue;
+                    }
+                    Decoded::Close(code) => {
+                        let reply = match code {
+                            Some(code) => frame::close(code, ""),
+                            None => frame::close_empty(),
+                        };
+                        break ReadEnd::ClientClosed { code, reply };
+                    }
+                    Decoded::Pong | Decoded::Fragment => continue,
+                };
+                if let Err(end) = self.on_message(inbound, topics) {
+                    break end;
                 }
-                Decoded::Close(code) => {
-                    let reply = match code {
-                        Some(code) => frame::close(code, ""),
-                        None => frame::close_empty(),
-                    };
-                    break ReadEnd::ClientClosed { code, reply };
-                }
-                Decoded::Pong | Decoded::Fragment => continue,
             };
-            if let Err(end) = self.on_message(inbound, topics) {
-                break end;
+            if let ReadEnd::Violation { code, reason } = end {
+                tracing::debug!(client_id = %self.outbox.client_id(), code, reason, "websocket_protocol_violation");
+                // What was queued before the violation still goes out first.
+                self.discarded(self.outbox.close(Some(frame::close(code, reason)), true));
+                // Boxed: only a client that broke the protocol waits here.
+                Box::pin(decoder.drain()).await;
             }
-        };
-        if let ReadEnd::Violation { code, reason } = end {
-            tracing::debug!(client_id = %self.outbox.client_id(), code, reason, "websocket_protocol_violation");
-            // What was queued before the violation still goes out first.
-            self.discarded(self.outbox.close(Some(frame::close(code, reason)), true));
-            // Boxed: only a client that broke the protocol waits here.
-            Box::pin(decoder.drain()).await;
+            end
         }
-        end
     }
 }

@@ -15,138 +15,147 @@ use crate::frame::{self, close_code};
 use crate::message::Message;
 use crate::stats::Counters;
 
-impl Conn<'_> {
+impl<'a> Conn<'a> {
     /// Writes the outbox's frames, pings at every heartbeat (see
     /// [`heartbeat`](super::heartbeat)), and ends with the Close frame once
     /// the outbox is closing. Writes one system call at a time so that
     /// pongs and pings go in between frames, ahead of data.
-    pub(super) async fn write_loop(&self, io: &mut (impl AsyncWrite + Unpin)) -> WriteEnd {
-        let mut in_flight = InFlight::new(self.deflate);
-        let mut ping_due = false;
-        // Data frames in `in_flight` not yet counted as sent.
-        let mut unsent = 0;
-        // Set once the Close frame is in `in_flight`: its code.
-        let mut close_code: Option<Option<u16>> = None;
-        // Set once the connection starts closing: the last frames must be
-        // written by then.
-        let mut deadline: Option<Instant> = None;
-        let mut marked_idle = false;
-        // Whether bytes were written since the last flush.
-        let mut unflushed = false;
-        loop {
-            if self.outbox.take_beat() {
-                if self.is_dead() {
-                    return WriteEnd::HeartbeatTimeout;
-                }
-                ping_due = true;
-            }
-            if in_flight.at_boundary() && close_code.is_none() {
-                let mut control = self.outbox.take_control();
-                if ping_due {
-                    control.push(frame::ping());
-                    ping_due = false;
-                }
-                in_flight.prepend(control.into_iter());
-            }
-            if in_flight.is_empty() && unsent > 0 {
-                Counters::add(&self.shared.hub.counters.messages_sent, unsent);
-                unsent = 0;
-            }
-            if in_flight.is_empty() && unflushed {
-                // A plain socket has nothing to flush; only a stream that
-                // buffers (TLS) goes through the select below.
-                match flush_now(io).await {
-                    Some(Ok(())) => unflushed = false,
-                    Some(Err(_)) => return WriteEnd::Io,
-                    None => {}
-                }
-            }
-            if in_flight.is_empty() && !unflushed {
-                if let Some(code) = close_code {
-                    return WriteEnd::SentClose(code);
-                }
-                let idle = match self.outbox.take(&mut in_flight) {
-                    Take::Frames { data_frames } => {
-                        unsent = data_frames;
-                        false
+    #[allow(clippy::manual_async_fn, reason = "see `serve`")]
+    pub(super) fn write_loop<'s, W: AsyncWrite + Unpin>(
+        &'s self,
+        io: &'s mut W,
+    ) -> impl std::future::Future<Output = WriteEnd> + use<'s, 'a, W> {
+        // An async block, as in `serve`: an async fn keeps its arguments
+        // twice, and this state is in every connection's task.
+        async move {
+            let mut in_flight = InFlight::new(self.deflate);
+            let mut ping_due = false;
+            // Data frames in `in_flight` not yet counted as sent.
+            let mut unsent = 0;
+            // Set once the Close frame is in `in_flight`: its code.
+            let mut close_code: Option<Option<u16>> = None;
+            // Set once the connection starts closing: the last frames must be
+            // written by then.
+            let mut deadline: Option<Instant> = None;
+            let mut marked_idle = false;
+            // Whether bytes were written since the last flush.
+            let mut unflushed = false;
+            loop {
+                if self.outbox.take_beat() {
+                    if self.is_dead() {
+                        return WriteEnd::HeartbeatTimeout;
                     }
-                    Take::Close(frame) => {
-                        close_code = Some(frame::close_parts(&frame).0);
-                        in_flight.extend([Message::plain(frame)]);
-                        false
+                    ping_due = true;
+                    self.outbox.release_room();
+                }
+                if in_flight.at_boundary() && close_code.is_none() {
+                    let mut control = self.outbox.take_control();
+                    if ping_due {
+                        control.push(frame::ping());
+                        ping_due = false;
                     }
-                    Take::Stop => return WriteEnd::Stopped,
-                    Take::Idle => true,
-                };
-                // Decided before waiting, so that the `Take` is not part of
-                // the waiting state.
-                if idle {
-                    in_flight.release();
-                    // The next moment a client that has not subscribed is
-                    // looked at again.
-                    let check_at = if self.engaged.load(Relaxed) {
-                        None
-                    } else {
-                        [self.idle_by().filter(|_| !marked_idle), self.subscribe_by()]
-                            .into_iter()
-                            .flatten()
-                            .min()
+                    in_flight.prepend(control.into_iter());
+                }
+                if in_flight.is_empty() && unsent > 0 {
+                    Counters::add(&self.shared.hub.counters.messages_sent, unsent);
+                    unsent = 0;
+                }
+                if in_flight.is_empty() && unflushed {
+                    // A plain socket has nothing to flush; only a stream that
+                    // buffers (TLS) goes through the select below.
+                    match flush_now(io).await {
+                        Some(Ok(())) => unflushed = false,
+                        Some(Err(_)) => return WriteEnd::Io,
+                        None => {}
+                    }
+                }
+                if in_flight.is_empty() && !unflushed {
+                    if let Some(code) = close_code {
+                        return WriteEnd::SentClose(code);
+                    }
+                    let idle = match self.outbox.take(&mut in_flight) {
+                        Take::Frames { data_frames } => {
+                            unsent = data_frames;
+                            false
+                        }
+                        Take::Close(frame) => {
+                            close_code = Some(frame::close_parts(&frame).0);
+                            in_flight.extend([Message::plain(frame)]);
+                            false
+                        }
+                        Take::Stop => return WriteEnd::Stopped,
+                        Take::Idle => true,
                     };
-                    tokio::select! {
-                        biased;
-                        _ = self.outbox.woken() => {}
-                        () = sleep_until(check_at) => {
-                            // It may have subscribed while this waited.
-                            if !self.engaged.load(Relaxed) {
-                                let now = Instant::now();
-                                if !marked_idle && self.idle_by().is_some_and(|at| now >= at) {
-                                    marked_idle = true;
-                                    self.shared.hub.mark_idle(self.outbox.client_id());
-                                }
-                                if self.subscribe_by().is_some_and(|at| now >= at) {
-                                    tracing::info!(client_id = %self.outbox.client_id(), "websocket_subscribe_deadline");
-                                    let close = frame::close(close_code::POLICY_VIOLATION, "no subscription in time");
-                                    self.outbox.close(Some(close), true);
+                    // Decided before waiting, so that the `Take` is not part of
+                    // the waiting state.
+                    if idle {
+                        in_flight.release();
+                        // The next moment a client that has not subscribed is
+                        // looked at again.
+                        let check_at = if self.engaged.load(Relaxed) {
+                            None
+                        } else {
+                            [self.idle_by().filter(|_| !marked_idle), self.subscribe_by()]
+                                .into_iter()
+                                .flatten()
+                                .min()
+                        };
+                        tokio::select! {
+                            biased;
+                            _ = self.outbox.woken() => {}
+                            () = sleep_until(check_at) => {
+                                // It may have subscribed while this waited.
+                                if !self.engaged.load(Relaxed) {
+                                    let now = Instant::now();
+                                    if !marked_idle && self.idle_by().is_some_and(|at| now >= at) {
+                                        marked_idle = true;
+                                        self.shared.hub.mark_idle(self.outbox.client_id());
+                                    }
+                                    if self.subscribe_by().is_some_and(|at| now >= at) {
+                                        tracing::info!(client_id = %self.outbox.client_id(), "websocket_subscribe_deadline");
+                                        let close = frame::close(close_code::POLICY_VIOLATION, "no subscription in time");
+                                        self.outbox.close(Some(close), true);
+                                    }
                                 }
                             }
                         }
+                        continue;
                     }
-                    continue;
-                }
-                if self.outbox.status() != Status::Open {
-                    deadline.get_or_insert_with(|| Instant::now() + CLOSE_TIMEOUT);
-                }
-            }
-
-            let event = tokio::select! {
-                biased;
-                _ = self.outbox.woken() => WriterEvent::Woken,
-                () = sleep_until(deadline) => WriterEvent::Deadline,
-                // A flush waits like a write (behind TLS it waits for the
-                // socket), so it is raced against kill and deadline too.
-                written = async {
-                    if in_flight.is_empty() {
-                        io.flush().await.map(|()| None)
-                    } else {
-                        in_flight.write_some(io).await.map(Some)
-                    }
-                } => WriterEvent::Wrote(written),
-            };
-            match event {
-                WriterEvent::Woken => match self.outbox.status() {
-                    Status::Killed => return WriteEnd::Stopped,
-                    Status::Closing => {
+                    if self.outbox.status() != Status::Open {
                         deadline.get_or_insert_with(|| Instant::now() + CLOSE_TIMEOUT);
                     }
-                    Status::Open => {}
-                },
-                WriterEvent::Deadline => return WriteEnd::CloseTimeout,
-                WriterEvent::Wrote(Ok(Some(n))) => {
-                    in_flight.advance(n);
-                    unflushed = true;
                 }
-                WriterEvent::Wrote(Ok(None)) => unflushed = false,
-                WriterEvent::Wrote(Err(_)) => return WriteEnd::Io,
+
+                let event = tokio::select! {
+                    biased;
+                    _ = self.outbox.woken() => WriterEvent::Woken,
+                    () = sleep_until(deadline) => WriterEvent::Deadline,
+                    // A flush waits like a write (behind TLS it waits for the
+                    // socket), so it is raced against kill and deadline too.
+                    written = async {
+                        if in_flight.is_empty() {
+                            io.flush().await.map(|()| None)
+                        } else {
+                            in_flight.write_some(io).await.map(Some)
+                        }
+                    } => WriterEvent::Wrote(written),
+                };
+                match event {
+                    WriterEvent::Woken => match self.outbox.status() {
+                        Status::Killed => return WriteEnd::Stopped,
+                        Status::Closing => {
+                            deadline.get_or_insert_with(|| Instant::now() + CLOSE_TIMEOUT);
+                        }
+                        Status::Open => {}
+                    },
+                    WriterEvent::Deadline => return WriteEnd::CloseTimeout,
+                    WriterEvent::Wrote(Ok(Some(n))) => {
+                        in_flight.advance(n);
+                        unflushed = true;
+                    }
+                    WriterEvent::Wrote(Ok(None)) => unflushed = false,
+                    WriterEvent::Wrote(Err(_)) => return WriteEnd::Io,
+                }
             }
         }
     }

@@ -70,13 +70,18 @@ fn violation(code: u16, reason: &'static str) -> DecodeError {
 pub(crate) struct Decoder<R> {
     frames: Frames<R>,
     max_message: usize,
-    /// The most a compressed message may take before it is inflated.
-    max_compressed: usize,
     /// The fragmented message being put together; boxed, as most
     /// connections never fragment and this sits in every connection's task.
     assembling: Option<Box<Assembly>>,
     /// The last message put together, lent out until the next read.
     assembled: Vec<u8>,
+}
+
+/// The most a compressed message of at most `max_message` bytes may take
+/// before it is inflated: deflate's stored blocks add 5 bytes per 64 KiB,
+/// so a message that does not compress takes a little more than its size.
+fn compressed_limit(max_message: usize) -> usize {
+    max_message.saturating_add(max_message / 1024 + 64)
 }
 
 /// A fragmented message being put together.
@@ -95,17 +100,14 @@ impl<R: AsyncRead + Unpin> Decoder<R> {
     /// Reads messages from `io`, refusing those over `max_message` bytes;
     /// with `inflate`, compressed ones too.
     pub(crate) fn new(io: R, max_message: usize, inflate: bool) -> Self {
-        // Deflate's stored blocks add 5 bytes per 64 KiB: a message that
-        // does not compress may take a little more than its size.
-        let max_compressed = if inflate {
-            max_message.saturating_add(max_message / 1024 + 64)
+        let max_payload = if inflate {
+            compressed_limit(max_message)
         } else {
             max_message
         };
         Self {
-            frames: Frames::new(io, max_compressed, inflate),
+            frames: Frames::new(io, max_payload, inflate),
             max_message,
-            max_compressed,
             assembling: None,
             assembled: Vec::new(),
         }
@@ -140,7 +142,7 @@ impl<R: AsyncRead + Unpin> Decoder<R> {
                     is_text,
                     compressed: frame.compressed,
                     limit: if frame.compressed {
-                        self.max_compressed
+                        compressed_limit(self.max_message)
                     } else {
                         self.max_message
                     },

@@ -85,7 +85,7 @@ use crate::connection;
 use crate::connection::outbox::Outbox;
 use crate::hub::TopicDigest;
 use crate::lock::lock;
-use crate::rate_limit::{MessageRate, RateLimit};
+use crate::rate_limit::RateLimit;
 use crate::service::{reject, shutting_down, take_slots, text, Client};
 use crate::shared::{ConnectionLimits, Shared};
 use crate::stats::{Counters, Refused};
@@ -235,11 +235,13 @@ pub(crate) fn open(
     {
         return shutting_down(shared);
     }
-    let MessageRate { per_second, burst } = shared.config.limits.message_rate;
     let stream = Arc::new(Stream {
         outbox,
         principal,
-        rate: Mutex::new(RateLimit::new(per_second, burst, Instant::now())),
+        rate: Mutex::new(RateLimit::new(
+            shared.config.limits.message_rate,
+            Instant::now(),
+        )),
         topics: Mutex::default(),
     });
     lock(&shared.streams.open).insert(client_id, stream.clone());

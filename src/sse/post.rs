@@ -42,7 +42,7 @@ where
         Ok(text) => text,
         Err(response) => return response,
     };
-    let verdict = lock(&stream.rate).check(Instant::now());
+    let verdict = lock(&stream.rate).check(shared.config.limits.message_rate, Instant::now());
     match verdict {
         Verdict::Allowed => {}
         Verdict::Limited => {
