@@ -29,8 +29,8 @@ impl<'a> Conn<'a> {
         // twice, and this state is in every connection's task.
         async move {
             let mut rate = RateLimit::new(self.shared.config.limits.message_rate, Instant::now());
-            // One async fn, not a loop in a helper: each level of async fn
-            // would keep its own copy of the references in the task.
+            // The loop here, not in a helper this awaits: each level of
+            // future would keep its own copy of the references in the task.
             let end = loop {
                 let decoded = match decoder.next().await {
                     Ok(decoded) => decoded,
