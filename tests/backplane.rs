@@ -197,6 +197,104 @@ async fn a_client_resumes_on_another_instance_with_exactly_what_it_missed() {
 }
 
 #[tokio::test]
+async fn messages_published_together_are_one_entry_read_whole_elsewhere() {
+    within(async {
+        let redis = RedisServer::start().await;
+        let (a, b) = (instance(&redis).await, instance(&redis).await);
+        let mut on_a = Client::connect(&a).await;
+        on_a.subscribe("req-1").await;
+        listeners(&redis, CHANNEL, 1).await;
+        let mut redis_conn = redis.connection().await;
+        let mut entries = async || -> u64 {
+            redis::cmd("XLEN")
+                .arg("tower-ws:{req-1}:history")
+                .query_async(&mut redis_conn)
+                .await
+                .unwrap()
+        };
+
+        // Queued before the backplane's task runs: one call, one run.
+        for i in 1..=30 {
+            a.publisher.stream_delta("req-1", &format!("{i} "));
+        }
+        receive_in_order(&mut on_a, 1, 30).await;
+        assert_eq!(entries().await, 1);
+
+        // B reads the run from the history, and serves `since` from
+        // within it.
+        let mut on_b = Client::connect(&b).await;
+        on_b.send_json(json!({"type": "subscribe", "requestId": "req-1", "since": 17}))
+            .await;
+        let missed = receive_in_order(&mut on_b, 18, 13).await;
+        assert_eq!(missed[0]["text"], "18 ");
+        listeners(&redis, CHANNEL, 2).await;
+
+        // A run from B reaches A through its broadcast, and the one after
+        // it from A is numbered after the whole run.
+        for i in 31..=40 {
+            b.publisher.stream_delta("req-1", &format!("{i} "));
+        }
+        receive_in_order(&mut on_b, 31, 10).await;
+        let heard = receive_in_order(&mut on_a, 31, 10).await;
+        assert_eq!(heard[9]["text"], "40 ");
+        a.publisher.stream_done("req-1", "done");
+        for client in [&mut on_a, &mut on_b] {
+            let done = client.recv_json().await;
+            assert_eq!(
+                (seq(&done), done["type"].as_str()),
+                (41, Some("stream.done"))
+            );
+        }
+        assert_eq!(entries().await, 3);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_history_in_redis_keeps_the_last_messages_and_no_more_than_it_must() {
+    within(async {
+        let redis = RedisServer::start().await;
+        let a = instance_with(&redis, builder().history_messages(100)).await;
+        // Runs of 20: 19 queued, then one confirmed.
+        let mut last = 0;
+        for _ in 0..100 {
+            for _ in 0..19 {
+                a.publisher.stream_delta("req-1", "x");
+            }
+            last = a
+                .publisher
+                .publish_confirmed("req-1", &json!({"type": "tick"}))
+                .await
+                .unwrap();
+        }
+        assert_eq!(last, 2000);
+
+        let entries: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
+            .arg("tower-ws:{req-1}:history")
+            .arg("-")
+            .arg("+")
+            .query_async(&mut redis.connection().await)
+            .await
+            .unwrap();
+        let mut seqs = Vec::new();
+        for (id, fields) in &entries {
+            let first: u64 = id.strip_prefix("0-").unwrap().parse().unwrap();
+            let n: u64 = fields
+                .chunks(2)
+                .find(|pair| pair[0] == "n")
+                .map_or(1, |pair| pair[1].parse().unwrap());
+            seqs.extend(first..first + n);
+        }
+        assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+        assert_eq!(seqs.last(), Some(&2000));
+        // The last 100 whole; what is older goes a stream node at a time.
+        assert!(seqs.len() >= 100, "{} kept", seqs.len());
+        assert!(seqs[0] > 1000, "kept from {}", seqs[0]);
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn redis_dying_mid_stream_loses_nothing_without_a_word() {
     within(async {
         let mut redis = RedisServer::start().await;
@@ -354,16 +452,21 @@ async fn a_redis_that_stops_answering_is_found_out_and_delivery_resumes() {
 /// can outrun what Redis keeps) and counted, silence is not.
 fn follow(
     mut client: Client,
-    last: tokio::sync::watch::Receiver<u64>,
+    mut last: tokio::sync::watch::Receiver<u64>,
 ) -> tokio::task::JoinHandle<(u64, usize)> {
     tokio::spawn(async move {
         let (mut seen, mut gaps) = (0u64, 0usize);
         loop {
-            let target = *last.borrow();
+            let target = *last.borrow_and_update();
             if target > 0 && seen >= target {
                 return (seen, gaps);
             }
-            let m = client.recv_json().await;
+            // A reader may have the last message before it is told which
+            // is the last.
+            let m = tokio::select! {
+                m = client.recv_json() => m,
+                _ = last.changed() => continue,
+            };
             if m["error"] == "history_gap" {
                 gaps += 1;
                 seen = m["firstSeq"].as_u64().unwrap() - 1;
@@ -400,6 +503,19 @@ fn burst(
             }
         }
     })
+}
+
+/// Waits until what each instance has queued is numbered: an instance
+/// sends its queue in order, so a confirmation of its last publish comes
+/// after all the others are numbered.
+async fn numbered(servers: [&Server; 2]) {
+    for server in servers {
+        server
+            .publisher
+            .publish_confirmed("elsewhere", &json!({"type": "mark"}))
+            .await
+            .unwrap();
+    }
 }
 
 /// Publishes ten more from `publisher`, after the bursts; the last `seq`.
@@ -444,6 +560,7 @@ async fn bursts_from_two_instances_leave_no_copy_behind() {
         for task in bursts {
             task.await.unwrap();
         }
+        numbered([&a, &b]).await;
         // Every topic ends at the same `seq`: 30,000 from the bursts, 10
         // more from A afterwards.
         for topic in TOPICS {
@@ -492,6 +609,7 @@ async fn a_listener_cut_off_mid_burst_catches_up() {
         for task in bursts {
             task.await.unwrap();
         }
+        numbered([&a, &b]).await;
         listeners(&redis, "tower-ws:{burst}", 1).await;
         last_tx.send(finish(&a.publisher, "burst").await).unwrap();
         // Whatever Redis no longer held when B listened again was

@@ -32,8 +32,11 @@ const DEFAULT_BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Durat
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Commands sent to Redis in one pipeline, at most.
 const MAX_BATCH: usize = 4096;
-/// Publishes numbered by one call of the publish function, at most.
-const MAX_GROUP: usize = 64;
+/// Publishes numbered by one call of the publish function, at most: so a
+/// run, one stream entry, never holds more than a history read looks back.
+const MAX_GROUP: usize = wire::MAX_RUN;
+/// Times a batch lets publishers run before it goes, at most.
+const MAX_GATHER_ROUNDS: usize = 32;
 /// How long a history read that Redis refused waits before it is tried again.
 const FETCH_RETRY: Duration = Duration::from_secs(1);
 
@@ -235,8 +238,10 @@ impl fmt::Debug for RedisBackplaneBuilder {
 ///   expiring [`history_age`](crate::WsLayerBuilder::history_age) after its
 ///   last message, or [`completed_grace`](crate::WsLayerBuilder::completed_grace)
 ///   after its stream finished) and publishes it on the topic's channel, all
-///   in one step. The publishing instance queues it for its own subscribers
-///   when the function's reply comes back; the broadcast reaches the others.
+///   in one step. A topic's publishes that are sent to Redis together are
+///   one run: one history entry and one broadcast. The publishing instance
+///   queues them for its own subscribers when the function's reply comes
+///   back; the broadcast reaches the others.
 /// - An instance subscribes to a topic's channel when its first local
 ///   client subscribes, and unsubscribes after the last one leaves, so its
 ///   traffic follows its own clients' topics, not all topics.
@@ -407,8 +412,12 @@ impl LinkState {
             return;
         };
         match (wire::parse_broadcast(payload), self.hub()) {
-            (Some((h, body)), Some(hub)) => {
-                hub.deliver_broadcast(topic, h.epoch, h.seq, h.done, || Draft::from_body(body));
+            (Some(run), Some(hub)) => {
+                for (seq, body) in (run.seq..).zip(run.bodies) {
+                    hub.deliver_broadcast(topic, run.epoch, seq, run.done, || {
+                        Draft::from_body(body)
+                    });
+                }
             }
             (None, _) => {
                 tracing::warn!(topic = %TopicDigest(topic), "websocket_backplane_message_unreadable");
@@ -916,28 +925,31 @@ impl CommandWorker {
                     refused.push(unit);
                 }
                 (Unit::Publishes(group), Ok(reply)) => {
-                    match wire::parse_published(&reply).filter(|n| n.len() == group.len()) {
-                        Some(numbers) => {
-                            for (publish, (epoch, seq)) in group.into_iter().zip(numbers) {
-                                if let Some(hub) = hub {
-                                    let numbered = Numbered {
-                                        epoch,
-                                        seq,
-                                        done: publish.done,
-                                        draft: Some(publish.draft),
-                                    };
-                                    hub.deliver(&publish.topic, numbered);
-                                }
-                                if let Some(ack) = publish.ack {
-                                    let _ = ack.send(Ok(seq));
-                                }
-                            }
+                    let numbers =
+                        wire::parse_published(&reply).filter(|n| n.len() == runs(&group).count());
+                    let Some(numbers) = numbers else {
+                        tracing::warn!(?reply, "websocket_backplane_unexpected_reply");
+                        *failures += self.fail(Unit::Publishes(group), || {
+                            BackplaneError::Failed("unexpected reply to a publish".into())
+                        });
+                        continue;
+                    };
+                    let seqs = runs(&group).zip(numbers).flat_map(|(run, (epoch, first))| {
+                        (first..).take(run.len()).map(move |seq| (epoch, seq))
+                    });
+                    let seqs: Vec<(u64, u64)> = seqs.collect();
+                    for (publish, (epoch, seq)) in group.into_iter().zip(seqs) {
+                        if let Some(hub) = hub {
+                            let numbered = Numbered {
+                                epoch,
+                                seq,
+                                done: publish.done,
+                                draft: Some(publish.draft),
+                            };
+                            hub.deliver(&publish.topic, numbered);
                         }
-                        None => {
-                            tracing::warn!(?reply, "websocket_backplane_unexpected_reply");
-                            *failures += self.fail(Unit::Publishes(group), || {
-                                BackplaneError::Failed("unexpected reply to a publish".into())
-                            });
+                        if let Some(ack) = publish.ack {
+                            let _ = ack.send(Ok(seq));
                         }
                     }
                 }
@@ -970,7 +982,7 @@ impl CommandWorker {
     ) -> (redis::Pipeline, Vec<Unit>) {
         let prefix = &self.state.prefix;
         let library = &self.settings.library;
-        let max_len = limits.messages.max(1);
+        let kept_seqs = wire::kept_seqs(limits.messages.max(1));
         let age_ms = (limits.age.as_millis() as u64).max(1);
         let grace_ms = (limits.completed_grace.as_millis() as u64).max(1);
         let now_ms = std::time::SystemTime::now()
@@ -982,20 +994,29 @@ impl CommandWorker {
         for unit in units {
             match &unit {
                 Unit::Publishes(group) => {
-                    let call = pipe.cmd("FCALL").arg(&library.publish).arg(2 * group.len());
-                    for publish in group {
-                        call.arg(wire::stream_key(prefix, &publish.topic))
-                            .arg(wire::meta_key(prefix, &publish.topic));
+                    let call = pipe
+                        .cmd("FCALL")
+                        .arg(&library.publish)
+                        .arg(2 * runs(group).count());
+                    for run in runs(group) {
+                        call.arg(wire::stream_key(prefix, &run[0].topic))
+                            .arg(wire::meta_key(prefix, &run[0].topic));
                     }
-                    call.arg(max_len)
+                    call.arg(kept_seqs)
                         .arg(age_ms)
                         .arg(grace_ms)
                         .arg(now_ms)
                         .arg(broadcast);
-                    for publish in group {
-                        call.arg(wire::channel(prefix, &publish.topic))
-                            .arg(publish.draft.body())
-                            .arg(if publish.done { "1" } else { "0" });
+                    for run in runs(group) {
+                        // Only a run of one finishes a stream.
+                        let finishes = run[0].done;
+                        call.arg(wire::channel(prefix, &run[0].topic))
+                            .arg(run.len())
+                            .arg(if finishes { "1" } else { "0" });
+                        match run {
+                            [publish] => call.arg(publish.draft.body()),
+                            _ => call.arg(wire::join_run(run.iter().map(|p| p.draft.body()))),
+                        };
                     }
                 }
                 Unit::Fetch(topic) => {
@@ -1007,7 +1028,7 @@ impl CommandWorker {
                         .arg(1)
                         .arg(wire::stream_key(prefix, topic))
                         .arg(epoch.map(|e| e.to_string()).unwrap_or_default())
-                        .arg(after);
+                        .arg(wire::read_after(after));
                 }
                 Unit::Complete(topic) => {
                     // One reply per unit: the meta key's is left out.
@@ -1102,10 +1123,41 @@ async fn next_batch(inbox: &mut Inbox, cluster: bool) -> Option<Vec<Vec<Unit>>> 
             Err(_) => break,
         }
     }
-    while fetches.len() + commands.len() < MAX_BATCH {
-        match inbox.0.try_recv() {
-            Ok(command) => commands.push(command),
-            Err(_) => break,
+    // While publishers are still queuing (a burst, or the tasks the last
+    // replies woke), they are let run before the batch goes: a topic's
+    // publishes in one batch are one run, one entry and one broadcast.
+    // Nothing queued during a yield means nobody is: no wait then. Nor
+    // once a topic has a whole run: more would only wait with it.
+    let mut per_topic: HashMap<Arc<str>, usize> = HashMap::new();
+    let mut run_full = false;
+    let mut note = |command: &Command| {
+        let topic = command.topic();
+        let count = match per_topic.get_mut(topic) {
+            Some(count) => count,
+            None => per_topic.entry(topic.clone()).or_default(),
+        };
+        *count += 1;
+        *count >= MAX_GROUP
+    };
+    if let Some(command) = commands.first() {
+        run_full = note(command);
+    }
+    for _ in 0..MAX_GATHER_ROUNDS {
+        while !run_full && fetches.len() + commands.len() < MAX_BATCH {
+            match inbox.0.try_recv() {
+                Ok(command) => {
+                    run_full = note(&command);
+                    commands.push(command);
+                }
+                Err(_) => break,
+            }
+        }
+        if run_full || fetches.len() + commands.len() >= MAX_BATCH {
+            break;
+        }
+        tokio::task::yield_now().await;
+        if inbox.0.is_empty() {
+            break;
         }
     }
     if !cluster {
@@ -1140,41 +1192,68 @@ async fn next_batch(inbox: &mut Inbox, cluster: bool) -> Option<Vec<Vec<Unit>>> 
     )
 }
 
-/// Gathers consecutive publishes into calls of the publish function, at
-/// most [`MAX_GROUP`] a call.
+/// Gathers publishes into calls of the publish function, at most
+/// [`MAX_GROUP`] a call, each topic's together and in the order they were
+/// made (a `Complete` is not passed by its topic's publishes, nor passes
+/// them), so that a topic's publishes make few runs.
 fn group(batch: Vec<Command>) -> Vec<Unit> {
     let mut units = Vec::new();
-    let mut publishes: Vec<Publish> = Vec::new();
+    // Publishes since the last `Complete`, with their topic's place.
+    let mut pending: Vec<(usize, Publish)> = Vec::new();
+    let mut places: HashMap<Arc<str>, usize> = HashMap::new();
     for command in batch {
-        let unit = match command {
+        match command {
             Command::Publish {
                 topic,
                 draft,
                 done,
                 ack,
             } => {
-                publishes.push(Publish {
+                let next = places.len();
+                let place = match places.get(&topic) {
+                    Some(&place) => place,
+                    None => *places.entry(topic.clone()).or_insert(next),
+                };
+                let publish = Publish {
                     topic,
                     draft,
                     done,
                     ack,
-                });
-                if publishes.len() < MAX_GROUP {
-                    continue;
-                }
-                Unit::Publishes(std::mem::take(&mut publishes))
+                };
+                pending.push((place, publish));
             }
-            Command::Complete { topic } => Unit::Complete(topic),
-        };
-        if !publishes.is_empty() && !matches!(unit, Unit::Publishes(_)) {
-            units.push(Unit::Publishes(std::mem::take(&mut publishes)));
+            Command::Complete { topic } => {
+                calls(&mut pending, &mut units);
+                places.clear();
+                units.push(Unit::Complete(topic));
+            }
         }
-        units.push(unit);
     }
-    if !publishes.is_empty() {
-        units.push(Unit::Publishes(publishes));
-    }
+    calls(&mut pending, &mut units);
     units
+}
+
+/// Puts `pending` publishes, ordered by their topic's place, into calls.
+fn calls(pending: &mut Vec<(usize, Publish)>, units: &mut Vec<Unit>) {
+    // Stable: a topic's publishes keep their order.
+    pending.sort_by_key(|(place, _)| *place);
+    let mut call = Vec::new();
+    for (_, publish) in pending.drain(..) {
+        call.push(publish);
+        if call.len() == MAX_GROUP {
+            units.push(Unit::Publishes(std::mem::take(&mut call)));
+        }
+    }
+    if !call.is_empty() {
+        units.push(Unit::Publishes(call));
+    }
+}
+
+/// A call's publishes in runs: each run is one topic's consecutive
+/// publishes, one stream entry and one broadcast. A publish that finishes
+/// its stream is a run of its own, so an entry's `d` is each message's.
+fn runs(group: &[Publish]) -> impl Iterator<Item = &[Publish]> {
+    group.chunk_by(|a, b| !a.done && !b.done && a.topic == b.topic)
 }
 
 /// The task that listens to the channels of the topics with local

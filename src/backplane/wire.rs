@@ -5,36 +5,63 @@
 //! and the string `P:{T}:meta`, and one channel, `P:{T}`: the braces make
 //! them one hash slot on a Redis Cluster, and spread topics over its
 //! shards. (A `T` that begins with `}` or `#` is written with a `#` before
-//! it, so that the part in braces is never empty.) Each stream entry's id
-//! is `0-<seq>`; its fields are `e` (the epoch), `d` (`1` once the stream
-//! is finished) and `b` (the JSON object, without `seq`). The meta string
-//! is `<d>:<refreshed>:<epoch>:<node>`: what publishing needs to know,
+//! it, so that the part in braces is never empty.)
+//!
+//! Messages of one topic published together are one run: one stream
+//! entry, one broadcast. An entry's id is `0-<seq>`, the `seq` of its first
+//! message, the next ones following; its fields are `e` (the epoch), `d`
+//! (`1` once the stream is finished, for every message of the entry), `n`
+//! (how many messages; absent in entries of earlier versions: one) and `b`,
+//! the run: a message's JSON object (without `seq`), or for `n > 1` each
+//! one's length and `:` before it. The meta string is
+//! `<d>:<refreshed>:<epoch>:<node>`: what publishing needs to know,
 //! without reading an entry back, when the keys' expiry was last pushed
 //! back (ms, the publisher's clock), and the replication id of the Redis
 //! that wrote it last. A broadcast on the channel is `<epoch>:<seq>:<d>:`
-//! followed by the JSON object.
+//! followed by the run, `<epoch>:<seq>+<n>:<d>:` for `n > 1`.
 
 use redis::Value;
 
 use crate::hub::{Fetched, Numbered};
 use crate::message::Draft;
 
+/// Messages one run (one stream entry, one broadcast) holds, at most: a
+/// history read looks back this far for the entry that holds the first
+/// message it wants.
+pub(super) const MAX_RUN: usize = 64;
+
+/// The entry id a history read of everything after `seq` begins after:
+/// the entry holding `seq + 1` may begin up to a run earlier.
+pub(super) fn read_after(seq: u64) -> u64 {
+    seq.saturating_sub(MAX_RUN as u64 - 1)
+}
+
+/// How many `seq`s back from the last the publish function keeps, so that
+/// the last `messages` are kept whole: the entry holding the oldest of
+/// them may begin up to a run earlier.
+pub(super) fn kept_seqs(messages: usize) -> usize {
+    messages + MAX_RUN - 1
+}
+
 /// The backplane's two Redis functions, loaded with `FUNCTION LOAD` (Redis
 /// keeps functions across restarts with persistence, and replicates them,
 /// so a promoted replica has them).
 ///
-/// `publish` numbers and stores messages, then broadcasts each, in order:
+/// `publish` numbers, stores and broadcasts runs of messages, in order:
 /// one call carries several, as a call costs more than the work of one
-/// message. `KEYS[2i-1]`, `KEYS[2i]`: the stream and meta key of message
-/// `i`. `ARGV`: most messages kept (approximately: whole stream nodes are
-/// trimmed), history age (ms), grace of a finished stream (ms), the time
-/// now (ms), the command that broadcasts (`PUBLISH`, or `SPUBLISH` on a
-/// cluster), then for each message its channel, its JSON object, and `1`
-/// if it finishes the stream. Returns `{epoch1, seq1, epoch2, seq2, …}`.
+/// message, and a run costs about what one message does. `KEYS[2i-1]`,
+/// `KEYS[2i]`: the stream and meta key of run `i`. `ARGV`: how many `seq`s
+/// back from the last the history keeps (approximately: whole stream nodes
+/// are trimmed), history age (ms), grace of a finished stream (ms), the
+/// time now (ms), the command that broadcasts (`PUBLISH`, or `SPUBLISH` on
+/// a cluster), then for each run its channel, its number of messages, `1`
+/// if it finishes the stream, and the run as stored. Returns
+/// `{epoch1, first_seq1, epoch2, first_seq2, …}`, a pair per run.
 ///
-/// Redis numbers the entry (`0-*`: the last `seq` plus one). A topic whose
-/// meta is gone (expired, or lost by a Redis restart) begins again at 1
-/// under a new epoch taken from the server's clock; so does one whose
+/// Redis numbers the entry (`0-*`: the last `seq` plus one), and the
+/// stream's last id is moved to the run's last `seq` (`XSETID`). A topic
+/// whose meta is gone (expired, or lost by a Redis restart) begins again
+/// at 1 under a new epoch taken from the server's clock; so does one whose
 /// stream alone was lost, and one last written by another server (under
 /// another replication id): a replica promoted after its primary failed
 /// may lack the last messages the primary numbered, and numbering them
@@ -44,9 +71,9 @@ use crate::message::Draft;
 /// message.
 ///
 /// `read` reads a topic's history. `KEYS[1]`: the stream. `ARGV`: the
-/// epoch the reader has (or empty), the last `seq` it has. Returns `{}` if
-/// nothing is held, else `{epoch, entries}`: the entries after that `seq`
-/// if the epoch is the reader's, else all of them.
+/// epoch the reader has (or empty), an entry id's `seq`. Returns `{}` if
+/// nothing is held, else `{epoch, entries}`: the entries after that id if
+/// the epoch is the reader's, else all of them.
 const FUNCTIONS: &str = r"
 -- This server's replication id, read again when a tenth of a second old:
 -- `INFO` costs as much as numbering several messages. A primary that
@@ -74,9 +101,11 @@ local function publish(KEYS, ARGV)
   -- The meta this call wrote: MGET read them all before the first write.
   local written = {}
   local out = {}
+  local at_arg = 6
   for i = 1, n do
     local key, meta = KEYS[2 * i - 1], KEYS[2 * i]
-    local channel, body, finishes = ARGV[3 * i + 3], ARGV[3 * i + 4], ARGV[3 * i + 5]
+    local channel, count, finishes, run = ARGV[at_arg], ARGV[at_arg + 1], ARGV[at_arg + 2], ARGV[at_arg + 3]
+    at_arg = at_arg + 4
     local state = written[meta] or states[i]
     local epoch, was_done, refreshed
     if state then
@@ -94,13 +123,23 @@ local function publish(KEYS, ARGV)
     if not state then redis.call('DEL', key) end
     local done = was_done or finishes == '1'
     local d = done and '1' or '0'
-    local id = state and redis.call('XADD', key, 'MAXLEN', '~', ARGV[1], '0-*', 'e', epoch, 'd', d, 'b', body)
+    local id = state and redis.call('XADD', key, '0-*', 'e', epoch, 'd', d, 'n', count, 'b', run)
     if not state or id == '0-1' then
       if state then redis.call('DEL', key) end
       local t = redis.call('TIME')
       epoch = t[1] .. string.format('%06d', tonumber(t[2]))
-      id = redis.call('XADD', key, 'MAXLEN', '~', ARGV[1], '0-1', 'e', epoch, 'd', d, 'b', body)
+      id = redis.call('XADD', key, '0-1', 'e', epoch, 'd', d, 'n', count, 'b', run)
       state = nil
+    end
+    local first = tonumber(string.sub(id, 3))
+    local last = first + tonumber(count) - 1
+    -- The entry's id is its first `seq`; the next entry's must follow the
+    -- run's last.
+    if last > first then redis.call('XSETID', key, '0-' .. last) end
+    -- Trimmed when the run passes a multiple of 64, so that every
+    -- message at most ARGV[1] back from the last is kept.
+    if math.floor(last / 64) ~= math.floor((first - 1) / 64) and last > tonumber(ARGV[1]) then
+      redis.call('XTRIM', key, 'MINID', '~', '0-' .. (last - tonumber(ARGV[1]) + 1))
     end
     local ttl = tonumber(done and ARGV[3] or ARGV[2])
     if not state or done ~= was_done or now - refreshed > ttl / 8 then
@@ -109,10 +148,10 @@ local function publish(KEYS, ARGV)
       redis.call('SET', meta, written[meta], 'PX', ttl)
       redis.call('PEXPIRE', key, ttl)
     end
-    local s = string.sub(id, 3)
-    redis.call(ARGV[5], channel, epoch .. ':' .. s .. ':' .. d .. ':' .. body)
+    local seqs = last > first and first .. '+' .. count or first
+    redis.call(ARGV[5], channel, epoch .. ':' .. seqs .. ':' .. d .. ':' .. run)
     out[2 * i - 1] = epoch
-    out[2 * i] = tonumber(s)
+    out[2 * i] = first
   end
   return out
 end
@@ -193,25 +232,71 @@ pub(super) fn topic_of<'a>(prefix: &str, channel: &'a str) -> Option<&'a str> {
     Some(tagged.strip_prefix('#').unwrap_or(tagged))
 }
 
-/// A broadcast's header: epoch, `seq`, whether the stream is finished.
-pub(super) struct Header {
+/// A broadcast: one run of messages.
+pub(super) struct Broadcast<'a> {
     pub(super) epoch: u64,
+    /// The first message's `seq`; the others follow.
     pub(super) seq: u64,
+    /// Whether the stream is finished, for every message of the run.
     pub(super) done: bool,
+    /// The JSON objects, in order.
+    pub(super) bodies: Vec<&'a [u8]>,
 }
 
-/// Splits a broadcast, `<epoch>:<seq>:<d>:<json>`, into its header and the
-/// JSON object.
-pub(super) fn parse_broadcast(payload: &[u8]) -> Option<(Header, &[u8])> {
+/// Reads a broadcast, `<epoch>:<seq>:<d>:<json>`, or for a run
+/// `<epoch>:<seq>+<n>:<d>:` and the run.
+pub(super) fn parse_broadcast(payload: &[u8]) -> Option<Broadcast<'_>> {
     let mut parts = payload.splitn(4, |&b| b == b':');
     let epoch = number(parts.next()?)?;
-    let seq = number(parts.next()?)?;
+    let seqs = parts.next()?;
     let done = parts.next()? == b"1";
-    let body = parts.next()?;
-    Some((Header { epoch, seq, done }, body))
+    let run = parts.next()?;
+    let (seq, count) = match seqs.iter().position(|&b| b == b'+') {
+        Some(plus) => (number(&seqs[..plus])?, number(&seqs[plus + 1..])?),
+        None => (number(seqs)?, 1),
+    };
+    Some(Broadcast {
+        epoch,
+        seq,
+        done,
+        bodies: split_run(count, run)?,
+    })
 }
 
-/// Reads the publish script's `{epoch1, seq1, …}`: one pair per message.
+/// A run as stored and broadcast: the one message's JSON object, or each
+/// one's length and `:` before it.
+pub(super) fn join_run<'a>(bodies: impl ExactSizeIterator<Item = &'a [u8]>) -> Vec<u8> {
+    let single = bodies.len() == 1;
+    let mut run = Vec::new();
+    for body in bodies {
+        if !single {
+            run.extend_from_slice(body.len().to_string().as_bytes());
+            run.push(b':');
+        }
+        run.extend_from_slice(body);
+    }
+    run
+}
+
+/// The JSON objects of a run of `count` messages.
+fn split_run(count: u64, mut run: &[u8]) -> Option<Vec<&[u8]>> {
+    if count == 1 {
+        return Some(vec![run]);
+    }
+    if count == 0 || count > MAX_RUN as u64 {
+        return None;
+    }
+    let mut bodies = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        let colon = run.iter().position(|&b| b == b':')?;
+        let len = usize::try_from(number(&run[..colon])?).ok()?;
+        bodies.push(run.get(colon + 1..colon + 1 + len)?);
+        run = &run[colon + 1 + len..];
+    }
+    run.is_empty().then_some(bodies)
+}
+
+/// Reads the publish function's `{epoch1, first_seq1, …}`: a pair per run.
 pub(super) fn parse_published(value: &Value) -> Option<Vec<(u64, u64)>> {
     let Value::Array(items) = value else {
         return None;
@@ -237,38 +322,48 @@ pub(super) fn parse_fetched(value: &Value) -> Option<Fetched> {
         });
     };
     let epoch = number(bulk(epoch)?)?;
-    let entries = entries
-        .iter()
-        .map(|entry| parse_entry(entry, epoch))
-        .collect::<Option<Vec<_>>>()?;
+    let mut messages = Vec::with_capacity(entries.len());
+    for entry in entries {
+        read_entry(entry, epoch, &mut messages)?;
+    }
     Some(Fetched {
         epoch: Some(epoch),
-        entries,
+        entries: messages,
     })
 }
 
-fn parse_entry(entry: &Value, epoch: u64) -> Option<Numbered> {
+/// Reads one stream entry's messages into `messages`.
+fn read_entry(entry: &Value, epoch: u64, messages: &mut Vec<Numbered>) -> Option<()> {
     let Value::Array(parts) = entry else {
         return None;
     };
     let [id, Value::Array(fields)] = parts.as_slice() else {
         return None;
     };
-    let seq = number(bulk(id)?.strip_prefix(b"0-")?)?;
-    let (mut done, mut draft) = (false, None);
+    let first = number(bulk(id)?.strip_prefix(b"0-")?)?;
+    let (mut done, mut count, mut run) = (false, 1, None);
     for pair in fields.chunks(2) {
         match (bulk(&pair[0])?, pair.get(1).and_then(bulk)) {
             (b"d", Some(d)) => done = d == b"1",
-            (b"b", Some(body)) => draft = Draft::from_body(body),
+            (b"n", Some(n)) => count = number(n)?,
+            (b"b", Some(b)) => run = Some(b),
             _ => {}
         }
     }
-    Some(Numbered {
+    // Messages that cannot be read are still numbered: the reader skips
+    // them with a warning rather than waiting for them.
+    let bodies = run.and_then(|run| split_run(count, run));
+    let drafts: Vec<Option<Draft>> = match bodies {
+        Some(bodies) => bodies.into_iter().map(Draft::from_body).collect(),
+        None => (0..count.min(MAX_RUN as u64)).map(|_| None).collect(),
+    };
+    messages.extend((first..).zip(drafts).map(|(seq, draft)| Numbered {
         epoch,
         seq,
         done,
         draft,
-    })
+    }));
+    Some(())
 }
 
 fn bulk(value: &Value) -> Option<&[u8]> {
@@ -293,11 +388,44 @@ mod tests {
 
     #[test]
     fn broadcasts_are_read_back() {
-        let (h, body) = parse_broadcast(br#"1764100000123456:42:1:{"type":"a:b"}"#).unwrap();
-        assert_eq!((h.epoch, h.seq, h.done), (1_764_100_000_123_456, 42, true));
-        assert_eq!(body, br#"{"type":"a:b"}"#);
+        let b = parse_broadcast(br#"1764100000123456:42:1:{"type":"a:b"}"#).unwrap();
+        assert_eq!((b.epoch, b.seq, b.done), (1_764_100_000_123_456, 42, true));
+        assert_eq!(b.bodies, [br#"{"type":"a:b"}"#]);
         assert!(parse_broadcast(b"x:1:0:{}").is_none());
         assert!(parse_broadcast(b"1:2:0").is_none());
+    }
+
+    #[test]
+    fn runs_are_joined_and_split() {
+        let bodies: [&[u8]; 3] = [b"{}", br#"{"a":"x:1"}"#, b"{}"];
+        let run = join_run(bodies.iter().copied());
+        assert_eq!(run, br#"2:{}11:{"a":"x:1"}2:{}"#);
+        assert_eq!(split_run(3, &run).unwrap(), bodies);
+        assert_eq!(join_run([&b"{}"[..]].into_iter()), b"{}");
+        assert_eq!(split_run(1, b"{}").unwrap(), [b"{}"]);
+    }
+
+    #[test]
+    fn runs_are_read_back() {
+        let b = parse_broadcast(br#"17:5+3:0:2:{}7:{"a":1}2:{}"#).unwrap();
+        assert_eq!((b.epoch, b.seq, b.done), (17, 5, false));
+        let bodies: Vec<&[u8]> = vec![b"{}", br#"{"a":1}"#, b"{}"];
+        assert_eq!(b.bodies, bodies);
+        // Lengths that overrun, fall short, or disagree with the count.
+        for bad in [
+            &br#"17:5+2:0:2:{}9:{"a":1}"#[..],
+            br#"17:5+2:0:2:{}6:{"a":1}"#,
+            b"17:5+3:0:2:{}2:{}",
+            b"17:5+0:0:",
+            b"17:5+x:0:2:{}",
+            b"17:5+65:0:",
+        ] {
+            assert!(
+                parse_broadcast(bad).is_none(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
     }
 
     #[test]
@@ -306,27 +434,40 @@ mod tests {
         assert_eq!(parse_published(&published), Some(vec![(17, 3), (17, 4)]));
         assert_eq!(parse_published(&Value::Array(vec![bulk("17")])), None);
 
-        let entry = |seq: &str, body: &str| {
-            Value::Array(vec![
-                bulk(seq),
-                Value::Array(vec![
-                    bulk("e"),
-                    bulk("17"),
-                    bulk("d"),
-                    bulk("0"),
-                    bulk("b"),
-                    bulk(body),
-                ]),
-            ])
+        // An entry of an earlier version (no `n`), and a run of three.
+        let entry = |seq: &str, done: &str, count: Option<&str>, run: &str| {
+            let mut fields = vec![bulk("e"), bulk("17"), bulk("d"), bulk(done)];
+            if let Some(count) = count {
+                fields.extend([bulk("n"), bulk(count)]);
+            }
+            fields.extend([bulk("b"), bulk(run)]);
+            Value::Array(vec![bulk(seq), Value::Array(fields)])
         };
         let fetched = Value::Array(vec![
             bulk("17"),
-            Value::Array(vec![entry("0-4", "{}"), entry("0-5", r#"{"a":1}"#)]),
+            Value::Array(vec![
+                entry("0-4", "0", None, "{}"),
+                entry("0-5", "1", Some("3"), r#"7:{"a":1}7:{"a":2}2:{}"#),
+                // Unreadable: numbered still, without a message.
+                entry("0-8", "1", Some("2"), r#"7:{"a":1}"#),
+            ]),
         ]);
         let f = parse_fetched(&fetched).unwrap();
         assert_eq!(f.epoch, Some(17));
-        let seqs: Vec<u64> = f.entries.iter().map(|m| m.seq).collect();
-        assert_eq!(seqs, [4, 5]);
+        let seqs: Vec<(u64, bool)> = f.entries.iter().map(|m| (m.seq, m.done)).collect();
+        assert_eq!(
+            seqs,
+            [
+                (4, false),
+                (5, true),
+                (6, true),
+                (7, true),
+                (8, true),
+                (9, true)
+            ]
+        );
+        let readable: Vec<bool> = f.entries.iter().map(|m| m.draft.is_some()).collect();
+        assert_eq!(readable, [true, true, true, true, false, false]);
         let empty = parse_fetched(&Value::Array(vec![])).unwrap();
         assert!(empty.epoch.is_none() && empty.entries.is_empty());
     }
