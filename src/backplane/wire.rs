@@ -11,7 +11,7 @@
 //! entry, one broadcast. An entry's id is `0-<seq>`, the `seq` of its first
 //! message, the next ones following; its fields are `e` (the epoch), `d`
 //! (`1` once the stream is finished, for every message of the entry), `n`
-//! (how many messages; absent in entries of earlier versions: one) and `b`,
+//! (how many messages; absent for one) and `b`,
 //! the run: a message's JSON object (without `seq`), or for `n > 1` each
 //! one's length and `:` before it. The meta string is
 //! `<d>:<refreshed>:<epoch>:<node>`: what publishing needs to know,
@@ -123,12 +123,19 @@ local function publish(KEYS, ARGV)
     if not state then redis.call('DEL', key) end
     local done = was_done or finishes == '1'
     local d = done and '1' or '0'
-    local id = state and redis.call('XADD', key, '0-*', 'e', epoch, 'd', d, 'n', count, 'b', run)
+    -- A run of one has no `n`: the most common entry stays the smallest.
+    local function append(id)
+      if count == '1' then
+        return redis.call('XADD', key, id, 'e', epoch, 'd', d, 'b', run)
+      end
+      return redis.call('XADD', key, id, 'e', epoch, 'd', d, 'n', count, 'b', run)
+    end
+    local id = state and append('0-*')
     if not state or id == '0-1' then
       if state then redis.call('DEL', key) end
       local t = redis.call('TIME')
       epoch = t[1] .. string.format('%06d', tonumber(t[2]))
-      id = redis.call('XADD', key, '0-1', 'e', epoch, 'd', d, 'n', count, 'b', run)
+      id = append('0-1')
       state = nil
     end
     local first = tonumber(string.sub(id, 3))
