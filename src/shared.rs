@@ -134,7 +134,19 @@ impl Shared {
     /// the layer and every publisher are gone. A task its runtime dropped
     /// (a layer that outlives the runtime it first ran on) is started again
     /// on the next call.
+    #[inline]
     pub(crate) fn ensure_background_tasks(self: &Arc<Self>) {
+        // Every publish passes here: the common case is two loads.
+        if self.heartbeat_running.load(Ordering::Relaxed)
+            && self.sweeper_running.load(Ordering::Relaxed)
+        {
+            return;
+        }
+        self.start_background_tasks();
+    }
+
+    #[cold]
+    fn start_background_tasks(self: &Arc<Self>) {
         self.spawn_unless_running(
             |shared| &shared.heartbeat_running,
             |shared| {
