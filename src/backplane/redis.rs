@@ -1007,16 +1007,16 @@ impl CommandWorker {
                         .arg(grace_ms)
                         .arg(now_ms)
                         .arg(broadcast);
+                    let mut bodies = Vec::new();
                     for run in runs(group) {
                         // Only a run of one finishes a stream.
                         let finishes = run[0].done;
+                        bodies.clear();
+                        bodies.extend(run.iter().map(|publish| publish.draft.body()));
                         call.arg(wire::channel(prefix, &run[0].topic))
                             .arg(run.len())
-                            .arg(if finishes { "1" } else { "0" });
-                        match run {
-                            [publish] => call.arg(publish.draft.body()),
-                            _ => call.arg(wire::join_run(run.iter().map(|p| p.draft.body()))),
-                        };
+                            .arg(if finishes { "1" } else { "0" })
+                            .arg(&*wire::join_run(&bodies));
                     }
                 }
                 Unit::Fetch(topic) => {

@@ -20,6 +20,8 @@
 //! that wrote it last. A broadcast on the channel is `<epoch>:<seq>:<d>:`
 //! followed by the run, `<epoch>:<seq>+<n>:<d>:` for `n > 1`.
 
+use std::borrow::Cow;
+
 use redis::Value;
 
 use crate::hub::{Fetched, Numbered};
@@ -91,6 +93,15 @@ local function this_node()
   return node
 end
 
+-- Appends a run as one entry. A run of one has no `n`: the most common
+-- entry stays the smallest.
+local function append(key, id, epoch, d, count, run)
+  if count == '1' then
+    return redis.call('XADD', key, id, 'e', epoch, 'd', d, 'b', run)
+  end
+  return redis.call('XADD', key, id, 'e', epoch, 'd', d, 'n', count, 'b', run)
+end
+
 local function publish(KEYS, ARGV)
   local n = #KEYS / 2
   local metas = {}
@@ -123,19 +134,12 @@ local function publish(KEYS, ARGV)
     if not state then redis.call('DEL', key) end
     local done = was_done or finishes == '1'
     local d = done and '1' or '0'
-    -- A run of one has no `n`: the most common entry stays the smallest.
-    local function append(id)
-      if count == '1' then
-        return redis.call('XADD', key, id, 'e', epoch, 'd', d, 'b', run)
-      end
-      return redis.call('XADD', key, id, 'e', epoch, 'd', d, 'n', count, 'b', run)
-    end
-    local id = state and append('0-*')
+    local id = state and append(key, '0-*', epoch, d, count, run)
     if not state or id == '0-1' then
       if state then redis.call('DEL', key) end
       local t = redis.call('TIME')
       epoch = t[1] .. string.format('%06d', tonumber(t[2]))
-      id = append('0-1')
+      id = append(key, '0-1', epoch, d, count, run)
       state = nil
     end
     local first = tonumber(string.sub(id, 3))
@@ -272,17 +276,17 @@ pub(super) fn parse_broadcast(payload: &[u8]) -> Option<Broadcast<'_>> {
 
 /// A run as stored and broadcast: the one message's JSON object, or each
 /// one's length and `:` before it.
-pub(super) fn join_run<'a>(bodies: impl ExactSizeIterator<Item = &'a [u8]>) -> Vec<u8> {
-    let single = bodies.len() == 1;
+pub(super) fn join_run<'a>(bodies: &[&'a [u8]]) -> Cow<'a, [u8]> {
+    if let [body] = bodies {
+        return Cow::Borrowed(body);
+    }
     let mut run = Vec::new();
     for body in bodies {
-        if !single {
-            run.extend_from_slice(body.len().to_string().as_bytes());
-            run.push(b':');
-        }
+        run.extend_from_slice(body.len().to_string().as_bytes());
+        run.push(b':');
         run.extend_from_slice(body);
     }
-    run
+    Cow::Owned(run)
 }
 
 /// The JSON objects of a run of `count` messages.
@@ -359,17 +363,23 @@ fn read_entry(entry: &Value, epoch: u64, messages: &mut Vec<Numbered>) -> Option
     }
     // Messages that cannot be read are still numbered: the reader skips
     // them with a warning rather than waiting for them.
-    let bodies = run.and_then(|run| split_run(count, run));
-    let drafts: Vec<Option<Draft>> = match bodies {
-        Some(bodies) => bodies.into_iter().map(Draft::from_body).collect(),
-        None => (0..count.min(MAX_RUN as u64)).map(|_| None).collect(),
-    };
-    messages.extend((first..).zip(drafts).map(|(seq, draft)| Numbered {
+    let numbered = |seq, draft| Numbered {
         epoch,
         seq,
         done,
         draft,
-    }));
+    };
+    match run.and_then(|run| split_run(count, run)) {
+        Some(bodies) => messages.extend(
+            (first..)
+                .zip(bodies)
+                .map(|(seq, body)| numbered(seq, Draft::from_body(body))),
+        ),
+        None => {
+            let count = count.min(MAX_RUN as u64);
+            messages.extend((first..first + count).map(|seq| numbered(seq, None)));
+        }
+    }
     Some(())
 }
 
@@ -405,10 +415,10 @@ mod tests {
     #[test]
     fn runs_are_joined_and_split() {
         let bodies: [&[u8]; 3] = [b"{}", br#"{"a":"x:1"}"#, b"{}"];
-        let run = join_run(bodies.iter().copied());
-        assert_eq!(run, br#"2:{}11:{"a":"x:1"}2:{}"#);
+        let run = join_run(&bodies);
+        assert_eq!(&*run, br#"2:{}11:{"a":"x:1"}2:{}"#);
         assert_eq!(split_run(3, &run).unwrap(), bodies);
-        assert_eq!(join_run([&b"{}"[..]].into_iter()), b"{}");
+        assert_eq!(&*join_run(&[b"{}"]), b"{}");
         assert_eq!(split_run(1, b"{}").unwrap(), [b"{}"]);
     }
 
