@@ -31,10 +31,12 @@ use crate::protocol::{self, ServerMessage};
 use crate::stats::Counters;
 use crate::ClientId;
 
+use self::reclaim::Reclaim;
 use self::replica::Replica;
 pub(crate) use self::topic::fnv1a;
-use self::topic::{Topic, TopicState};
+use self::topic::{Held, Topic, TopicState};
 
+mod reclaim;
 mod replica;
 #[cfg(feature = "redis")]
 mod sync;
@@ -96,6 +98,8 @@ pub(crate) struct Hub {
     clients: Mutex<Clients>,
     limits: HistoryLimits,
     relay: OnceLock<Arc<dyn Relay>>,
+    /// Frees histories dropped whole.
+    reclaim: Arc<Reclaim<Held>>,
     pub(crate) counters: Counters,
 }
 
@@ -137,6 +141,7 @@ impl Hub {
             }),
             limits,
             relay: OnceLock::new(),
+            reclaim: Reclaim::new(),
             counters: Counters::default(),
         }
     }
@@ -395,7 +400,7 @@ impl Hub {
     fn forget(&self, topic: &str, state: &mut TopicState) {
         state.removed = true;
         if state.replica.is_some() {
-            let freed = state.restart(1);
+            let freed = state.restart(1, &self.reclaim);
             self.counters.add_history_bytes(-(freed as isize));
             if let Some(relay) = self.relay() {
                 relay.unlisten(topic);
@@ -425,7 +430,7 @@ impl Hub {
             let before = shard.len();
             shard.retain(|name, topic| {
                 let mut state = topic.lock();
-                let freed = state.expire(now, &self.limits);
+                let freed = state.expire(now, &self.limits, &self.reclaim);
                 self.counters.add_history_bytes(-(freed as isize));
                 if state.is_idle() {
                     self.forget(name, &mut state);

@@ -238,7 +238,7 @@ impl Hub {
     /// Jumps over messages that will never come: the copy's history is
     /// dropped (it would have a hole) and its subscribers are told.
     fn skip_to(&self, topic: &str, state: &mut TopicState, first_seq: u64) {
-        let freed = state.restart(first_seq);
+        let freed = state.restart(first_seq, &self.reclaim);
         self.counters.add_history_bytes(-(freed as isize));
         let gap = Message::plain(protocol::history_gap(topic, first_seq));
         self.push_all(&state.subscribers, gap);

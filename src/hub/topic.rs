@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::reclaim::Reclaim;
 use super::replica::Replica;
 use crate::connection::outbox::Outbox;
 use crate::message::{Draft, Message};
@@ -45,7 +46,7 @@ pub(crate) struct TopicState {
     pub(crate) removed: bool,
 }
 
-struct Held {
+pub(super) struct Held {
     seq: u64,
     at: Instant,
     message: Message,
@@ -197,16 +198,19 @@ impl TopicState {
 
     /// Drops history past its age, or all of it once the grace period of
     /// a completed stream is over. Returns the bytes freed.
-    pub(crate) fn expire(&mut self, now: Instant, limits: &HistoryLimits) -> usize {
-        let before = self.history_bytes;
+    pub(crate) fn expire(
+        &mut self,
+        now: Instant,
+        limits: &HistoryLimits,
+        reclaim: &Arc<Reclaim<Held>>,
+    ) -> usize {
         if self
             .completed_at
             .is_some_and(|at| now.saturating_duration_since(at) >= limits.completed_grace)
         {
-            while !self.history.is_empty() {
-                self.pop_oldest();
-            }
+            return self.take_history(reclaim);
         }
+        let before = self.history_bytes;
         while self
             .history
             .front()
@@ -224,13 +228,15 @@ impl TopicState {
 
     /// Forgets the history: the topic's numbering begins again at
     /// `first_seq`. Returns the bytes freed.
-    pub(crate) fn restart(&mut self, first_seq: u64) -> usize {
-        let before = self.history_bytes;
-        while !self.history.is_empty() {
-            self.pop_oldest();
-        }
+    pub(crate) fn restart(&mut self, first_seq: u64, reclaim: &Arc<Reclaim<Held>>) -> usize {
         self.next_seq = first_seq;
-        before
+        self.take_history(reclaim)
+    }
+
+    /// Hands the whole history to `reclaim`; returns its bytes.
+    fn take_history(&mut self, reclaim: &Arc<Reclaim<Held>>) -> usize {
+        reclaim.free(std::mem::take(&mut self.history));
+        std::mem::take(&mut self.history_bytes)
     }
 
     /// Skips numbers: the next message gets `next_seq`.
@@ -375,7 +381,7 @@ mod tests {
         assert!(t.history_bytes <= 100);
 
         let later = now + LIMITS.age;
-        assert!(t.expire(later, &LIMITS) > 0);
+        assert!(t.expire(later, &LIMITS, &Reclaim::new()) > 0);
         assert!(t.is_idle());
     }
 
@@ -386,9 +392,9 @@ mod tests {
         publish(&mut t, now, 2);
         t.complete(now);
         publish(&mut t, now, 1);
-        t.expire(now + Duration::from_secs(9), &LIMITS);
+        t.expire(now + Duration::from_secs(9), &LIMITS, &Reclaim::new());
         assert_eq!(seqs(&t.replay(None, usize::MAX)), [1, 2, 3]);
-        t.expire(now + LIMITS.completed_grace, &LIMITS);
+        t.expire(now + LIMITS.completed_grace, &LIMITS, &Reclaim::new());
         assert!(t.is_idle());
     }
 }
