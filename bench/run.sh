@@ -218,7 +218,7 @@ python3 - "$out" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 keys = ["wire_bytes", "msgs_per_s", "p50_us", "p99_us", "p999_us", "lost", "server_rss_kib", "server_cpu_s", "redis_cpu_us_per_msg", "redis_xadds", "merged_frames", "delivered",
-        "bytes_per_conn", "conns_per_s", "handshake_p50_us", "handshake_p99_us"]
+        "bytes_per_conn", "conns_per_s", "loadgen_cpu_s", "handshake_p50_us", "handshake_p99_us"]
 by = {}
 for r in rows:
     by.setdefault((r["scenario"], r["server"]), []).append(r["result"])
