@@ -32,9 +32,10 @@
 //! [`Publisher::publish_confirmed`], keeping at most [`WINDOW`] publishes
 //! unconfirmed, as an application that must not outrun its backplane's
 //! queue would. Publishing goes through
-//! the public [`Publisher::stream_delta`], like any application's; the
-//! loops yield to the runtime every few messages so that, on one thread,
-//! connections write while a burst is still being published.
+//! the public [`Publisher::stream_delta`], like any application's; a
+//! burst lets the connections' writers catch up every few thousand
+//! deliveries ([`Publisher::yield_to_writers`]), so that they write while
+//! it is still being published.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -54,12 +55,13 @@ use serde::Serialize;
 use tower::ServiceBuilder;
 use tower_ws::{PublishError, Publisher, WsLayer};
 
-/// A burst yields to the runtime, so that one thread also writes while it
+/// A burst lets the writers catch up, so that they write while it
 /// publishes, once it has queued this many deliveries (messages ×
 /// subscribers) and at least [`YIELD_MIN_MESSAGES`] messages: each
-/// connection then has several frames for one write.
-const YIELD_EVERY: usize = 16384;
-const YIELD_MIN_MESSAGES: usize = 16;
+/// connection then has several frames for one write. Fewer deliveries a
+/// slice means lower latency and more writes (BENCHMARKS.md).
+const YIELD_EVERY: usize = 32768;
+const YIELD_MIN_MESSAGES: usize = 32;
 
 /// Through a backplane: publishes awaiting Redis's confirmation, at most.
 const WINDOW: usize = 4096;
@@ -256,7 +258,7 @@ async fn publish_rounds(
             published_since_yield += 1;
             if queued_since_yield >= YIELD_EVERY && published_since_yield >= YIELD_MIN_MESSAGES {
                 (queued_since_yield, published_since_yield) = (0, 0);
-                tokio::task::yield_now().await;
+                publisher.yield_to_writers().await;
             }
         }
     }

@@ -304,6 +304,35 @@ impl Publisher {
                 .close_client(client, frame::close(code, reason))
     }
 
+    /// Lets the connections' writers catch up with what was published:
+    /// resolves once as many writers have taken their queues as were
+    /// waiting to when it was called (at once if none was).
+    ///
+    /// Publishing never waits, so a loop that publishes many messages
+    /// without awaiting anything else queues them all before a single one
+    /// is written. Await this every few thousand deliveries in such a loop:
+    /// the connections then write as it goes, several messages a write.
+    /// `tokio::task::yield_now` does not do this on a multi-threaded
+    /// runtime, where the yielding task runs again after a few dozen other
+    /// tasks, ahead of the rest of the writers it woke.
+    ///
+    /// It waits for writers to take their messages, not for sockets to
+    /// accept them, so a slow client does not hold it up.
+    ///
+    /// ```
+    /// # async fn run(publisher: tower_ws::Publisher) {
+    /// for (i, token) in ["a", "b", "c"].iter().cycle().take(100_000).enumerate() {
+    ///     publisher.stream_delta("req-1", token);
+    ///     if i % 4096 == 4095 {
+    ///         publisher.yield_to_writers().await;
+    ///     }
+    /// }
+    /// # }
+    /// ```
+    pub async fn yield_to_writers(&self) {
+        self.shared.hub.turns.wait().await;
+    }
+
     /// How many connections on this instance are subscribed to `topic`.
     pub fn subscriber_count(&self, topic: &str) -> usize {
         self.shared.hub.subscriber_count(topic)

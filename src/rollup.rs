@@ -205,7 +205,9 @@ mod tests {
     /// The deltas a subscriber of `t` gets, as (seq, text).
     fn deltas(outbox: &crate::connection::outbox::Outbox) -> Vec<(u64, String)> {
         let mut batch = Vec::new();
-        while let crate::connection::outbox::Take::Frames { .. } = outbox.take(&mut batch) {}
+        while let crate::connection::outbox::Take::Frames { .. } =
+            outbox.take(&mut batch, &crate::connection::outbox::Turns::default())
+        {}
         batch
             .iter()
             .filter_map(|m| {

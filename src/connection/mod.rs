@@ -201,6 +201,7 @@ pub(crate) fn clean_up(
         }
     }
     Counters::add(&shared.hub.counters.messages_dropped, outbox.kill());
+    outbox.settle_turn(&shared.hub.turns);
     shared
         .hub
         .deregister(client_id, principal.map(Principal::id));

@@ -11,11 +11,12 @@
 //! queued data.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::Mutex;
 use std::task::{Poll, Waker};
 
 use bytes::Bytes;
+use tokio::sync::Notify;
 
 use crate::message::{MergedDelta, Message};
 use crate::ClientId;
@@ -126,6 +127,9 @@ struct State {
     /// The writer's task while it waits. One task waits on an outbox, so
     /// one waker (not a `Notify` and its wait list) is enough.
     waiter: Option<Waker>,
+    /// A push woke the writer for data and it has not taken the queue
+    /// since: it owes [`Turns`] a turn.
+    owes_turn: bool,
 }
 
 struct Closing {
@@ -148,6 +152,76 @@ pub(crate) enum Push {
     Overflowed { discarded: usize },
     /// Not queued: the connection is already closing.
     Closed,
+}
+
+/// The turns the writers of a layer owe: a writer woken for data owes one
+/// until it takes its queue, so that a task publishing in a loop can wait
+/// for the writers it woke ([`Publisher::yield_to_writers`]).
+///
+/// [`Publisher::yield_to_writers`]: crate::Publisher::yield_to_writers
+#[derive(Debug)]
+pub(crate) struct Turns {
+    owed: AtomicUsize,
+    /// Turns taken (or settled when a connection ended), ever.
+    taken: AtomicU64,
+    /// The smallest `taken` a waiter waits for; `u64::MAX` when none does.
+    wanted: AtomicU64,
+    reached: Notify,
+}
+
+impl Default for Turns {
+    fn default() -> Self {
+        Self {
+            owed: AtomicUsize::new(0),
+            taken: AtomicU64::new(0),
+            wanted: AtomicU64::new(u64::MAX),
+            reached: Notify::new(),
+        }
+    }
+}
+
+impl Turns {
+    fn owe(&self) {
+        self.owed.fetch_add(1, Relaxed);
+    }
+
+    fn took(&self) {
+        self.owed.fetch_sub(1, Relaxed);
+        // SeqCst here and in `wait`: each side writes one value and reads
+        // the other's, so at least one of them sees the other's write.
+        let taken = self.taken.fetch_add(1, SeqCst) + 1;
+        if taken >= self.wanted.load(SeqCst) {
+            self.reached.notify_waiters();
+        }
+    }
+
+    /// Waits until as many turns were taken as were owed when called.
+    pub(crate) async fn wait(&self) {
+        let owed = self.owed.load(Relaxed) as u64;
+        if owed == 0 {
+            return;
+        }
+        let target = self.taken.load(SeqCst) + owed;
+        loop {
+            let reached = self.reached.notified();
+            tokio::pin!(reached);
+            reached.as_mut().enable();
+            self.wanted.fetch_min(target, SeqCst);
+            if self.taken.load(SeqCst) >= target {
+                break;
+            }
+            reached.await;
+        }
+        // Done: stop the writers' notifying, and have any other waiter
+        // (whose larger target `wanted` may have hidden) put its own back.
+        if self
+            .wanted
+            .compare_exchange(target, u64::MAX, SeqCst, SeqCst)
+            .is_ok()
+        {
+            self.reached.notify_waiters();
+        }
+    }
 }
 
 /// What the writer should do next.
@@ -204,7 +278,7 @@ impl Outbox {
     /// then is the [`SlowClientPolicy`]'s. A message always fits an empty
     /// queue, so one larger than the limit still reaches a client that
     /// keeps up.
-    pub(crate) fn push(&self, message: Message) -> Push {
+    pub(crate) fn push(&self, message: Message, turns: &Turns) -> Push {
         let mut state = self.lock();
         if state.closing.is_some() || state.killed {
             return Push::Closed;
@@ -243,6 +317,9 @@ impl Outbox {
         state.data_bytes += len;
         state.data.push_back(Queued::One(message));
         if was_empty {
+            if !std::mem::replace(&mut state.owes_turn, true) {
+                turns.owe();
+            }
             self.wake(state);
         }
         Push::Queued { coalesced }
@@ -290,40 +367,23 @@ impl Outbox {
     }
 
     /// Moves the data to write next into `batch`: up to
-    /// [`MAX_BATCH_BYTES`], at least one message.
-    pub(crate) fn take(&self, batch: &mut impl Extend<Message>) -> Take {
+    /// [`MAX_BATCH_BYTES`], at least one message. Takes the writer's turn.
+    pub(crate) fn take(&self, batch: &mut impl Extend<Message>, turns: &Turns) -> Take {
         let mut state = self.lock();
-        if state.killed || state.close_sent {
-            return Take::Stop;
+        let owed = std::mem::take(&mut state.owes_turn);
+        let take = state.take(batch);
+        drop(state);
+        if owed {
+            turns.took();
         }
-        let mut data_frames = 0;
-        let mut taken = 0;
-        while taken < MAX_BATCH_BYTES {
-            let Some(entry) = state.data.pop_front() else {
-                break;
-            };
-            let len = entry.len();
-            state.data_bytes -= len;
-            taken += len;
-            data_frames += 1;
-            batch.extend([entry.into_message()]);
-        }
-        if state.data.is_empty() && state.data.capacity() > KEEP_CAPACITY {
-            state.data = VecDeque::new();
-        }
-        if data_frames > 0 {
-            return Take::Frames { data_frames };
-        }
-        let state = &mut *state;
-        match &mut state.closing {
-            None => Take::Idle,
-            Some(closing) => {
-                state.close_sent = true;
-                match closing.frame.take() {
-                    Some(frame) => Take::Close(frame),
-                    None => Take::Stop,
-                }
-            }
+        take
+    }
+
+    /// Settles a turn the writer owes and will not take: its connection
+    /// ended.
+    pub(crate) fn settle_turn(&self, turns: &Turns) {
+        if std::mem::take(&mut self.lock().owes_turn) {
+            turns.took();
         }
     }
 
@@ -376,6 +436,41 @@ impl Outbox {
 }
 
 impl State {
+    /// What [`Outbox::take`] takes.
+    fn take(&mut self, batch: &mut impl Extend<Message>) -> Take {
+        if self.killed || self.close_sent {
+            return Take::Stop;
+        }
+        let mut data_frames = 0;
+        let mut taken = 0;
+        while taken < MAX_BATCH_BYTES {
+            let Some(entry) = self.data.pop_front() else {
+                break;
+            };
+            let len = entry.len();
+            self.data_bytes -= len;
+            taken += len;
+            data_frames += 1;
+            batch.extend([entry.into_message()]);
+        }
+        if self.data.is_empty() && self.data.capacity() > KEEP_CAPACITY {
+            self.data = VecDeque::new();
+        }
+        if data_frames > 0 {
+            return Take::Frames { data_frames };
+        }
+        match &mut self.closing {
+            None => Take::Idle,
+            Some(closing) => {
+                self.close_sent = true;
+                match closing.frame.take() {
+                    Some(frame) => Take::Close(frame),
+                    None => Take::Stop,
+                }
+            }
+        }
+    }
+
     /// Starts closing with `frame` last, discarding the queued data unless
     /// `flush`; returns how many messages were discarded.
     fn begin_close(&mut self, frame: Option<Bytes>, flush: bool) -> usize {
@@ -457,14 +552,20 @@ mod tests {
     #[test]
     fn control_frames_are_taken_apart_from_data() {
         let o = outbox(100);
-        assert_eq!(o.push(plain(b"d1")), Push::Queued { coalesced: 0 });
+        assert_eq!(
+            o.push(plain(b"d1"), &Turns::default()),
+            Push::Queued { coalesced: 0 }
+        );
         o.push_control(Bytes::from_static(b"c1"));
         assert_eq!(o.take_control(), [&b"c1"[..]]);
         let mut batch = Vec::new();
-        assert_eq!(o.take(&mut batch), Take::Frames { data_frames: 1 });
+        assert_eq!(
+            o.take(&mut batch, &Turns::default()),
+            Take::Frames { data_frames: 1 }
+        );
         assert_eq!(batch[0].frame(), &b"d1"[..]);
         batch.clear();
-        assert_eq!(o.take(&mut batch), Take::Idle);
+        assert_eq!(o.take(&mut batch, &Turns::default()), Take::Idle);
     }
 
     #[test]
@@ -472,33 +573,48 @@ mod tests {
         let o = outbox(1 << 20);
         let big = Bytes::from(vec![0u8; MAX_BATCH_BYTES / 2]);
         for _ in 0..3 {
-            o.push(Message::plain(big.clone()));
+            o.push(Message::plain(big.clone()), &Turns::default());
         }
         let mut batch = Vec::new();
-        assert_eq!(o.take(&mut batch), Take::Frames { data_frames: 2 });
+        assert_eq!(
+            o.take(&mut batch, &Turns::default()),
+            Take::Frames { data_frames: 2 }
+        );
         batch.clear();
-        assert_eq!(o.take(&mut batch), Take::Frames { data_frames: 1 });
+        assert_eq!(
+            o.take(&mut batch, &Turns::default()),
+            Take::Frames { data_frames: 1 }
+        );
     }
 
     #[test]
     fn overflow_discards_the_queue_and_closes_with_1013() {
         let o = outbox(10);
-        assert_eq!(o.push(plain(b"123456")), Push::Queued { coalesced: 0 });
-        assert_eq!(o.push(plain(b"123456")), Push::Overflowed { discarded: 2 });
-        assert_eq!(o.push(plain(b"1")), Push::Closed);
+        assert_eq!(
+            o.push(plain(b"123456"), &Turns::default()),
+            Push::Queued { coalesced: 0 }
+        );
+        assert_eq!(
+            o.push(plain(b"123456"), &Turns::default()),
+            Push::Overflowed { discarded: 2 }
+        );
+        assert_eq!(o.push(plain(b"1"), &Turns::default()), Push::Closed);
         let mut batch = Vec::new();
-        match o.take(&mut batch) {
+        match o.take(&mut batch, &Turns::default()) {
             Take::Close(frame) => assert_eq!(&frame[2..4], &1013u16.to_be_bytes()),
             other => panic!("unexpected {other:?}"),
         }
-        assert_eq!(o.take(&mut batch), Take::Stop);
+        assert_eq!(o.take(&mut batch, &Turns::default()), Take::Stop);
     }
 
     #[test]
     fn drop_newest_keeps_the_connection() {
         let o = Outbox::new(ClientId::next(), 10, SlowClientPolicy::DropNewest);
-        assert_eq!(o.push(plain(b"123456")), Push::Queued { coalesced: 0 });
-        assert_eq!(o.push(plain(b"123456")), Push::Dropped);
+        assert_eq!(
+            o.push(plain(b"123456"), &Turns::default()),
+            Push::Queued { coalesced: 0 }
+        );
+        assert_eq!(o.push(plain(b"123456"), &Turns::default()), Push::Dropped);
         assert_eq!(o.status(), Status::Open);
     }
 
@@ -515,7 +631,7 @@ mod tests {
         for i in 0..40 {
             let text = format!("{i},");
             expected.push_str(&text);
-            match o.push(delta("a", &text)) {
+            match o.push(delta("a", &text), &Turns::default()) {
                 Push::Queued { coalesced: n } => coalesced += n,
                 other => panic!("{other:?}"),
             }
@@ -523,7 +639,7 @@ mod tests {
         assert!(coalesced > 0);
         assert_eq!(o.status(), Status::Open);
         let mut batch = Vec::new();
-        o.take(&mut batch);
+        o.take(&mut batch, &Turns::default());
         let mut text = String::new();
         let mut next_seq = 1;
         for message in &batch {
@@ -545,26 +661,94 @@ mod tests {
     #[test]
     fn one_large_frame_fits_an_empty_queue() {
         let o = outbox(4);
-        assert_eq!(o.push(plain(b"123456789")), Push::Queued { coalesced: 0 });
+        assert_eq!(
+            o.push(plain(b"123456789"), &Turns::default()),
+            Push::Queued { coalesced: 0 }
+        );
     }
 
     #[test]
     fn flushing_close_writes_queued_data_first() {
         let o = outbox(100);
-        o.push(plain(b"d1"));
+        o.push(plain(b"d1"), &Turns::default());
         assert_eq!(o.close(Some(Bytes::from_static(b"bye")), true), 0);
         let mut batch = Vec::new();
-        assert_eq!(o.take(&mut batch), Take::Frames { data_frames: 1 });
+        assert_eq!(
+            o.take(&mut batch, &Turns::default()),
+            Take::Frames { data_frames: 1 }
+        );
         batch.clear();
-        assert_eq!(o.take(&mut batch), Take::Close(Bytes::from_static(b"bye")));
+        assert_eq!(
+            o.take(&mut batch, &Turns::default()),
+            Take::Close(Bytes::from_static(b"bye"))
+        );
     }
 
     #[test]
     fn kill_stops_the_writer() {
         let o = outbox(100);
-        o.push(plain(b"d1"));
+        o.push(plain(b"d1"), &Turns::default());
         assert_eq!(o.kill(), 1);
         assert_eq!(o.status(), Status::Killed);
-        assert_eq!(o.take(&mut Vec::new()), Take::Stop);
+        assert_eq!(o.take(&mut Vec::new(), &Turns::default()), Take::Stop);
+    }
+
+    #[test]
+    fn a_writer_woken_for_data_owes_one_turn_until_it_takes() {
+        let turns = Turns::default();
+        let o = outbox(100);
+        o.push(plain(b"d1"), &turns);
+        o.push(plain(b"d2"), &turns);
+        assert_eq!(turns.owed.load(Relaxed), 1);
+        // Other wakes owe nothing.
+        o.push_control(Bytes::from_static(b"pong"));
+        o.beat();
+        assert_eq!(turns.owed.load(Relaxed), 1);
+        o.take(&mut Vec::new(), &turns);
+        o.take_control();
+        assert_eq!(turns.owed.load(Relaxed), 0);
+        assert_eq!(turns.taken.load(Relaxed), 1);
+        // A take without a wake for data is no turn.
+        o.take(&mut Vec::new(), &turns);
+        assert_eq!(turns.taken.load(Relaxed), 1);
+        // A connection that ends settles what its writer owed.
+        o.push(plain(b"d3"), &turns);
+        assert_eq!(turns.owed.load(Relaxed), 1);
+        o.settle_turn(&turns);
+        o.settle_turn(&turns);
+        assert_eq!(turns.owed.load(Relaxed), 0);
+        assert_eq!(turns.taken.load(Relaxed), 2);
+    }
+
+    #[tokio::test]
+    async fn waiting_for_turns_ends_once_the_owed_ones_are_taken() {
+        let turns = std::sync::Arc::new(Turns::default());
+        // Nothing owed: at once.
+        turns.wait().await;
+        let (a, b, c) = (outbox(100), outbox(100), outbox(100));
+        a.push(plain(b"a"), &turns);
+        b.push(plain(b"b"), &turns);
+        let first = tokio::spawn({
+            let turns = turns.clone();
+            async move { turns.wait().await }
+        });
+        tokio::task::yield_now().await;
+        // A turn owed after the first wait began counts for the second.
+        c.push(plain(b"c"), &turns);
+        let second = tokio::spawn({
+            let turns = turns.clone();
+            async move { turns.wait().await }
+        });
+        tokio::task::yield_now().await;
+        a.take(&mut Vec::new(), &turns);
+        tokio::task::yield_now().await;
+        assert!(!first.is_finished() && !second.is_finished());
+        b.take(&mut Vec::new(), &turns);
+        first.await.unwrap();
+        tokio::task::yield_now().await;
+        assert!(!second.is_finished());
+        c.take(&mut Vec::new(), &turns);
+        second.await.unwrap();
+        assert_eq!(turns.wanted.load(Relaxed), u64::MAX);
     }
 }

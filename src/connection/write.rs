@@ -73,7 +73,7 @@ impl<'a> Conn<'a> {
                     if let Some(code) = close_code {
                         return WriteEnd::SentClose(code);
                     }
-                    let idle = match self.outbox.take(&mut in_flight) {
+                    let idle = match self.outbox.take(&mut in_flight, &self.shared.hub.turns) {
                         Take::Frames { data_frames } => {
                             unsent = data_frames;
                             false

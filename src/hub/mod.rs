@@ -22,7 +22,7 @@ use bytes::Bytes;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::connection::outbox::{Outbox, Push};
+use crate::connection::outbox::{Outbox, Push, Turns};
 use crate::error::PublishError;
 use crate::frame::{self, close_code};
 use crate::lock::lock;
@@ -100,6 +100,8 @@ pub(crate) struct Hub {
     relay: OnceLock<Arc<dyn Relay>>,
     /// Frees histories dropped whole.
     reclaim: Arc<Reclaim<Held>>,
+    /// The turns the connections' writers owe.
+    pub(crate) turns: Turns,
     pub(crate) counters: Counters,
 }
 
@@ -142,6 +144,7 @@ impl Hub {
             limits,
             relay: OnceLock::new(),
             reclaim: Reclaim::new(),
+            turns: Turns::default(),
             counters: Counters::default(),
         }
     }
@@ -464,7 +467,7 @@ impl Hub {
 
     /// Pushes one message, accounting for what did not make it.
     pub(crate) fn push(&self, outbox: &Outbox, message: Message) -> bool {
-        match outbox.push(message) {
+        match outbox.push(message, &self.turns) {
             Push::Queued { coalesced } => {
                 Counters::add(&self.counters.messages_coalesced, coalesced);
                 true
@@ -567,7 +570,10 @@ pub(super) mod tests {
         );
         let mut batch = Vec::new();
         // The acknowledgement, then the delta.
-        assert_eq!(a.take(&mut batch), Take::Frames { data_frames: 2 });
+        assert_eq!(
+            a.take(&mut batch, &Turns::default()),
+            Take::Frames { data_frames: 2 }
+        );
 
         assert!(hub.unsubscribe("t", &a));
         assert!(!hub.unsubscribe("t", &a));

@@ -317,7 +317,9 @@ mod tests {
     /// Everything queued for `outbox`, as (seq, or the error's firstSeq).
     fn received(outbox: &Outbox) -> Vec<Result<u64, u64>> {
         let mut batch = Vec::new();
-        while let Take::Frames { .. } = outbox.take(&mut batch) {}
+        while let Take::Frames { .. } =
+            outbox.take(&mut batch, &crate::connection::outbox::Turns::default())
+        {}
         batch
             .iter()
             .filter_map(|frame| {

@@ -102,7 +102,7 @@ async fn write(shared: &Shared, stream: &Stream, chunks: &mpsc::Sender<Bytes>) -
         drop(outbox.take_control());
         let mut data_frames = 0;
         let mut close = None;
-        let chunk = match outbox.take(&mut batch) {
+        let chunk = match outbox.take(&mut batch, &shared.hub.turns) {
             Take::Frames { data_frames: n } => {
                 data_frames = n;
                 let chunk = events(&batch);
