@@ -306,7 +306,8 @@ impl Publisher {
 
     /// Lets the connections' writers catch up with what was published:
     /// resolves once as many writers have taken their queues as were
-    /// waiting to when it was called (at once if none was).
+    /// waiting to when it was called (if none was, it yields to the
+    /// runtime once, as `tokio::task::yield_now` does).
     ///
     /// Publishing never waits, so a loop that publishes many messages
     /// without awaiting anything else queues them all before a single one

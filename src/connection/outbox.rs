@@ -195,10 +195,12 @@ impl Turns {
         }
     }
 
-    /// Waits until as many turns were taken as were owed when called.
+    /// Waits until as many turns were taken as were owed when called;
+    /// yields once if none was, as a loop that awaits this expects to.
     pub(crate) async fn wait(&self) {
         let owed = self.owed.load(Relaxed) as u64;
         if owed == 0 {
+            tokio::task::yield_now().await;
             return;
         }
         let target = self.taken.load(SeqCst) + owed;
