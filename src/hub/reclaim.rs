@@ -60,37 +60,52 @@ impl<T: Send + 'static> Reclaim<T> {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let mut pending = lock(&self.pending);
-        pending.waiting += batch.len();
-        pending.batches.push(batch);
-        if !pending.freeing {
-            pending.freeing = true;
+        let start = {
+            let mut pending = lock(&self.pending);
+            pending.waiting += batch.len();
+            pending.batches.push(batch);
+            !std::mem::replace(&mut pending.freeing, true)
+        };
+        // Outside the lock: a runtime that is shutting down drops the task
+        // at once, and its guard takes the lock.
+        if start {
             runtime.spawn(Arc::clone(self).run());
         }
     }
 
-    async fn run(self: Arc<Self>) {
-        loop {
-            let (slice, waiting) = {
-                let mut pending = lock(&self.pending);
-                let Some(batch) = pending.batches.last_mut() else {
-                    pending.freeing = false;
+    /// The reclaiming task. Its guard is made before it first runs: a
+    /// runtime that shuts down drops tasks that never ran, too.
+    fn run(self: Arc<Self>) -> impl std::future::Future<Output = ()> + Send {
+        let mut guard = Freeing(Some(self));
+        async move {
+            loop {
+                let Some(reclaim) = guard.0.as_deref() else {
                     return;
                 };
-                let slice: Vec<T> = batch.drain(..batch.len().min(SLICE)).collect();
-                if batch.is_empty() {
-                    pending.batches.pop();
+                let (slice, waiting) = {
+                    let mut pending = lock(&reclaim.pending);
+                    let Some(batch) = pending.batches.last_mut() else {
+                        // Under the lock that `free` checks it with.
+                        pending.freeing = false;
+                        drop(pending);
+                        guard.0.take();
+                        return;
+                    };
+                    let slice: Vec<T> = batch.drain(..batch.len().min(SLICE)).collect();
+                    if batch.is_empty() {
+                        pending.batches.pop();
+                    }
+                    pending.waiting -= slice.len();
+                    (slice, pending.waiting)
+                };
+                // Freed outside the lock, so that handing a batch over never
+                // waits for a slice to be freed.
+                drop(slice);
+                if waiting > BACKLOG {
+                    tokio::task::yield_now().await;
+                } else {
+                    tokio::time::sleep(PACE).await;
                 }
-                pending.waiting -= slice.len();
-                (slice, pending.waiting)
-            };
-            // Freed outside the lock, so that handing a batch over never
-            // waits for a slice to be freed.
-            drop(slice);
-            if waiting > BACKLOG {
-                tokio::task::yield_now().await;
-            } else {
-                tokio::time::sleep(PACE).await;
             }
         }
     }
@@ -99,6 +114,18 @@ impl<T: Send + 'static> Reclaim<T> {
     #[cfg(test)]
     fn waiting(&self) -> usize {
         lock(&self.pending).waiting
+    }
+}
+
+/// Clears `freeing` if the task is dropped before it finished (its
+/// runtime shut down), so that the next batch starts another task.
+struct Freeing<T>(Option<Arc<Reclaim<T>>>);
+
+impl<T> Drop for Freeing<T> {
+    fn drop(&mut self) {
+        if let Some(reclaim) = &self.0 {
+            lock(&reclaim.pending).freeing = false;
+        }
     }
 }
 
@@ -158,5 +185,32 @@ mod tests {
         }
         assert!(reclaim.waiting() <= BACKLOG);
         assert_eq!(start.elapsed(), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_task_dropped_with_its_runtime_leaves_the_next_batch_a_task() {
+        let reclaim = Reclaim::new();
+        let item = Arc::new(());
+        let first = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        first.block_on(async { reclaim.free(vec![item.clone(); 4 * SLICE].into()) });
+        drop(first);
+        let second = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        second.block_on(async {
+            reclaim.free(vec![item.clone(); 2 * SLICE].into());
+            for _ in 0..100 {
+                if Arc::strong_count(&item) == 1 {
+                    break;
+                }
+                tokio::time::sleep(PACE).await;
+            }
+        });
+        assert_eq!(Arc::strong_count(&item), 1);
     }
 }
