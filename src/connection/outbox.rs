@@ -14,6 +14,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::Mutex;
 use std::task::{Poll, Waker};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::Notify;
@@ -154,6 +155,9 @@ pub(crate) enum Push {
     Closed,
 }
 
+/// How long [`Turns::wait`] waits without a turn being taken.
+const STALL: Duration = Duration::from_millis(10);
+
 /// The turns the writers of a layer owe: a writer woken for data owes one
 /// until it takes its queue, so that a task publishing in a loop can wait
 /// for the writers it woke ([`Publisher::yield_to_writers`]).
@@ -195,8 +199,9 @@ impl Turns {
         }
     }
 
-    /// Waits until as many turns were taken as were owed when called;
-    /// yields once if none was, as a loop that awaits this expects to.
+    /// Waits until as many turns were taken as were owed when called, or
+    /// until none has been taken for [`STALL`]; yields once if none was
+    /// owed, as a loop that awaits this expects to.
     pub(crate) async fn wait(&self) {
         let owed = self.owed.load(Relaxed) as u64;
         if owed == 0 {
@@ -209,10 +214,18 @@ impl Turns {
             tokio::pin!(reached);
             reached.as_mut().enable();
             self.wanted.fetch_min(target, SeqCst);
-            if self.taken.load(SeqCst) >= target {
+            let taken = self.taken.load(SeqCst);
+            if taken >= target {
                 break;
             }
-            reached.await;
+            // No turn taken for a while: the writers still owing are not
+            // running (a runtime that was shut down dropped their tasks
+            // before they could settle), and waiting longer would not help.
+            if tokio::time::timeout(STALL, reached).await.is_err()
+                && self.taken.load(SeqCst) == taken
+            {
+                break;
+            }
         }
         // Done: stop the writers' notifying, and have any other waiter
         // (whose larger target `wanted` may have hidden) put its own back.
@@ -722,7 +735,7 @@ mod tests {
         assert_eq!(turns.taken.load(Relaxed), 2);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn waiting_for_turns_ends_once_the_owed_ones_are_taken() {
         let turns = std::sync::Arc::new(Turns::default());
         // Nothing owed: at once.
@@ -752,5 +765,15 @@ mod tests {
         c.take(&mut Vec::new(), &turns);
         second.await.unwrap();
         assert_eq!(turns.wanted.load(Relaxed), u64::MAX);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiting_for_turns_that_never_come_ends_once_nothing_moves() {
+        let turns = Turns::default();
+        let o = outbox(100);
+        o.push(plain(b"a"), &turns);
+        let start = tokio::time::Instant::now();
+        turns.wait().await;
+        assert_eq!(start.elapsed(), STALL);
     }
 }
