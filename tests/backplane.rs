@@ -155,6 +155,77 @@ async fn an_instance_listens_only_while_it_has_subscribers() {
     .await;
 }
 
+/// Waits until `redis` has listeners on `n` channels under the default
+/// prefix.
+async fn listened_on(redis: &RedisServer, n: usize) {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let channels: Vec<String> = redis::cmd("PUBSUB")
+            .arg("CHANNELS")
+            .arg("tower-ws:*")
+            .query_async(&mut redis.connection().await)
+            .await
+            .unwrap();
+        if channels.len() == n {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{n} channels listened to"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Calls of `command` Redis has run, from `INFO commandstats`.
+async fn calls(redis: &RedisServer, command: &str) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut redis.connection().await)
+        .await
+        .unwrap();
+    let line = format!("cmdstat_{command}:calls=");
+    info.lines()
+        .find_map(|l| l.strip_prefix(&line))
+        .and_then(|rest| rest.split(',').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn topics_left_together_are_listened_to_no_more_in_few_commands() {
+    within(async {
+        const TOPICS: usize = 300;
+        let redis = RedisServer::start().await;
+        let (a, b) = (
+            instance_with(&redis, builder().max_connections_per_ip(TOPICS)).await,
+            instance(&redis).await,
+        );
+        let mut clients = Vec::new();
+        for i in 0..TOPICS {
+            let mut client = Client::connect(&a).await;
+            client.subscribe(&format!("left-{i}")).await;
+            clients.push(client);
+        }
+        listened_on(&redis, TOPICS).await;
+        let before = calls(&redis, "unsubscribe").await;
+        drop(clients);
+        listened_on(&redis, 0).await;
+        assert!(
+            calls(&redis, "unsubscribe").await - before < TOPICS as u64,
+            "several channels a command"
+        );
+
+        // Listening again works as before.
+        let mut again = Client::connect(&a).await;
+        again.subscribe("left-7").await;
+        listeners(&redis, "tower-ws:{left-7}", 1).await;
+        b.publisher.stream_delta("left-7", "back");
+        let m = again.recv_json().await;
+        assert_eq!(m["text"], "back");
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_client_resumes_on_another_instance_with_exactly_what_it_missed() {
     within(async {

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 use futures_util::StreamExt;
-use redis::aio::{ConnectionLike, MultiplexedConnection, PubSub};
+use redis::aio::{ConnectionLike, MultiplexedConnection, PubSub, PubSubSink};
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
 use redis::{AsyncConnectionConfig, ErrorKind, RedisResult, ServerErrorKind, Value};
@@ -1256,6 +1256,18 @@ fn runs(group: &[Publish]) -> impl Iterator<Item = &[Publish]> {
     group.chunk_by(|a, b| !a.done && !b.done && a.topic == b.topic)
 }
 
+/// Listening changes the listener takes at once, at most.
+const MAX_LISTEN_CHANGES: usize = 1024;
+
+/// Listening changes gathered to be sent together.
+#[derive(Default)]
+struct Changes {
+    subscribe: Vec<String>,
+    /// Topics whose history is read once `subscribe` is sent.
+    fetch: Vec<Arc<str>>,
+    unsubscribe: Vec<String>,
+}
+
 /// The task that listens to the channels of the topics with local
 /// subscribers, and listens again to all of them after a reconnect.
 struct Listener {
@@ -1299,6 +1311,85 @@ impl Listener {
 
     fn fetch(&self, topic: Arc<str>) {
         send_fetch(&self.fetches, topic);
+    }
+
+    /// Applies `first` and what else is queued already, subscribing and
+    /// unsubscribing many channels a command: a thousand clients leaving
+    /// together would otherwise be a thousand round trips, and no
+    /// broadcast is read meanwhile.
+    async fn apply(
+        &mut self,
+        first: Listen,
+        rx: &mut mpsc::UnboundedReceiver<Listen>,
+        sink: &mut PubSubSink,
+    ) -> RedisResult<()> {
+        let mut changes = Changes::default();
+        let mut next = Some(first);
+        let mut applied = 0;
+        while let Some(listen) = next.take() {
+            match listen {
+                Listen::Start(topic) => {
+                    if !changes.unsubscribe.is_empty() {
+                        self.send(&mut changes, sink).await?;
+                    }
+                    if self.wanted.insert(topic.clone()) {
+                        changes
+                            .subscribe
+                            .push(wire::channel(&self.state.prefix, &topic));
+                    }
+                    changes.fetch.push(topic);
+                }
+                Listen::Stop(topic) => {
+                    if !changes.subscribe.is_empty() {
+                        self.send(&mut changes, sink).await?;
+                    }
+                    if self.wanted.remove(&topic) {
+                        changes
+                            .unsubscribe
+                            .push(wire::channel(&self.state.prefix, &topic));
+                    }
+                }
+                Listen::Forget => {
+                    self.send(&mut changes, sink).await?;
+                    let prefix = &self.state.prefix;
+                    changes.unsubscribe = self
+                        .wanted
+                        .drain()
+                        .map(|topic| wire::channel(prefix, &topic))
+                        .collect();
+                }
+            }
+            applied += 1;
+            if applied < MAX_LISTEN_CHANGES {
+                next = rx.try_recv().ok();
+            }
+        }
+        self.send(&mut changes, sink).await
+    }
+
+    /// Sends the subscribes, then reads the histories (only once the
+    /// channels are subscribed: nothing falls between the two), then the
+    /// unsubscribes.
+    async fn send(&self, changes: &mut Changes, sink: &mut PubSubSink) -> RedisResult<()> {
+        let timeout = self.settings.timeout;
+        if !changes.subscribe.is_empty() {
+            within(
+                timeout,
+                sink.subscribe(std::mem::take(&mut changes.subscribe)),
+            )
+            .await?;
+        }
+        for topic in changes.fetch.drain(..) {
+            self.fetch(topic);
+        }
+        if !changes.unsubscribe.is_empty() {
+            within(
+                timeout,
+                sink.unsubscribe(std::mem::take(&mut changes.unsubscribe)),
+            )
+            .await?;
+        }
+        Ok(())
     }
 
     /// Keeps the list of wanted topics up to date until `wait` is over;
@@ -1358,29 +1449,7 @@ impl Listener {
             tokio::select! {
                 listen = rx.recv() => match listen {
                     None => return Ok(()),
-                    Some(Listen::Start(topic)) => {
-                        if self.wanted.insert(topic.clone()) {
-                            within(timeout, sink.subscribe(wire::channel(&prefix, &topic))).await?;
-                        }
-                        // Read the history only once the channel is
-                        // subscribed: nothing falls between the two.
-                        self.fetch(topic);
-                    }
-                    Some(Listen::Stop(topic)) => {
-                        if self.wanted.remove(&topic) {
-                            within(timeout, sink.unsubscribe(wire::channel(&prefix, &topic))).await?;
-                        }
-                    }
-                    Some(Listen::Forget) => {
-                        let channels: Vec<String> = self
-                            .wanted
-                            .drain()
-                            .map(|topic| wire::channel(&prefix, &topic))
-                            .collect();
-                        if !channels.is_empty() {
-                            within(timeout, sink.unsubscribe(channels)).await?;
-                        }
-                    }
+                    Some(first) => self.apply(first, rx, &mut sink).await?,
                 },
                 _ = liveness.tick() => {
                     within(timeout, sink.ping::<Value>()).await?;
