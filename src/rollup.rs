@@ -204,11 +204,8 @@ mod tests {
 
     /// The deltas a subscriber of `t` gets, as (seq, text).
     fn deltas(outbox: &crate::connection::outbox::Outbox) -> Vec<(u64, String)> {
-        let mut batch = Vec::new();
-        while let crate::connection::outbox::Take::Frames { .. } =
-            outbox.take(&mut batch, &crate::connection::outbox::Turns::default())
-        {}
-        batch
+        outbox
+            .take_all()
             .iter()
             .filter_map(|m| {
                 let v: serde_json::Value =

@@ -394,6 +394,14 @@ impl Outbox {
         take
     }
 
+    /// Everything queued, taken as the writer would, turns aside.
+    #[cfg(test)]
+    pub(crate) fn take_all(&self) -> Vec<Message> {
+        let mut batch = Vec::new();
+        while let Take::Frames { .. } = self.take(&mut batch, &Turns::default()) {}
+        batch
+    }
+
     /// Settles a turn the writer owes and will not take: its connection
     /// ended.
     pub(crate) fn settle_turn(&self, turns: &Turns) {
@@ -554,6 +562,9 @@ pub(crate) enum Status {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// For tests that do not look at turns.
+    static NO_TURNS: std::sync::LazyLock<Turns> = std::sync::LazyLock::new(Turns::default);
     use crate::message::Draft;
 
     fn outbox(max: usize) -> Outbox {
@@ -568,19 +579,19 @@ mod tests {
     fn control_frames_are_taken_apart_from_data() {
         let o = outbox(100);
         assert_eq!(
-            o.push(plain(b"d1"), &Turns::default()),
+            o.push(plain(b"d1"), &NO_TURNS),
             Push::Queued { coalesced: 0 }
         );
         o.push_control(Bytes::from_static(b"c1"));
         assert_eq!(o.take_control(), [&b"c1"[..]]);
         let mut batch = Vec::new();
         assert_eq!(
-            o.take(&mut batch, &Turns::default()),
+            o.take(&mut batch, &NO_TURNS),
             Take::Frames { data_frames: 1 }
         );
         assert_eq!(batch[0].frame(), &b"d1"[..]);
         batch.clear();
-        assert_eq!(o.take(&mut batch, &Turns::default()), Take::Idle);
+        assert_eq!(o.take(&mut batch, &NO_TURNS), Take::Idle);
     }
 
     #[test]
@@ -588,16 +599,16 @@ mod tests {
         let o = outbox(1 << 20);
         let big = Bytes::from(vec![0u8; MAX_BATCH_BYTES / 2]);
         for _ in 0..3 {
-            o.push(Message::plain(big.clone()), &Turns::default());
+            o.push(Message::plain(big.clone()), &NO_TURNS);
         }
         let mut batch = Vec::new();
         assert_eq!(
-            o.take(&mut batch, &Turns::default()),
+            o.take(&mut batch, &NO_TURNS),
             Take::Frames { data_frames: 2 }
         );
         batch.clear();
         assert_eq!(
-            o.take(&mut batch, &Turns::default()),
+            o.take(&mut batch, &NO_TURNS),
             Take::Frames { data_frames: 1 }
         );
     }
@@ -606,30 +617,30 @@ mod tests {
     fn overflow_discards_the_queue_and_closes_with_1013() {
         let o = outbox(10);
         assert_eq!(
-            o.push(plain(b"123456"), &Turns::default()),
+            o.push(plain(b"123456"), &NO_TURNS),
             Push::Queued { coalesced: 0 }
         );
         assert_eq!(
-            o.push(plain(b"123456"), &Turns::default()),
+            o.push(plain(b"123456"), &NO_TURNS),
             Push::Overflowed { discarded: 2 }
         );
-        assert_eq!(o.push(plain(b"1"), &Turns::default()), Push::Closed);
+        assert_eq!(o.push(plain(b"1"), &NO_TURNS), Push::Closed);
         let mut batch = Vec::new();
-        match o.take(&mut batch, &Turns::default()) {
+        match o.take(&mut batch, &NO_TURNS) {
             Take::Close(frame) => assert_eq!(&frame[2..4], &1013u16.to_be_bytes()),
             other => panic!("unexpected {other:?}"),
         }
-        assert_eq!(o.take(&mut batch, &Turns::default()), Take::Stop);
+        assert_eq!(o.take(&mut batch, &NO_TURNS), Take::Stop);
     }
 
     #[test]
     fn drop_newest_keeps_the_connection() {
         let o = Outbox::new(ClientId::next(), 10, SlowClientPolicy::DropNewest);
         assert_eq!(
-            o.push(plain(b"123456"), &Turns::default()),
+            o.push(plain(b"123456"), &NO_TURNS),
             Push::Queued { coalesced: 0 }
         );
-        assert_eq!(o.push(plain(b"123456"), &Turns::default()), Push::Dropped);
+        assert_eq!(o.push(plain(b"123456"), &NO_TURNS), Push::Dropped);
         assert_eq!(o.status(), Status::Open);
     }
 
@@ -646,7 +657,7 @@ mod tests {
         for i in 0..40 {
             let text = format!("{i},");
             expected.push_str(&text);
-            match o.push(delta("a", &text), &Turns::default()) {
+            match o.push(delta("a", &text), &NO_TURNS) {
                 Push::Queued { coalesced: n } => coalesced += n,
                 other => panic!("{other:?}"),
             }
@@ -654,7 +665,7 @@ mod tests {
         assert!(coalesced > 0);
         assert_eq!(o.status(), Status::Open);
         let mut batch = Vec::new();
-        o.take(&mut batch, &Turns::default());
+        o.take(&mut batch, &NO_TURNS);
         let mut text = String::new();
         let mut next_seq = 1;
         for message in &batch {
@@ -677,7 +688,7 @@ mod tests {
     fn one_large_frame_fits_an_empty_queue() {
         let o = outbox(4);
         assert_eq!(
-            o.push(plain(b"123456789"), &Turns::default()),
+            o.push(plain(b"123456789"), &NO_TURNS),
             Push::Queued { coalesced: 0 }
         );
     }
@@ -685,16 +696,16 @@ mod tests {
     #[test]
     fn flushing_close_writes_queued_data_first() {
         let o = outbox(100);
-        o.push(plain(b"d1"), &Turns::default());
+        o.push(plain(b"d1"), &NO_TURNS);
         assert_eq!(o.close(Some(Bytes::from_static(b"bye")), true), 0);
         let mut batch = Vec::new();
         assert_eq!(
-            o.take(&mut batch, &Turns::default()),
+            o.take(&mut batch, &NO_TURNS),
             Take::Frames { data_frames: 1 }
         );
         batch.clear();
         assert_eq!(
-            o.take(&mut batch, &Turns::default()),
+            o.take(&mut batch, &NO_TURNS),
             Take::Close(Bytes::from_static(b"bye"))
         );
     }
@@ -702,10 +713,10 @@ mod tests {
     #[test]
     fn kill_stops_the_writer() {
         let o = outbox(100);
-        o.push(plain(b"d1"), &Turns::default());
+        o.push(plain(b"d1"), &NO_TURNS);
         assert_eq!(o.kill(), 1);
         assert_eq!(o.status(), Status::Killed);
-        assert_eq!(o.take(&mut Vec::new(), &Turns::default()), Take::Stop);
+        assert_eq!(o.take(&mut Vec::new(), &NO_TURNS), Take::Stop);
     }
 
     #[test]

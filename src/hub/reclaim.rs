@@ -76,19 +76,19 @@ impl<T: Send + 'static> Reclaim<T> {
     /// The reclaiming task. Its guard is made before it first runs: a
     /// runtime that shuts down drops tasks that never ran, too.
     fn run(self: Arc<Self>) -> impl std::future::Future<Output = ()> + Send {
-        let mut guard = Freeing(Some(self));
+        let mut guard = Freeing {
+            reclaim: self,
+            finished: false,
+        };
         async move {
             loop {
-                let Some(reclaim) = guard.0.as_deref() else {
-                    return;
-                };
                 let (slice, waiting) = {
-                    let mut pending = lock(&reclaim.pending);
+                    let mut pending = lock(&guard.reclaim.pending);
                     let Some(batch) = pending.batches.last_mut() else {
                         // Under the lock that `free` checks it with.
                         pending.freeing = false;
                         drop(pending);
-                        guard.0.take();
+                        guard.finish();
                         return;
                     };
                     let slice: Vec<T> = batch.drain(..batch.len().min(SLICE)).collect();
@@ -119,12 +119,22 @@ impl<T: Send + 'static> Reclaim<T> {
 
 /// Clears `freeing` if the task is dropped before it finished (its
 /// runtime shut down), so that the next batch starts another task.
-struct Freeing<T>(Option<Arc<Reclaim<T>>>);
+struct Freeing<T> {
+    reclaim: Arc<Reclaim<T>>,
+    finished: bool,
+}
+
+impl<T> Freeing<T> {
+    /// The task found nothing left and cleared `freeing` itself.
+    fn finish(&mut self) {
+        self.finished = true;
+    }
+}
 
 impl<T> Drop for Freeing<T> {
     fn drop(&mut self) {
-        if let Some(reclaim) = &self.0 {
-            lock(&reclaim.pending).freeing = false;
+        if !self.finished {
+            lock(&self.reclaim.pending).freeing = false;
         }
     }
 }
@@ -132,6 +142,18 @@ impl<T> Drop for Freeing<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Waits, a pace at a time (at most 100), until `item` is the last
+    /// reference to itself: every copy handed over was freed.
+    async fn freed(item: &Arc<()>) {
+        for _ in 0..100 {
+            if Arc::strong_count(item) == 1 {
+                break;
+            }
+            tokio::time::sleep(PACE).await;
+        }
+        assert_eq!(Arc::strong_count(item), 1);
+    }
 
     #[test]
     fn small_batches_and_batches_without_a_runtime_are_freed_at_once() {
@@ -162,13 +184,7 @@ mod tests {
         assert!(paces >= 4, "{paces}");
         // A later batch gets a task again.
         reclaim.free(vec![item.clone(); 2 * SLICE].into());
-        for _ in 0..100 {
-            if Arc::strong_count(&item) == 1 {
-                break;
-            }
-            tokio::time::sleep(PACE).await;
-        }
-        assert_eq!(Arc::strong_count(&item), 1);
+        freed(&item).await;
     }
 
     #[tokio::test(start_paused = true)]
@@ -204,13 +220,7 @@ mod tests {
             .unwrap();
         second.block_on(async {
             reclaim.free(vec![item.clone(); 2 * SLICE].into());
-            for _ in 0..100 {
-                if Arc::strong_count(&item) == 1 {
-                    break;
-                }
-                tokio::time::sleep(PACE).await;
-            }
+            freed(&item).await;
         });
-        assert_eq!(Arc::strong_count(&item), 1);
     }
 }

@@ -250,7 +250,7 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
-    use crate::connection::outbox::{Outbox, Take};
+    use crate::connection::outbox::Outbox;
     use crate::hub::tests::{conn, LIMITS};
     use crate::hub::{Ack, Relay, Subscribed};
     use crate::lock::lock;
@@ -316,11 +316,8 @@ mod tests {
 
     /// Everything queued for `outbox`, as (seq, or the error's firstSeq).
     fn received(outbox: &Outbox) -> Vec<Result<u64, u64>> {
-        let mut batch = Vec::new();
-        while let Take::Frames { .. } =
-            outbox.take(&mut batch, &crate::connection::outbox::Turns::default())
-        {}
-        batch
+        outbox
+            .take_all()
             .iter()
             .filter_map(|frame| {
                 let v: serde_json::Value =
