@@ -239,3 +239,38 @@ async fn registered_close_codes_are_answered_in_kind() {
         assert_eq!(close_code_for(&server, close).await, Some(answer), "{sent}");
     }
 }
+
+#[tokio::test]
+async fn a_frame_sent_with_the_handshake_is_read() {
+    // A client that does not wait for the 101: its first frame comes in the
+    // same segment as its request, and the server's HTTP parser reads it.
+    for server in [axum_server(builder()).await, hyper_server(builder()).await] {
+        let mut stream = TcpStream::connect(server.addr).await.unwrap();
+        let mut bytes = handshake_request("/ws", "").into_bytes();
+        bytes.extend(text(br#"{"type":"subscribe","requestId":"early"}"#));
+        stream.write_all(&bytes).await.unwrap();
+        let mut received = Vec::new();
+        let ack = async {
+            let mut chunk = [0u8; 4096];
+            loop {
+                let n = stream.read(&mut chunk).await.unwrap();
+                assert_ne!(n, 0, "{}", String::from_utf8_lossy(&received));
+                received.extend_from_slice(&chunk[..n]);
+                let Some(head) = received.windows(4).position(|w| w == b"\r\n\r\n") else {
+                    continue;
+                };
+                if let Some((header, len)) = server_frame(&received[head + 4..]) {
+                    let start = head + 4 + header;
+                    return String::from_utf8_lossy(&received[start..start + len]).into_owned();
+                }
+            }
+        };
+        let ack = within(ack).await;
+        assert!(is_ack(&ack), "{ack}");
+        stream
+            .write_all(&client_frame(0x88, &u16::to_be_bytes(4000), false))
+            .await
+            .unwrap();
+        assert_eq!(read_close(&mut stream).await, Some(4000));
+    }
+}

@@ -90,28 +90,25 @@ impl InFlight {
         })
     }
 
-    /// One write of the frames' bytes; returns how many bytes the socket
-    /// took. Cancel-safe: until it completes, nothing was written.
-    pub(crate) fn write_some<'a, W: AsyncWrite + Unpin>(
-        &'a self,
-        io: &'a mut W,
-    ) -> impl std::future::Future<Output = std::io::Result<usize>> + 'a {
-        // One poll_fn, not nested async fns: this future is in the
-        // connection's task, and two references are all it needs to hold.
-        std::future::poll_fn(move |cx| {
-            let Some(first) = self.unwritten().next() else {
-                return Poll::Ready(Ok(0));
-            };
-            let written = std::task::ready!(if first.len() < PACK_BELOW {
-                self.poll_packed(cx, io)
-            } else {
-                self.poll_vectored(cx, io)
-            })?;
-            if written == 0 {
-                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
-            }
-            Poll::Ready(Ok(written))
-        })
+    /// Polls one write of the frames' bytes; returns how many bytes the
+    /// socket took. Until it is ready, nothing was written.
+    pub(crate) fn poll_write_some<W: AsyncWrite + Unpin>(
+        &self,
+        cx: &mut Context<'_>,
+        io: &mut W,
+    ) -> Poll<std::io::Result<usize>> {
+        let Some(first) = self.unwritten().next() else {
+            return Poll::Ready(Ok(0));
+        };
+        let written = std::task::ready!(if first.len() < PACK_BELOW {
+            self.poll_packed(cx, io)
+        } else {
+            self.poll_vectored(cx, io)
+        })?;
+        if written == 0 {
+            return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+        }
+        Poll::Ready(Ok(written))
     }
 
     /// Copies the leading small frames into the thread's buffer and writes
@@ -197,7 +194,9 @@ mod tests {
                 pending.prepend([Bytes::from_static(&[0xAA; 3])].into_iter());
                 control_sent = true;
             }
-            let n = pending.write_some(&mut a).await.unwrap();
+            let n = std::future::poll_fn(|cx| pending.poll_write_some(cx, &mut a))
+                .await
+                .unwrap();
             pending.advance(n);
         }
         let out = reading.await.unwrap();
@@ -231,7 +230,9 @@ mod tests {
             out
         });
         while !pending.is_empty() {
-            let n = pending.write_some(&mut a).await.unwrap();
+            let n = std::future::poll_fn(|cx| pending.poll_write_some(cx, &mut a))
+                .await
+                .unwrap();
             pending.advance(n);
         }
         assert_eq!(reading.await.unwrap(), expected);

@@ -20,6 +20,10 @@ impl<'a> Conn<'a> {
     /// with unread input makes the kernel reset it, and the client would
     /// lose the Close frame that says why.
     #[allow(clippy::manual_async_fn, reason = "see `serve`")]
+    #[allow(
+        clippy::blocks_in_conditions,
+        reason = "a block in the scrutinee keeps its locals out of the draining state"
+    )]
     pub(super) fn read_loop<'s, R: AsyncRead + Unpin>(
         &'s self,
         decoder: &'s mut Decoder<R>,
@@ -28,72 +32,78 @@ impl<'a> Conn<'a> {
         // An async block, as in `serve`: an async fn keeps its arguments
         // twice, and this state is in every connection's task.
         async move {
-            let mut rate = RateLimit::new(self.shared.config.limits.message_rate, Instant::now());
-            // The loop here, not in a helper this awaits: each level of
-            // future would keep its own copy of the references in the task.
-            let end = loop {
-                let decoded = match decoder.next().await {
-                    Ok(decoded) => decoded,
-                    Err(DecodeError::Gone) => break ReadEnd::Gone,
-                    Err(DecodeError::Violation { code, reason }) => {
-                        break ReadEnd::Violation { code, reason }
-                    }
-                    Err(DecodeError::Broken { code, reason }) => {
-                        break ReadEnd::Broken { code, reason }
-                    }
-                };
-                self.touch();
-                // Whole messages and pings count against the rate.
-                if matches!(
-                    decoded,
-                    Decoded::Text(_) | Decoded::Binary(_) | Decoded::Ping(_)
-                ) {
-                    match rate.check(self.shared.config.limits.message_rate, Instant::now()) {
-                        Verdict::Allowed => {}
-                        Verdict::Limited => {
-                            self.send_error(
-                                protocol::UNKNOWN_REQUEST_ID,
-                                error_code::RATE_LIMITED,
-                                "too many messages; this one was not processed",
-                            );
-                            continue;
+            // The loop in the match's scrutinee, so that neither the bucket
+            // nor the whole `ReadEnd` is kept while draining.
+            let (code, reason) = match {
+                let mut rate =
+                    RateLimit::new(self.shared.config.limits.message_rate, Instant::now());
+                // The loop here, not in a helper this awaits: each level of
+                // future would keep its own copy of the references in the task.
+                loop {
+                    let decoded = match decoder.next().await {
+                        Ok(decoded) => decoded,
+                        Err(DecodeError::Gone) => break ReadEnd::Gone,
+                        Err(DecodeError::Violation { code, reason }) => {
+                            break ReadEnd::Violation { code, reason }
                         }
-                        Verdict::Exceeded => {
-                            break ReadEnd::Violation {
-                                code: close_code::POLICY_VIOLATION,
-                                reason: "message rate exceeded",
+                        Err(DecodeError::Broken { code, reason }) => {
+                            break ReadEnd::Broken { code, reason }
+                        }
+                    };
+                    self.touch();
+                    // Whole messages and pings count against the rate.
+                    if matches!(
+                        decoded,
+                        Decoded::Text(_) | Decoded::Binary(_) | Decoded::Ping(_)
+                    ) {
+                        match rate.check(self.shared.config.limits.message_rate, Instant::now()) {
+                            Verdict::Allowed => {}
+                            Verdict::Limited => {
+                                self.send_error(
+                                    protocol::UNKNOWN_REQUEST_ID,
+                                    error_code::RATE_LIMITED,
+                                    "too many messages; this one was not processed",
+                                );
+                                continue;
+                            }
+                            Verdict::Exceeded => {
+                                break ReadEnd::Violation {
+                                    code: close_code::POLICY_VIOLATION,
+                                    reason: "message rate exceeded",
+                                }
                             }
                         }
                     }
-                }
-                let inbound = match decoded {
-                    Decoded::Text(text) => Inbound::Text(text),
-                    Decoded::Binary(payload) => Inbound::Binary(payload),
-                    Decoded::Ping(payload) => {
-                        self.outbox.push_control(frame::pong(payload));
-                        continue;
+                    let inbound = match decoded {
+                        Decoded::Text(text) => Inbound::Text(text),
+                        Decoded::Binary(payload) => Inbound::Binary(payload),
+                        Decoded::Ping(payload) => {
+                            self.outbox.push_control(frame::pong(payload));
+                            continue;
+                        }
+                        Decoded::Close(code) => {
+                            let reply = match code {
+                                Some(code) => frame::close(code, ""),
+                                None => frame::close_empty(),
+                            };
+                            break ReadEnd::ClientClosed { code, reply };
+                        }
+                        Decoded::Pong | Decoded::Fragment => continue,
+                    };
+                    if let Err(end) = self.on_message(inbound, topics) {
+                        break end;
                     }
-                    Decoded::Close(code) => {
-                        let reply = match code {
-                            Some(code) => frame::close(code, ""),
-                            None => frame::close_empty(),
-                        };
-                        break ReadEnd::ClientClosed { code, reply };
-                    }
-                    Decoded::Pong | Decoded::Fragment => continue,
-                };
-                if let Err(end) = self.on_message(inbound, topics) {
-                    break end;
                 }
+            } {
+                ReadEnd::Violation { code, reason } => (code, reason),
+                end => return end,
             };
-            if let ReadEnd::Violation { code, reason } = end {
-                tracing::debug!(client_id = %self.outbox.client_id(), code, reason, "websocket_protocol_violation");
-                // What was queued before the violation still goes out first.
-                self.discarded(self.outbox.close(Some(frame::close(code, reason)), true));
-                // Boxed: only a client that broke the protocol waits here.
-                Box::pin(decoder.drain()).await;
-            }
-            end
+            tracing::debug!(client_id = %self.outbox.client_id(), code, reason, "websocket_protocol_violation");
+            // What was queued before the violation still goes out first.
+            self.discarded(self.outbox.close(Some(frame::close(code, reason)), true));
+            // Boxed: only a client that broke the protocol waits here.
+            Box::pin(decoder.drain()).await;
+            ReadEnd::Violation { code, reason }
         }
     }
 }

@@ -3,10 +3,13 @@
 //! It only ever waits on cancel-safe futures, so a write in progress is
 //! only dropped together with the socket.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
+use std::task::Poll;
 
-use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::time::Instant;
+use tokio::io::AsyncWrite;
+use tokio::time::{Instant, Sleep};
 
 use super::in_flight::InFlight;
 use super::outbox::{Status, Take};
@@ -35,8 +38,8 @@ impl<'a> Conn<'a> {
             // Set once the Close frame is in `in_flight`: its code.
             let mut close_code: Option<Option<u16>> = None;
             // Set once the connection starts closing: the last frames must be
-            // written by then.
-            let mut deadline: Option<Instant> = None;
+            // written by then. Boxed: only a closing connection holds one.
+            let mut deadline: Option<Pin<Box<Sleep>>> = None;
             let mut marked_idle = false;
             // Whether bytes were written since the last flush.
             let mut unflushed = false;
@@ -122,29 +125,30 @@ impl<'a> Conn<'a> {
                         continue;
                     }
                     if self.outbox.status() != Status::Open {
-                        deadline.get_or_insert_with(|| Instant::now() + CLOSE_TIMEOUT);
+                        deadline.get_or_insert_with(close_deadline);
                     }
                 }
 
                 let event = tokio::select! {
                     biased;
                     _ = self.outbox.woken() => WriterEvent::Woken,
-                    () = sleep_until(deadline) => WriterEvent::Deadline,
+                    () = expired(&mut deadline) => WriterEvent::Deadline,
                     // A flush waits like a write (behind TLS it waits for the
                     // socket), so it is raced against kill and deadline too.
-                    written = async {
+                    // One `poll_fn`: two references are all it holds.
+                    written = std::future::poll_fn(|cx| {
                         if in_flight.is_empty() {
-                            io.flush().await.map(|()| None)
+                            Pin::new(&mut *io).poll_flush(cx).map_ok(|()| None)
                         } else {
-                            in_flight.write_some(io).await.map(Some)
+                            in_flight.poll_write_some(cx, io).map_ok(Some)
                         }
-                    } => WriterEvent::Wrote(written),
+                    }) => WriterEvent::Wrote(written),
                 };
                 match event {
                     WriterEvent::Woken => match self.outbox.status() {
                         Status::Killed => return WriteEnd::Stopped,
                         Status::Closing => {
-                            deadline.get_or_insert_with(|| Instant::now() + CLOSE_TIMEOUT);
+                            deadline.get_or_insert_with(close_deadline);
                         }
                         Status::Open => {}
                     },
@@ -186,6 +190,19 @@ async fn sleep_until(at: Option<Instant>) {
         Some(at) => Box::pin(tokio::time::sleep_until(at)).await,
         None => std::future::pending().await,
     }
+}
+
+/// A closing connection's deadline for its last frames.
+fn close_deadline() -> Pin<Box<Sleep>> {
+    Box::pin(tokio::time::sleep(CLOSE_TIMEOUT))
+}
+
+/// Waits for `deadline`, or forever without one.
+fn expired(deadline: &mut Option<Pin<Box<Sleep>>>) -> impl std::future::Future<Output = ()> + '_ {
+    std::future::poll_fn(move |cx| match deadline {
+        Some(sleep) => sleep.as_mut().poll(cx),
+        None => Poll::Pending,
+    })
 }
 
 /// Polls a flush once: `None` if it has to wait.

@@ -18,7 +18,7 @@
 //! before its text is checked.
 
 use std::pin::Pin;
-use std::task::Poll;
+use std::task::{ready, Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
 
@@ -69,12 +69,11 @@ fn violation(code: u16, reason: &'static str) -> DecodeError {
 /// Reads whole client messages from a socket.
 pub(crate) struct Decoder<R> {
     frames: Frames<R>,
-    max_message: usize,
-    /// The fragmented message being put together; boxed, as most
-    /// connections never fragment and this sits in every connection's task.
+    /// The fragmented message being put together, or the last one put
+    /// together (or inflated), lent out until the next read. Boxed, as most
+    /// connections never fragment or compress, and this sits in every
+    /// connection's task.
     assembling: Option<Box<Assembly>>,
-    /// The last message put together, lent out until the next read.
-    assembled: Vec<u8>,
 }
 
 /// The most a compressed message of at most `max_message` bytes may take
@@ -94,30 +93,31 @@ struct Assembly {
     buf: Vec<u8>,
     /// How much of `buf` is known to be valid UTF-8.
     utf8_checked: usize,
+    /// Whole: `buf` is the message, lent out.
+    whole: bool,
 }
 
 impl<R: AsyncRead + Unpin> Decoder<R> {
     /// Reads messages from `io`, refusing those over `max_message` bytes;
     /// with `inflate`, compressed ones too.
     pub(crate) fn new(io: R, max_message: usize, inflate: bool) -> Self {
-        let max_payload = if inflate {
-            compressed_limit(max_message)
-        } else {
-            max_message
-        };
         Self {
-            frames: Frames::new(io, max_payload, inflate),
-            max_message,
+            frames: Frames::new(io, max_message, inflate),
             assembling: None,
-            assembled: Vec::new(),
         }
     }
 
     /// The next message, or a fragment of one. Cancel-safe only in that a
     /// frame half read stays buffered: calling again continues there.
     pub(crate) async fn next(&mut self) -> Result<Decoded<'_>, DecodeError> {
-        self.assembled = Vec::new();
-        let frame = self.frames.next().await?;
+        if self.assembling.as_ref().is_some_and(|a| a.whole) {
+            self.assembling = None;
+        }
+        let max_message = self.frames.max_message;
+        // Polled in place rather than through an inner `async fn`, whose
+        // state would sit in every connection's task.
+        let found = std::future::poll_fn(|cx| self.frames.poll_frame(cx)).await?;
+        let frame = self.frames.take(found);
         match frame.opcode {
             OpCode::Text | OpCode::Binary => {
                 if self.assembling.is_some() {
@@ -128,12 +128,21 @@ impl<R: AsyncRead + Unpin> Decoder<R> {
                 }
                 let is_text = frame.opcode == OpCode::Text;
                 if frame.fin && frame.compressed {
-                    inflate(frame.payload, self.max_message, &mut self.assembled)?;
-                    return whole(is_text, &self.assembled);
+                    let mut inflated = Vec::new();
+                    inflate(frame.payload, max_message, &mut inflated)?;
+                    let assembly = self.assembling.insert(Box::new(Assembly {
+                        is_text,
+                        compressed: true,
+                        limit: 0,
+                        buf: inflated,
+                        utf8_checked: 0,
+                        whole: true,
+                    }));
+                    return whole(is_text, &assembly.buf);
                 }
                 if frame.fin {
                     // Frames may carry a compressed message's allowance.
-                    if frame.payload.len() > self.max_message {
+                    if frame.payload.len() > max_message {
                         return Err(violation(close_code::MESSAGE_TOO_BIG, "message too big"));
                     }
                     return whole(is_text, frame.payload);
@@ -142,12 +151,13 @@ impl<R: AsyncRead + Unpin> Decoder<R> {
                     is_text,
                     compressed: frame.compressed,
                     limit: if frame.compressed {
-                        compressed_limit(self.max_message)
+                        compressed_limit(max_message)
                     } else {
-                        self.max_message
+                        max_message
                     },
                     buf: Vec::new(),
                     utf8_checked: 0,
+                    whole: false,
                 };
                 started.push(frame.payload)?;
                 self.assembling = Some(Box::new(started));
@@ -164,13 +174,13 @@ impl<R: AsyncRead + Unpin> Decoder<R> {
                 if !frame.fin {
                     return Ok(Decoded::Fragment);
                 }
-                let assembly = self.assembling.take().expect("checked above");
                 if assembly.compressed {
-                    inflate(&assembly.buf, self.max_message, &mut self.assembled)?;
-                } else {
-                    self.assembled = assembly.buf;
+                    let mut inflated = Vec::new();
+                    inflate(&assembly.buf, max_message, &mut inflated)?;
+                    assembly.buf = inflated;
                 }
-                whole(assembly.is_text, &self.assembled)
+                assembly.whole = true;
+                whole(assembly.is_text, &assembly.buf)
             }
             OpCode::Close => close(frame.payload).map(Decoded::Close),
             OpCode::Ping => Ok(Decoded::Ping(frame.payload)),
@@ -278,47 +288,58 @@ struct Frames<R> {
     buf: Vec<u8>,
     start: usize,
     end: usize,
-    max_payload: usize,
+    max_message: usize,
     /// Whether RSV1 may be set (permessage-deflate was negotiated).
     rsv1: bool,
 }
 
 impl<R: AsyncRead + Unpin> Frames<R> {
-    /// Reads frames from `io`, refusing payloads over `max_payload` bytes;
-    /// with `rsv1`, RSV1 is allowed on the first frame of a message.
-    fn new(io: R, max_payload: usize, rsv1: bool) -> Self {
+    /// Reads frames from `io`, refusing payloads that cannot be part of a
+    /// message of at most `max_message` bytes; with `rsv1`, RSV1 is allowed
+    /// on the first frame of a message.
+    fn new(io: R, max_message: usize, rsv1: bool) -> Self {
         Self {
             io,
             buf: Vec::new(),
             start: 0,
             end: 0,
-            max_payload,
+            max_message,
             rsv1,
         }
     }
 
-    /// The next frame. Not cancel-safe only in that a frame half read
-    /// stays buffered: calling again continues where it stopped.
-    async fn next(&mut self) -> Result<Frame<'_>, DecodeError> {
+    /// Reads until a whole frame is buffered: its header and payload
+    /// lengths, for [`Frames::take`]. A frame half read stays buffered:
+    /// polling again continues where it stopped.
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Result<(usize, usize), DecodeError>> {
         loop {
-            match self.parse()? {
-                Some((header, len)) => {
-                    let start = self.start + header;
-                    self.start += header + len;
-                    let first = self.buf[start - header];
-                    let opcode = OpCode::of(first).expect("checked by parse");
-                    let mask: [u8; 4] = self.buf[start - 4..start].try_into().expect("4 bytes");
-                    let payload = &mut self.buf[start..start + len];
-                    unmask(payload, mask);
-                    return Ok(Frame {
-                        fin: first & 0x80 != 0,
-                        opcode,
-                        compressed: first & RSV1 != 0,
-                        payload,
-                    });
-                }
-                None => self.fill().await?,
+            if let Some(found) = self.parse()? {
+                return Poll::Ready(Ok(found));
             }
+            ready!(self.poll_fill(cx))?;
+        }
+    }
+
+    /// The next frame, as [`Frames::poll_frame`] and [`Frames::take`].
+    async fn next(&mut self) -> Result<Frame<'_>, DecodeError> {
+        let found = std::future::poll_fn(|cx| self.poll_frame(cx)).await?;
+        Ok(self.take(found))
+    }
+
+    /// The frame [`Frames::poll_frame`] found, unmasked, and consumed.
+    fn take(&mut self, (header, len): (usize, usize)) -> Frame<'_> {
+        let start = self.start + header;
+        self.start += header + len;
+        let first = self.buf[start - header];
+        let opcode = OpCode::of(first).expect("checked by parse");
+        let mask: [u8; 4] = self.buf[start - 4..start].try_into().expect("4 bytes");
+        let payload = &mut self.buf[start..start + len];
+        unmask(payload, mask);
+        Frame {
+            fin: first & 0x80 != 0,
+            opcode,
+            compressed: first & RSV1 != 0,
+            payload,
         }
     }
 
@@ -380,7 +401,7 @@ impl<R: AsyncRead + Unpin> Frames<R> {
         if control && len > MAX_CONTROL_PAYLOAD as u64 {
             return Err(broken(close_code::PROTOCOL_ERROR, "control frame too long"));
         }
-        if len > self.max_payload as u64 {
+        if len > self.max_payload() as u64 {
             return Err(broken(close_code::MESSAGE_TOO_BIG, "message too big"));
         }
         let header = 2 + length_bytes + 4;
@@ -389,7 +410,7 @@ impl<R: AsyncRead + Unpin> Frames<R> {
     }
 
     /// Reads more bytes, making room first.
-    async fn fill(&mut self) -> Result<(), DecodeError> {
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), DecodeError>> {
         if self.start == self.end {
             // Nothing buffered: the buffer is given back, and the next bytes
             // are read on the stack before one is made for them, so a
@@ -397,20 +418,15 @@ impl<R: AsyncRead + Unpin> Frames<R> {
             self.start = 0;
             self.end = 0;
             self.buf = Vec::new();
-            let (io, buf) = (&mut self.io, &mut self.buf);
-            let read = std::future::poll_fn(|cx| {
-                let mut bytes = [0; INITIAL];
-                let mut read = ReadBuf::new(&mut bytes);
-                std::task::ready!(Pin::new(&mut *io).poll_read(cx, &mut read))?;
-                buf.extend_from_slice(read.filled());
-                Poll::Ready(Ok::<_, std::io::Error>(read.filled().len()))
-            });
-            return match read.await {
-                Ok(0) | Err(_) => Err(DecodeError::Gone),
-                Ok(n) => {
-                    self.end = n;
-                    Ok(())
+            let mut bytes = [0; INITIAL];
+            let mut read = ReadBuf::new(&mut bytes);
+            return match ready!(Pin::new(&mut self.io).poll_read(cx, &mut read)) {
+                Ok(()) if !read.filled().is_empty() => {
+                    self.buf.extend_from_slice(read.filled());
+                    self.end = self.buf.len();
+                    Poll::Ready(Ok(()))
                 }
+                _ => Poll::Ready(Err(DecodeError::Gone)),
             };
         } else if self.start > 0 {
             self.buf.copy_within(self.start..self.end, 0);
@@ -423,12 +439,23 @@ impl<R: AsyncRead + Unpin> Frames<R> {
             let wanted = self.frame_len_hint().max(self.buf.len() * 2).max(INITIAL);
             self.buf.resize(wanted, 0);
         }
-        match self.io.read(&mut self.buf[self.end..]).await {
-            Ok(0) | Err(_) => Err(DecodeError::Gone),
-            Ok(n) => {
-                self.end += n;
-                Ok(())
+        let mut read = ReadBuf::new(&mut self.buf[self.end..]);
+        match ready!(Pin::new(&mut self.io).poll_read(cx, &mut read)) {
+            Ok(()) if !read.filled().is_empty() => {
+                self.end += read.filled().len();
+                Poll::Ready(Ok(()))
             }
+            _ => Poll::Ready(Err(DecodeError::Gone)),
+        }
+    }
+
+    /// The most one frame may carry: a compressed message may take a
+    /// little more than its size.
+    fn max_payload(&self) -> usize {
+        if self.rsv1 {
+            compressed_limit(self.max_message)
+        } else {
+            self.max_message
         }
     }
 
@@ -442,7 +469,7 @@ impl<R: AsyncRead + Unpin> Frames<R> {
             126 if b.len() >= 4 => 8 + u16::from_be_bytes([b[2], b[3]]) as usize,
             127 if b.len() >= 10 => {
                 let len = u64::from_be_bytes(b[2..10].try_into().expect("8 bytes"));
-                14 + len.min(self.max_payload as u64) as usize
+                14 + len.min(self.max_payload() as u64) as usize
             }
             n => 6 + n as usize,
         }
@@ -582,6 +609,7 @@ mod tests {
             limit: 100,
             buf: Vec::new(),
             utf8_checked: 0,
+            whole: false,
         };
         // "é" split across two fragments is fine.
         assert!(a.push(&[b'a', 0xC3]).is_ok());
