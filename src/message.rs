@@ -16,6 +16,7 @@
 //! needs one, and kept with it: once per message, not per subscriber, and
 //! never when no subscriber uses that transport or extension.
 
+use std::num::NonZeroU32;
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
@@ -35,10 +36,12 @@ pub(crate) struct Draft {
 }
 
 /// Where the contents (inside the quotes) of a delta's `requestId` and
-/// `text` strings are, as byte ranges.
+/// `text` strings are, as byte ranges. The first start is never 0 (the
+/// object's opening comes first), which makes `Option<Spans>` no larger:
+/// it is in every sealed message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Spans {
-    request_id: (u32, u32),
+    request_id: (NonZeroU32, u32),
     text: (u32, u32),
 }
 
@@ -47,9 +50,24 @@ impl Spans {
     fn new(request_id: (usize, usize), text: (usize, usize)) -> Option<Self> {
         let narrow =
             |(a, b): (usize, usize)| Some((u32::try_from(a).ok()?, u32::try_from(b).ok()?));
+        let (id_start, id_end) = narrow(request_id)?;
         Some(Self {
-            request_id: narrow(request_id)?,
+            request_id: (NonZeroU32::new(id_start)?, id_end),
             text: narrow(text)?,
+        })
+    }
+
+    fn request_id(&self) -> (u32, u32) {
+        (self.request_id.0.get(), self.request_id.1)
+    }
+
+    /// The same ranges in a buffer that starts `by` bytes later.
+    fn shifted(self, by: u32) -> Option<Self> {
+        let shift = |(a, b): (u32, u32)| (a - by, b - by);
+        let (id_start, id_end) = shift(self.request_id());
+        Some(Self {
+            request_id: (NonZeroU32::new(id_start)?, id_end),
+            text: shift(self.text),
         })
     }
 }
@@ -161,13 +179,7 @@ impl Draft {
         let payload_start = HEADROOM + 1 - prefix.len();
         self.buf[payload_start..=HEADROOM].copy_from_slice(prefix);
         let start = frame::write_header_before(&mut self.buf, payload_start);
-        let delta = self.delta.map(|spans| {
-            let shift = |(a, b): (u32, u32)| (a - start as u32, b - start as u32);
-            Spans {
-                request_id: shift(spans.request_id),
-                text: shift(spans.text),
-            }
-        });
+        let delta = self.delta.and_then(|spans| spans.shifted(start as u32));
         Message(Arc::new(Sealed::new(
             frame::framed(self.buf, start),
             seq,
@@ -234,7 +246,7 @@ impl Message {
         match (self.delta(), other.delta()) {
             (Some((_, a)), Some((_, b))) => {
                 let range = |(x, y): (u32, u32)| x as usize..y as usize;
-                self.frame()[range(a.request_id)] == other.frame()[range(b.request_id)]
+                self.frame()[range(a.request_id())] == other.frame()[range(b.request_id())]
             }
             _ => false,
         }
@@ -264,7 +276,7 @@ impl MergedDelta {
         let (seq, spans) = first.delta()?;
         let text = first.slice(spans.text);
         Some(Self {
-            request_id: first.slice(spans.request_id),
+            request_id: first.slice(spans.request_id()),
             seq_start: seq,
             seq_end: seq,
             text_len: text.len(),

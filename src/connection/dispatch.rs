@@ -2,8 +2,7 @@
 //! the default protocol (subscribe, unsubscribe, and the events handed to
 //! the application).
 
-use std::collections::HashSet;
-use std::sync::Arc;
+use super::subscriptions::Subscriptions;
 
 use super::{Conn, ReadEnd};
 use crate::auth::Principal;
@@ -19,7 +18,7 @@ impl Conn<'_> {
     pub(super) fn on_message(
         &self,
         inbound: Inbound<'_>,
-        topics: &mut HashSet<Arc<str>>,
+        topics: &mut Subscriptions,
     ) -> Result<(), ReadEnd> {
         if matches!(inbound, Inbound::Text(text) if protocol::is_ping(text.as_bytes())) {
             self.outbox.push_control(protocol::pong());
@@ -56,7 +55,7 @@ impl Conn<'_> {
     }
 
     /// What a message of the default protocol does, once read.
-    pub(super) fn handle(&self, message: ClientMessage, topics: &mut HashSet<Arc<str>>) {
+    pub(super) fn handle(&self, message: ClientMessage, topics: &mut Subscriptions) {
         let client_id = self.outbox.client_id();
         let hub = &self.shared.hub;
         let limits = &self.shared.config.limits;
@@ -105,15 +104,16 @@ impl Conn<'_> {
                 self.engage();
                 match hub.subscribe(&request_id, self.outbox, since) {
                     Subscribed::New {
+                        topic,
                         replayed,
                         gap_first_seq,
                     } => {
                         tracing::info!(%client_id, topic = %TopicDigest(&request_id), since, replayed, gap_first_seq, "websocket_subscribed");
-                        topics.insert(request_id.into());
+                        topics.insert(topic);
                     }
-                    Subscribed::Waiting => {
+                    Subscribed::Waiting { topic } => {
                         tracing::info!(%client_id, topic = %TopicDigest(&request_id), since, "websocket_subscribed");
-                        topics.insert(request_id.into());
+                        topics.insert(topic);
                     }
                     Subscribed::Already => {}
                 }

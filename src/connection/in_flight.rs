@@ -37,23 +37,18 @@ thread_local! {
     static PACKED: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
+/// The frames being written. Each method that looks at their bytes takes
+/// what the connection negotiated (`deflate`: its messages go out
+/// compressed); it is not kept here, as this is part of every connection's
+/// task and the connection has it already.
 #[derive(Default)]
 pub(crate) struct InFlight {
     frames: VecDeque<Message>,
     /// How much of the first frame is written.
     written: usize,
-    /// What the connection negotiated: its messages go out compressed.
-    deflate: Option<Deflate>,
 }
 
 impl InFlight {
-    pub(crate) fn new(deflate: Option<Deflate>) -> Self {
-        Self {
-            deflate,
-            ..Self::default()
-        }
-    }
-
     /// Gives back the room of frames written, while the writer waits.
     pub(crate) fn release(&mut self) {
         debug_assert!(self.frames.is_empty());
@@ -78,10 +73,10 @@ impl InFlight {
     }
 
     /// The frames' bytes still to write, in order.
-    fn unwritten(&self) -> impl Iterator<Item = &[u8]> {
+    fn unwritten(&self, deflate: Option<Deflate>) -> impl Iterator<Item = &[u8]> {
         let skip = self.written;
         self.frames.iter().enumerate().map(move |(i, m)| {
-            let frame = m.wire(self.deflate);
+            let frame = m.wire(deflate);
             if i == 0 {
                 &frame[skip..]
             } else {
@@ -96,14 +91,15 @@ impl InFlight {
         &self,
         cx: &mut Context<'_>,
         io: &mut W,
+        deflate: Option<Deflate>,
     ) -> Poll<std::io::Result<usize>> {
-        let Some(first) = self.unwritten().next() else {
+        let Some(first) = self.unwritten(deflate).next() else {
             return Poll::Ready(Ok(0));
         };
         let written = std::task::ready!(if first.len() < PACK_BELOW {
-            self.poll_packed(cx, io)
+            self.poll_packed(cx, io, deflate)
         } else {
-            self.poll_vectored(cx, io)
+            self.poll_vectored(cx, io, deflate)
         })?;
         if written == 0 {
             return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
@@ -118,10 +114,11 @@ impl InFlight {
         &self,
         cx: &mut Context<'_>,
         io: &mut W,
+        deflate: Option<Deflate>,
     ) -> Poll<std::io::Result<usize>> {
         PACKED.with_borrow_mut(|buf| {
             buf.clear();
-            for frame in self.unwritten() {
+            for frame in self.unwritten(deflate) {
                 if frame.len() >= PACK_BELOW || buf.len() + frame.len() > PACK_BYTES {
                     break;
                 }
@@ -137,10 +134,11 @@ impl InFlight {
         &self,
         cx: &mut Context<'_>,
         io: &mut W,
+        deflate: Option<Deflate>,
     ) -> Poll<std::io::Result<usize>> {
         let mut slices = [IoSlice::new(&[]); MAX_SLICES];
         let mut count = 0;
-        for (slice, frame) in slices.iter_mut().zip(self.unwritten()) {
+        for (slice, frame) in slices.iter_mut().zip(self.unwritten(deflate)) {
             *slice = IoSlice::new(frame);
             count += 1;
         }
@@ -148,12 +146,12 @@ impl InFlight {
     }
 
     /// Drops `written` bytes from the front.
-    pub(crate) fn advance(&mut self, mut written: usize) {
+    pub(crate) fn advance(&mut self, mut written: usize, deflate: Option<Deflate>) {
         while written > 0 {
             let Some(first) = self.frames.front() else {
                 return;
             };
-            let left = first.wire(self.deflate).len() - self.written;
+            let left = first.wire(deflate).len() - self.written;
             if written >= left {
                 written -= left;
                 self.frames.pop_front();
@@ -194,10 +192,10 @@ mod tests {
                 pending.prepend([Bytes::from_static(&[0xAA; 3])].into_iter());
                 control_sent = true;
             }
-            let n = std::future::poll_fn(|cx| pending.poll_write_some(cx, &mut a))
+            let n = std::future::poll_fn(|cx| pending.poll_write_some(cx, &mut a, None))
                 .await
                 .unwrap();
-            pending.advance(n);
+            pending.advance(n, None);
         }
         let out = reading.await.unwrap();
         // The control frame sits whole between two data frames.
@@ -230,10 +228,10 @@ mod tests {
             out
         });
         while !pending.is_empty() {
-            let n = std::future::poll_fn(|cx| pending.poll_write_some(cx, &mut a))
+            let n = std::future::poll_fn(|cx| pending.poll_write_some(cx, &mut a, None))
                 .await
                 .unwrap();
-            pending.advance(n);
+            pending.advance(n, None);
         }
         assert_eq!(reading.await.unwrap(), expected);
     }

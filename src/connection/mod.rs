@@ -1,24 +1,27 @@
 //! One upgraded socket: its reader ([`read`]), what its messages do
 //! ([`dispatch`]), its writer ([`write`]), and its cleanup (here).
 //!
-//! The socket is split in two halves driven by one task. The reader reads
+//! The socket is split in two [`Half`]s driven by one task. The reader reads
 //! whole messages with the crate's own [`Decoder`](crate::frame::Decoder);
 //! a frame half read stays in the decoder's buffer, so the reader future
 //! lives, unbroken, until the connection ends. The writer sends the
 //! [`Outbox`]'s frames, pings, and the final Close.
 
 mod dispatch;
+mod halves;
 pub(crate) mod heartbeat;
 mod in_flight;
 pub(crate) mod outbox;
 mod read;
+pub(crate) mod subscriptions;
 mod write;
 
-use std::collections::HashSet;
 use std::fmt;
+use std::future::Future;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -35,7 +38,9 @@ use crate::inbound::ClientEventKind;
 use crate::shared::Shared;
 use crate::shutdown::TaskGuard;
 
+use self::halves::Half;
 use self::outbox::{Outbox, Status};
+use self::subscriptions::Subscriptions;
 use crate::stats::{Counters, Ended};
 
 /// How long a closing connection may take to write its last frames and
@@ -85,27 +90,25 @@ pub(crate) fn serve(
     // twice in its state (as given, and moved into locals), and this state
     // is in every connection's task.
     async move {
-        // In a block of its own: the stream is moved into the halves, and a
-        // local in the function's scope would keep its room in the state.
-        let (read_half, mut write_half) = {
-            let io = match upgrade {
-                Upgrade::Http1(upgrade) => upgrade
-                    .await
-                    .map(|ws| ws.into_inner())
-                    .map_err(|e| e.to_string()),
-                Upgrade::Http2(upgrade) => upgrade
-                    .await
-                    .map(hyper_util::rt::TokioIo::new)
-                    .map_err(|e| e.to_string()),
-            };
-            match io {
-                Ok(io) => tokio::io::split(io),
-                Err(error) => {
-                    tracing::debug!(%error, "websocket_upgrade_failed");
-                    return;
-                }
+        // One expression: a local for the upgrade's result would keep its
+        // room in the state beside the stream's.
+        let io = match match upgrade {
+            Upgrade::Http1(upgrade) => upgrade
+                .await
+                .map(|ws| ws.into_inner())
+                .map_err(|e| e.to_string()),
+            Upgrade::Http2(upgrade) => upgrade
+                .await
+                .map(hyper_util::rt::TokioIo::new)
+                .map_err(|e| e.to_string()),
+        } {
+            Ok(io) => std::sync::Mutex::new(io),
+            Err(error) => {
+                tracing::debug!(%error, "websocket_upgrade_failed");
+                return;
             }
         };
+        let (read_half, mut write_half) = Half::pair(&io);
         let mut decoder = Decoder::new(
             read_half,
             shared.config.max_message_size,
@@ -122,7 +125,7 @@ pub(crate) fn serve(
             &outbox,
             peer.principal.as_deref(),
             peer.deflate.is_some(),
-            *peer.seen,
+            peer.seen,
         ) {
             // Shutdown began while this client was upgrading.
             let close = frame::close(close_code::GOING_AWAY, "server shutting down");
@@ -135,7 +138,7 @@ pub(crate) fn serve(
         }
 
         let conn = Conn::new(&shared, &outbox, peer.principal.as_deref(), peer.deflate);
-        let mut topics = HashSet::new();
+        let mut topics = Subscriptions::default();
         let reason = conn.run(&mut decoder, &mut write_half, &mut topics).await;
 
         clean_up(
@@ -156,14 +159,19 @@ pub(crate) fn serve(
 /// Registers a connection in the hub, logs it and tells the application;
 /// `false` if shutdown began first. Apart from `serve`: its locals would
 /// otherwise be kept in every connection's task. `seen` is dropped here,
-/// not held for the connection's life: a browser's User-Agent alone is a
-/// hundred bytes or more.
+/// box and all, not held for the connection's life: a browser's User-Agent
+/// alone is a hundred bytes or more, and a box moved out of is only freed
+/// when its owner (the task) ends.
+#[allow(
+    clippy::boxed_local,
+    reason = "taken boxed so that the box is freed here, not when the task ends"
+)]
 fn welcome(
     shared: &Shared,
     outbox: &Arc<Outbox>,
     principal: Option<&Principal>,
     compressed: bool,
-    seen: Seen,
+    seen: Box<Seen>,
 ) -> bool {
     let client_id = outbox.client_id();
     let principal_id = principal.map(Principal::id);
@@ -190,12 +198,12 @@ pub(crate) fn clean_up(
     shared: &Shared,
     outbox: &Arc<Outbox>,
     principal: Option<&Principal>,
-    topics: &HashSet<Arc<str>>,
+    topics: &Subscriptions,
     ended: Ended,
     task: &TaskGuard,
 ) {
     let client_id = outbox.client_id();
-    for topic in topics {
+    for topic in topics.iter() {
         if shared.hub.unsubscribe(topic, outbox) {
             tracing::info!(%client_id, topic = %TopicDigest(topic), "websocket_unsubscribed");
         }
@@ -220,7 +228,7 @@ pub(crate) fn handle_posted(
     outbox: &Arc<Outbox>,
     principal: Option<&Principal>,
     text: &str,
-    topics: &mut HashSet<Arc<str>>,
+    topics: &mut Subscriptions,
 ) {
     let conn = Conn::new(shared, outbox, principal, None);
     // Only a socket's reader ends a connection for a message.
@@ -235,7 +243,7 @@ pub(crate) fn subscribe_stream(
     principal: Option<&Principal>,
     request_id: String,
     since: Option<u64>,
-    topics: &mut HashSet<Arc<str>>,
+    topics: &mut Subscriptions,
 ) {
     let subscribe = crate::protocol::ClientMessage::Subscribe { request_id, since };
     Conn::new(shared, outbox, principal, None).handle(subscribe, topics);
@@ -359,7 +367,7 @@ impl<'a> Conn<'a> {
         &'s self,
         decoder: &'s mut Decoder<R>,
         writer: &'s mut W,
-        topics: &'s mut HashSet<Arc<str>>,
+        topics: &'s mut Subscriptions,
     ) -> impl std::future::Future<Output = Reason> + use<'s, 'a, R, W> {
         // An async block, as in `serve`.
         async move {
@@ -367,30 +375,19 @@ impl<'a> Conn<'a> {
             let write = self.write_loop(writer);
             tokio::pin!(read, write);
             let mut read_end: Option<Reason> = None;
-            let write_end = loop {
-                tokio::select! {
-                    end = &mut read, if read_end.is_none() => {
-                        read_end = Some(match end {
-                            ReadEnd::ClientClosed { code, reply } => {
-                                self.discarded(self.outbox.close(Some(reply), false));
-                                Reason::ClientClosed(code)
-                            }
-                            ReadEnd::Violation { code, .. } => Reason::ServerClosed(code),
-                            ReadEnd::Broken { code, reason } => {
-                                tracing::debug!(client_id = %self.outbox.client_id(), code, reason, "websocket_protocol_violation");
-                                self.discarded(self.outbox.close(Some(frame::close(code, reason)), true));
-                                Reason::ServerClosed(code)
-                            }
-                            ReadEnd::Gone => {
-                                self.discarded(self.outbox.kill());
-                                Reason::Gone
-                            }
-                        });
+            // One `poll_fn` rather than a `select!`: its state is part of
+            // every connection's task. The reader first: what it ends with
+            // (a Close to answer) is for the writer to write.
+            let write_end = std::future::poll_fn(|cx| {
+                if read_end.is_none() {
+                    if let Poll::Ready(end) = read.as_mut().poll(cx) {
+                        read_end = Some(self.reader_ended(end));
                     }
-                    end = &mut write => break end,
                 }
-            };
-            // Out of the select, so that its output is not kept while waiting.
+                write.as_mut().poll(cx)
+            })
+            .await;
+            // Out of the wait, so that its output is not kept while waiting.
             let reason = match write_end {
                 WriteEnd::SentClose(code) => {
                     if read_end.is_none() {
@@ -415,6 +412,27 @@ impl<'a> Conn<'a> {
                 WriteEnd::CloseTimeout => Reason::CloseTimeout,
             };
             read_end.unwrap_or(reason)
+        }
+    }
+
+    /// Starts the close the reader's end calls for; why the connection
+    /// ends, as far as the reader can tell.
+    fn reader_ended(&self, end: ReadEnd) -> Reason {
+        match end {
+            ReadEnd::ClientClosed { code, reply } => {
+                self.discarded(self.outbox.close(Some(reply), false));
+                Reason::ClientClosed(code)
+            }
+            ReadEnd::Violation { code, .. } => Reason::ServerClosed(code),
+            ReadEnd::Broken { code, reason } => {
+                tracing::debug!(client_id = %self.outbox.client_id(), code, reason, "websocket_protocol_violation");
+                self.discarded(self.outbox.close(Some(frame::close(code, reason)), true));
+                Reason::ServerClosed(code)
+            }
+            ReadEnd::Gone => {
+                self.discarded(self.outbox.kill());
+                Reason::Gone
+            }
         }
     }
 
@@ -490,7 +508,7 @@ mod tests {
         shared.ensure_background_tasks();
         let conn = Conn::new(&shared, &outbox, None, None);
         let reason = conn
-            .run(&mut decoder, &mut write_half, &mut HashSet::new())
+            .run(&mut decoder, &mut write_half, &mut Subscriptions::default())
             .await;
         drop((decoder, write_half));
         (reason, client.await.unwrap())

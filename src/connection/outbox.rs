@@ -118,7 +118,9 @@ struct State {
     data: VecDeque<Queued>,
     data_bytes: usize,
     control: Vec<Bytes>,
-    closing: Option<Closing>,
+    /// Boxed: only a closing connection holds one, and every connection
+    /// holds an outbox.
+    closing: Option<Box<Closing>>,
     close_sent: bool,
     killed: bool,
     /// A wake the writer has not seen yet: set on the first frame after
@@ -430,17 +432,20 @@ impl Outbox {
     /// Waits for a wake, or takes one that came while nobody waited.
     /// Cancel-safe: a wake is only taken when this returns.
     pub(crate) fn woken(&self) -> impl std::future::Future<Output = ()> + '_ {
-        std::future::poll_fn(|cx| {
-            let mut state = self.lock();
-            if std::mem::take(&mut state.woken) {
-                return Poll::Ready(());
-            }
-            match &state.waiter {
-                Some(waiter) if waiter.will_wake(cx.waker()) => {}
-                _ => state.waiter = Some(cx.waker().clone()),
-            }
-            Poll::Pending
-        })
+        std::future::poll_fn(|cx| self.poll_woken(cx))
+    }
+
+    /// As [`Outbox::woken`], polled.
+    pub(crate) fn poll_woken(&self, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        let mut state = self.lock();
+        if std::mem::take(&mut state.woken) {
+            return Poll::Ready(());
+        }
+        match &state.waiter {
+            Some(waiter) if waiter.will_wake(cx.waker()) => {}
+            _ => state.waiter = Some(cx.waker().clone()),
+        }
+        Poll::Pending
     }
 
     /// Records a wake and wakes the writer, after the lock is let go.
@@ -497,7 +502,7 @@ impl State {
     /// Starts closing with `frame` last, discarding the queued data unless
     /// `flush`; returns how many messages were discarded.
     fn begin_close(&mut self, frame: Option<Bytes>, flush: bool) -> usize {
-        self.closing = Some(Closing { frame });
+        self.closing = Some(Box::new(Closing { frame }));
         if flush {
             0
         } else {

@@ -1,8 +1,7 @@
 //! A connection's reader: whole client messages from the [`Decoder`], the
 //! message rate, pings answered, and the client's Close.
 
-use std::collections::HashSet;
-use std::sync::Arc;
+use super::subscriptions::Subscriptions;
 
 use tokio::io::AsyncRead;
 use tokio::time::Instant;
@@ -27,7 +26,7 @@ impl<'a> Conn<'a> {
     pub(super) fn read_loop<'s, R: AsyncRead + Unpin>(
         &'s self,
         decoder: &'s mut Decoder<R>,
-        topics: &'s mut HashSet<Arc<str>>,
+        topics: &'s mut Subscriptions,
     ) -> impl std::future::Future<Output = ReadEnd> + use<'s, 'a, R> {
         // An async block, as in `serve`: an async fn keeps its arguments
         // twice, and this state is in every connection's task.

@@ -31,7 +31,7 @@ impl<'a> Conn<'a> {
         // An async block, as in `serve`: an async fn keeps its arguments
         // twice, and this state is in every connection's task.
         async move {
-            let mut in_flight = InFlight::new(self.deflate);
+            let mut in_flight = InFlight::default();
             let mut ping_due = false;
             // Data frames in `in_flight` not yet counted as sent.
             let mut unsent = 0;
@@ -103,23 +103,33 @@ impl<'a> Conn<'a> {
                                 .flatten()
                                 .min()
                         };
-                        tokio::select! {
-                            biased;
-                            _ = self.outbox.woken() => {}
-                            () = sleep_until(check_at) => {
-                                // It may have subscribed while this waited.
-                                if !self.engaged.load(Relaxed) {
-                                    let now = Instant::now();
-                                    if !marked_idle && self.idle_by().is_some_and(|at| now >= at) {
-                                        marked_idle = true;
-                                        self.shared.hub.mark_idle(self.outbox.client_id());
-                                    }
-                                    if self.subscribe_by().is_some_and(|at| now >= at) {
-                                        tracing::info!(client_id = %self.outbox.client_id(), "websocket_subscribe_deadline");
-                                        let close = frame::close(close_code::POLICY_VIOLATION, "no subscription in time");
-                                        self.outbox.close(Some(close), true);
-                                    }
-                                }
+                        let mut check = check_at.map(|at| Box::pin(tokio::time::sleep_until(at)));
+                        // One `poll_fn` rather than a `select!`: its state is
+                        // part of every waiting connection's task.
+                        let checking = std::future::poll_fn(|cx| {
+                            if self.outbox.poll_woken(cx).is_ready() {
+                                return Poll::Ready(false);
+                            }
+                            match check.as_mut() {
+                                Some(sleep) => sleep.as_mut().poll(cx).map(|()| true),
+                                None => Poll::Pending,
+                            }
+                        })
+                        .await;
+                        // It may have subscribed while this waited.
+                        if checking && !self.engaged.load(Relaxed) {
+                            let now = Instant::now();
+                            if !marked_idle && self.idle_by().is_some_and(|at| now >= at) {
+                                marked_idle = true;
+                                self.shared.hub.mark_idle(self.outbox.client_id());
+                            }
+                            if self.subscribe_by().is_some_and(|at| now >= at) {
+                                tracing::info!(client_id = %self.outbox.client_id(), "websocket_subscribe_deadline");
+                                let close = frame::close(
+                                    close_code::POLICY_VIOLATION,
+                                    "no subscription in time",
+                                );
+                                self.outbox.close(Some(close), true);
                             }
                         }
                         continue;
@@ -129,21 +139,26 @@ impl<'a> Conn<'a> {
                     }
                 }
 
-                let event = tokio::select! {
-                    biased;
-                    _ = self.outbox.woken() => WriterEvent::Woken,
-                    () = expired(&mut deadline) => WriterEvent::Deadline,
-                    // A flush waits like a write (behind TLS it waits for the
-                    // socket), so it is raced against kill and deadline too.
-                    // One `poll_fn`: two references are all it holds.
-                    written = std::future::poll_fn(|cx| {
-                        if in_flight.is_empty() {
-                            Pin::new(&mut *io).poll_flush(cx).map_ok(|()| None)
-                        } else {
-                            in_flight.poll_write_some(cx, io).map_ok(Some)
+                // In this order: a kill or a close is seen before a write
+                // that waits, and a flush waits like a write (behind TLS it
+                // waits for the socket). One `poll_fn`, as above.
+                let event = std::future::poll_fn(|cx| {
+                    if self.outbox.poll_woken(cx).is_ready() {
+                        return Poll::Ready(WriterEvent::Woken);
+                    }
+                    if let Some(sleep) = deadline.as_mut() {
+                        if sleep.as_mut().poll(cx).is_ready() {
+                            return Poll::Ready(WriterEvent::Deadline);
                         }
-                    }) => WriterEvent::Wrote(written),
-                };
+                    }
+                    let written = if in_flight.is_empty() {
+                        std::task::ready!(Pin::new(&mut *io).poll_flush(cx)).map(|()| None)
+                    } else {
+                        std::task::ready!(in_flight.poll_write_some(cx, io, self.deflate)).map(Some)
+                    };
+                    Poll::Ready(WriterEvent::Wrote(written))
+                })
+                .await;
                 match event {
                     WriterEvent::Woken => match self.outbox.status() {
                         Status::Killed => return WriteEnd::Stopped,
@@ -154,7 +169,7 @@ impl<'a> Conn<'a> {
                     },
                     WriterEvent::Deadline => return WriteEnd::CloseTimeout,
                     WriterEvent::Wrote(Ok(Some(n))) => {
-                        in_flight.advance(n);
+                        in_flight.advance(n, self.deflate);
                         unflushed = true;
                     }
                     WriterEvent::Wrote(Ok(None)) => unflushed = false,
@@ -182,27 +197,9 @@ impl Conn<'_> {
     }
 }
 
-/// Sleeps until `at`, or forever without it. The timer is boxed: most
-/// connections never wait on these, and an inline one would be part of
-/// every connection's task, idle or not.
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => Box::pin(tokio::time::sleep_until(at)).await,
-        None => std::future::pending().await,
-    }
-}
-
 /// A closing connection's deadline for its last frames.
 fn close_deadline() -> Pin<Box<Sleep>> {
     Box::pin(tokio::time::sleep(CLOSE_TIMEOUT))
-}
-
-/// Waits for `deadline`, or forever without one.
-fn expired(deadline: &mut Option<Pin<Box<Sleep>>>) -> impl std::future::Future<Output = ()> + '_ {
-    std::future::poll_fn(move |cx| match deadline {
-        Some(sleep) => sleep.as_mut().poll(cx),
-        None => Poll::Pending,
-    })
 }
 
 /// Polls a flush once: `None` if it has to wait.

@@ -109,82 +109,91 @@ impl<R: AsyncRead + Unpin> Decoder<R> {
 
     /// The next message, or a fragment of one. Cancel-safe only in that a
     /// frame half read stays buffered: calling again continues there.
-    pub(crate) async fn next(&mut self) -> Result<Decoded<'_>, DecodeError> {
-        if self.assembling.as_ref().is_some_and(|a| a.whole) {
-            self.assembling = None;
-        }
-        let max_message = self.frames.max_message;
-        // Polled in place rather than through an inner `async fn`, whose
-        // state would sit in every connection's task.
-        let found = std::future::poll_fn(|cx| self.frames.poll_frame(cx)).await?;
-        let frame = self.frames.take(found);
-        match frame.opcode {
-            OpCode::Text | OpCode::Binary => {
-                if self.assembling.is_some() {
-                    return Err(violation(
-                        close_code::PROTOCOL_ERROR,
-                        "expected a continuation frame",
-                    ));
-                }
-                let is_text = frame.opcode == OpCode::Text;
-                if frame.fin && frame.compressed {
-                    let mut inflated = Vec::new();
-                    inflate(frame.payload, max_message, &mut inflated)?;
-                    let assembly = self.assembling.insert(Box::new(Assembly {
-                        is_text,
-                        compressed: true,
-                        limit: 0,
-                        buf: inflated,
-                        utf8_checked: 0,
-                        whole: true,
-                    }));
-                    return whole(is_text, &assembly.buf);
-                }
-                if frame.fin {
-                    // Frames may carry a compressed message's allowance.
-                    if frame.payload.len() > max_message {
-                        return Err(violation(close_code::MESSAGE_TOO_BIG, "message too big"));
+    #[allow(
+        clippy::manual_async_fn,
+        reason = "an async fn keeps `self` twice in its state"
+    )]
+    pub(crate) fn next(
+        &mut self,
+    ) -> impl std::future::Future<Output = Result<Decoded<'_>, DecodeError>> + '_ {
+        async move {
+            if self.assembling.as_ref().is_some_and(|a| a.whole) {
+                self.assembling = None;
+            }
+            // Polled in place rather than through an inner `async fn`, whose
+            // state would sit in every connection's task.
+            let found = std::future::poll_fn(|cx| self.frames.poll_frame(cx)).await?;
+            // Read after the wait, so as not to be kept in its state.
+            let max_message = self.frames.max_message;
+            let frame = self.frames.take(found);
+            match frame.opcode {
+                OpCode::Text | OpCode::Binary => {
+                    if self.assembling.is_some() {
+                        return Err(violation(
+                            close_code::PROTOCOL_ERROR,
+                            "expected a continuation frame",
+                        ));
                     }
-                    return whole(is_text, frame.payload);
+                    let is_text = frame.opcode == OpCode::Text;
+                    if frame.fin && frame.compressed {
+                        let mut inflated = Vec::new();
+                        inflate(frame.payload, max_message, &mut inflated)?;
+                        let assembly = self.assembling.insert(Box::new(Assembly {
+                            is_text,
+                            compressed: true,
+                            limit: 0,
+                            buf: inflated,
+                            utf8_checked: 0,
+                            whole: true,
+                        }));
+                        return whole(is_text, &assembly.buf);
+                    }
+                    if frame.fin {
+                        // Frames may carry a compressed message's allowance.
+                        if frame.payload.len() > max_message {
+                            return Err(violation(close_code::MESSAGE_TOO_BIG, "message too big"));
+                        }
+                        return whole(is_text, frame.payload);
+                    }
+                    let mut started = Assembly {
+                        is_text,
+                        compressed: frame.compressed,
+                        limit: if frame.compressed {
+                            compressed_limit(max_message)
+                        } else {
+                            max_message
+                        },
+                        buf: Vec::new(),
+                        utf8_checked: 0,
+                        whole: false,
+                    };
+                    started.push(frame.payload)?;
+                    self.assembling = Some(Box::new(started));
+                    Ok(Decoded::Fragment)
                 }
-                let mut started = Assembly {
-                    is_text,
-                    compressed: frame.compressed,
-                    limit: if frame.compressed {
-                        compressed_limit(max_message)
-                    } else {
-                        max_message
-                    },
-                    buf: Vec::new(),
-                    utf8_checked: 0,
-                    whole: false,
-                };
-                started.push(frame.payload)?;
-                self.assembling = Some(Box::new(started));
-                Ok(Decoded::Fragment)
+                OpCode::Continuation => {
+                    let Some(assembly) = self.assembling.as_mut() else {
+                        return Err(violation(
+                            close_code::PROTOCOL_ERROR,
+                            "unexpected continuation frame",
+                        ));
+                    };
+                    assembly.push(frame.payload)?;
+                    if !frame.fin {
+                        return Ok(Decoded::Fragment);
+                    }
+                    if assembly.compressed {
+                        let mut inflated = Vec::new();
+                        inflate(&assembly.buf, max_message, &mut inflated)?;
+                        assembly.buf = inflated;
+                    }
+                    assembly.whole = true;
+                    whole(assembly.is_text, &assembly.buf)
+                }
+                OpCode::Close => close(frame.payload).map(Decoded::Close),
+                OpCode::Ping => Ok(Decoded::Ping(frame.payload)),
+                OpCode::Pong => Ok(Decoded::Pong),
             }
-            OpCode::Continuation => {
-                let Some(assembly) = self.assembling.as_mut() else {
-                    return Err(violation(
-                        close_code::PROTOCOL_ERROR,
-                        "unexpected continuation frame",
-                    ));
-                };
-                assembly.push(frame.payload)?;
-                if !frame.fin {
-                    return Ok(Decoded::Fragment);
-                }
-                if assembly.compressed {
-                    let mut inflated = Vec::new();
-                    inflate(&assembly.buf, max_message, &mut inflated)?;
-                    assembly.buf = inflated;
-                }
-                assembly.whole = true;
-                whole(assembly.is_text, &assembly.buf)
-            }
-            OpCode::Close => close(frame.payload).map(Decoded::Close),
-            OpCode::Ping => Ok(Decoded::Ping(frame.payload)),
-            OpCode::Pong => Ok(Decoded::Pong),
         }
     }
 

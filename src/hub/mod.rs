@@ -115,18 +115,20 @@ struct Clients {
     accepting: bool,
 }
 
-/// What a subscribe did.
+/// What a subscribe did. A new subscription comes with the hub's name for
+/// the topic, for the connection to keep.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Subscribed {
     /// Subscribed; `replayed` history messages were queued first, after a
     /// `history_gap` error if `gap_first_seq` is set.
     New {
+        topic: Arc<str>,
         replayed: usize,
         gap_first_seq: Option<u64>,
     },
     /// Subscribed; the replay follows once the backplane's history has
     /// been fetched.
-    Waiting,
+    Waiting { topic: Arc<str> },
     /// The connection already was a subscriber; nothing changed.
     Already,
 }
@@ -320,7 +322,7 @@ impl Hub {
         outbox: &Arc<Outbox>,
         since: Option<u64>,
     ) -> Subscribed {
-        self.with_topic(topic, |state| {
+        self.with_named_topic(topic, Arc::clone, |name, state| {
             if state.has_subscriber(outbox) {
                 return Subscribed::Already;
             }
@@ -332,10 +334,15 @@ impl Hub {
                 });
                 if !replica.synced {
                     replica.waiting.push((outbox.clone(), since));
-                    return Subscribed::Waiting;
+                    return Subscribed::Waiting { topic: name };
                 }
             }
-            self.join(topic, state, outbox.clone(), since)
+            let (replayed, gap_first_seq) = self.join(&name, state, outbox.clone(), since);
+            Subscribed::New {
+                topic: name,
+                replayed,
+                gap_first_seq,
+            }
         })
     }
 
@@ -343,14 +350,15 @@ impl Hub {
     /// subscriber. The replay is cut, oldest first, to what the queue has
     /// room for: a subscribe must not close the connection (and end its
     /// other subscriptions) for a full queue. What is cut is announced with
-    /// a `history_gap`, as history the topic no longer holds is.
+    /// a `history_gap`, as history the topic no longer holds is. Returns
+    /// how many messages were replayed, and the gap's first `seq` if any.
     fn join(
         &self,
         topic: &str,
         state: &mut TopicState,
         outbox: Arc<Outbox>,
         since: Option<u64>,
-    ) -> Subscribed {
+    ) -> (usize, Option<u64>) {
         let room = outbox
             .room()
             .saturating_sub(ACK_ROOM + GAP_ROOM + 2 * topic.len());
@@ -370,10 +378,12 @@ impl Hub {
         for message in &replay.messages {
             self.push(&outbox, (*message).clone());
         }
-        let outcome = Subscribed::New {
-            replayed: replay.messages.len(),
-            gap_first_seq: replay.gap_first_seq,
-        };
+        let outcome = (replay.messages.len(), replay.gap_first_seq);
+        // Room for one first: most topics have one subscriber, and a push
+        // would make room for four. Later ones grow it as a push does.
+        if state.subscribers.capacity() == 0 {
+            state.subscribers.reserve_exact(1);
+        }
         state.subscribers.push(outbox);
         outcome
     }
@@ -492,20 +502,34 @@ impl Hub {
     /// Runs `f` on the topic's state, creating the topic if needed, and
     /// looking it up again if it was dropped meanwhile.
     fn with_topic<R>(&self, topic: &str, f: impl FnOnce(&mut TopicState) -> R) -> R {
+        self.with_named_topic(topic, |_| (), |(), state| f(state))
+    }
+
+    /// As [`Hub::with_topic`], giving `f` what `name` takes of the map's
+    /// own name for the topic (a subscriber keeps it: one allocation
+    /// serves both).
+    fn with_named_topic<N, R>(
+        &self,
+        topic: &str,
+        name: impl Fn(&Arc<str>) -> N,
+        f: impl FnOnce(N, &mut TopicState) -> R,
+    ) -> R {
         loop {
-            let entry = {
+            let (named, entry) = {
                 let mut shard = lock(self.shard(topic));
-                match shard.get(topic) {
-                    Some(entry) => entry.clone(),
+                match shard.get_key_value(topic) {
+                    Some((key, entry)) => (name(key), entry.clone()),
                     None => {
                         Counters::add(&self.counters.topics, 1);
-                        shard.entry(Arc::from(topic)).or_default().clone()
+                        let key: Arc<str> = Arc::from(topic);
+                        let named = name(&key);
+                        (named, shard.entry(key).or_default().clone())
                     }
                 }
             };
             let mut state = entry.lock();
             if !state.removed {
-                return f(&mut state);
+                return f(named, &mut state);
             }
         }
     }
@@ -598,6 +622,7 @@ pub(super) mod tests {
         assert_eq!(
             hub.subscribe("t", &late, None),
             Subscribed::New {
+                topic: "t".into(),
                 replayed: 2,
                 gap_first_seq: None
             }

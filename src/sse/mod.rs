@@ -69,7 +69,8 @@
 mod post;
 mod stream;
 
-use std::collections::{HashMap, HashSet};
+use crate::connection::subscriptions::Subscriptions;
+use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex};
 
@@ -162,7 +163,7 @@ struct Stream {
     principal: Option<Principal>,
     /// The rate of its posted messages.
     rate: Mutex<RateLimit>,
-    topics: Mutex<HashSet<Arc<str>>>,
+    topics: Mutex<Subscriptions>,
 }
 
 /// The open event streams, by connection.
