@@ -128,9 +128,9 @@ pub mod fuzzing {
     /// Reads `data` as client frames, parsing every text message as a
     /// client message, and then parses all of `data` as one message.
     pub fn inbound(data: &[u8]) {
-        let mut decoder = crate::frame::Decoder::new(data, 1 << 16, true);
+        let mut decoder = crate::frame::Decoder::new(data, true);
         // Reading from a slice never waits, so one poll finishes each read.
-        while let Poll::Ready(Ok(decoded)) = poll_once(decoder.next()) {
+        while let Poll::Ready(Ok(decoded)) = poll_once(decoder.next(1 << 16)) {
             if let crate::frame::Decoded::Text(text) = decoded {
                 let _ = crate::protocol::parse_client_message(text.as_bytes());
             }

@@ -1,6 +1,6 @@
 //! A token bucket for one connection's inbound messages.
 
-use tokio::time::Instant;
+use std::time::Duration;
 
 /// How many messages (and pings) a connection may send: a sustained rate,
 /// and the burst it may send at once (a token bucket). See
@@ -48,37 +48,43 @@ pub(crate) enum Verdict {
 }
 
 /// The bucket's state; the rate is the layer's, given to each check (it
-/// is the same for every connection, and this is kept by each).
+/// is the same for every connection, and this is kept by each). Times are
+/// given as durations since the bucket's start, and kept in 16 bytes: a
+/// socket's bucket is in its task's state.
 pub(crate) struct RateLimit {
-    tokens: f64,
-    last: Instant,
+    /// `f32`: a fraction of a token is all the precision a rate needs.
+    tokens: f32,
     /// Messages refused, less one for each allowed since: a client that
     /// keeps sending well over the rate piles them up, one that is only
     /// briefly over does not.
     strikes: u32,
+    /// When the bucket was last filled, in milliseconds since its start.
+    last_ms: u64,
 }
 
 impl RateLimit {
     /// A full bucket for `rate`.
-    pub(crate) fn new(rate: MessageRate, now: Instant) -> Self {
+    pub(crate) fn new(rate: MessageRate) -> Self {
         Self {
-            tokens: f64::from(rate.burst),
-            last: now,
+            tokens: rate.burst as f32,
             strikes: 0,
+            last_ms: 0,
         }
     }
 
-    pub(crate) fn check(&mut self, rate: MessageRate, now: Instant) -> Verdict {
+    /// The verdict on a message that came `now` after the bucket's start.
+    pub(crate) fn check(&mut self, rate: MessageRate, now: Duration) -> Verdict {
+        let now_ms = u64::try_from(now.as_millis()).unwrap_or(u64::MAX);
         let burst = f64::from(rate.burst);
-        let refill =
-            now.saturating_duration_since(self.last).as_secs_f64() * f64::from(rate.per_second);
-        self.tokens = (self.tokens + refill).min(burst);
-        self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        let elapsed = now_ms.saturating_sub(self.last_ms) as f64 / 1000.0;
+        let tokens = (f64::from(self.tokens) + elapsed * f64::from(rate.per_second)).min(burst);
+        self.last_ms = self.last_ms.max(now_ms);
+        if tokens >= 1.0 {
+            self.tokens = (tokens - 1.0) as f32;
             self.strikes = self.strikes.saturating_sub(1);
             return Verdict::Allowed;
         }
+        self.tokens = tokens as f32;
         self.strikes += 1;
         if f64::from(self.strikes) > burst {
             Verdict::Exceeded
@@ -91,13 +97,12 @@ impl RateLimit {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[test]
     fn bursts_then_the_rate_then_closing_when_it_persists() {
-        let start = Instant::now();
+        let start = Duration::ZERO;
         let rate = MessageRate::per_second(10).burst(5);
-        let mut limit = RateLimit::new(rate, start);
+        let mut limit = RateLimit::new(rate);
         for _ in 0..5 {
             assert_eq!(limit.check(rate, start), Verdict::Allowed);
         }

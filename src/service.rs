@@ -35,7 +35,7 @@ use tower::Service;
 use crate::auth::{header_tokens, Authorize, Principal, Rejection, UpgradeRequest};
 use crate::body::{LayerBody, WsBody};
 use crate::client_ip::{client_ip, IpSlot};
-use crate::connection::{self, Peer, Seen, Upgrade};
+use crate::connection::{self, Peer, Seen};
 use crate::frame::deflate;
 use crate::shared::Shared;
 use crate::shutdown::TaskGuard;
@@ -405,18 +405,15 @@ fn admit<B>(
             ip,
         }),
     };
-    let (mut response, upgrade) = if req.method() == Method::CONNECT {
-        let upgrade = hyper::upgrade::on(&mut req);
-        (
-            Response::new(LayerBody::from(Bytes::new())),
-            Upgrade::Http2(upgrade),
-        )
+    // hyper's upgrade is taken for both versions: on HTTP/1.1 it is what
+    // fastwebsockets' handshake would await, and one type keeps the
+    // connection's task smaller.
+    let upgrade = hyper::upgrade::on(&mut req);
+    let mut response = if req.method() == Method::CONNECT {
+        Response::new(LayerBody::from(Bytes::new()))
     } else {
         match fastwebsockets::upgrade::upgrade(&mut req) {
-            Ok((response, upgrade)) => (
-                response.map(|_| LayerBody::from(Bytes::new())),
-                Upgrade::Http1(upgrade),
-            ),
+            Ok((response, _)) => response.map(|_| LayerBody::from(Bytes::new())),
             Err(_) => {
                 return reject(
                     shared,

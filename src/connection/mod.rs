@@ -19,7 +19,7 @@ mod write;
 use std::fmt;
 use std::future::Future;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -64,16 +64,6 @@ pub(crate) struct Seen {
     pub(crate) ip: Option<IpAddr>,
 }
 
-/// An accepted handshake: the server hands its stream over once the
-/// response has gone out. The frames on it are the same either way.
-pub(crate) enum Upgrade {
-    /// `Upgrade: websocket` on HTTP/1.1: the connection itself.
-    Http1(fastwebsockets::upgrade::UpgradeFut),
-    /// An extended `CONNECT` on HTTP/2 (RFC 8441): one stream of the
-    /// connection.
-    Http2(hyper::upgrade::OnUpgrade),
-}
-
 /// Runs one connection from the completed upgrade to the end of cleanup.
 #[allow(
     clippy::manual_async_fn,
@@ -81,7 +71,10 @@ pub(crate) enum Upgrade {
 )]
 pub(crate) fn serve(
     shared: Arc<Shared>,
-    upgrade: Upgrade,
+    // The server hands the stream over once the response has gone out:
+    // the connection itself on HTTP/1.1, one stream of it for an extended
+    // CONNECT on HTTP/2 (RFC 8441). The frames on it are the same.
+    upgrade: hyper::upgrade::OnUpgrade,
     peer: Peer,
     // Held until the connection's cleanup is done.
     counted: (TaskGuard, Option<IpSlot>),
@@ -92,29 +85,13 @@ pub(crate) fn serve(
     async move {
         // One expression: a local for the upgrade's result would keep its
         // room in the state beside the stream's.
-        let io = match match upgrade {
-            Upgrade::Http1(upgrade) => upgrade
-                .await
-                .map(|ws| ws.into_inner())
-                .map_err(|e| e.to_string()),
-            Upgrade::Http2(upgrade) => upgrade
-                .await
-                .map(hyper_util::rt::TokioIo::new)
-                .map_err(|e| e.to_string()),
-        } {
-            Ok(io) => std::sync::Mutex::new(io),
+        let io = match upgrade.await {
+            Ok(io) => std::sync::Mutex::new(hyper_util::rt::TokioIo::new(io)),
             Err(error) => {
                 tracing::debug!(%error, "websocket_upgrade_failed");
                 return;
             }
         };
-        let (read_half, mut write_half) = Half::pair(&io);
-        let mut decoder = Decoder::new(
-            read_half,
-            shared.config.max_message_size,
-            peer.deflate.is_some(),
-        );
-
         let outbox = Arc::new(Outbox::new(
             ClientId::next(),
             shared.config.max_queued_bytes,
@@ -130,16 +107,20 @@ pub(crate) fn serve(
             // Shutdown began while this client was upgrading.
             let close = frame::close(close_code::GOING_AWAY, "server shutting down");
             let goodbye = async {
-                write_half.write_all(&close).await?;
-                write_half.flush().await
+                let (_, mut writer) = Half::pair(&io);
+                writer.write_all(&close).await?;
+                writer.flush().await
             };
             let _ = tokio::time::timeout(CLOSE_TIMEOUT, goodbye).await;
             return;
         }
 
-        let conn = Conn::new(&shared, &outbox, peer.principal.as_deref(), peer.deflate);
-        let mut topics = Subscriptions::default();
-        let reason = conn.run(&mut decoder, &mut write_half, &mut topics).await;
+        let (read_half, write_half) = Half::pair(&io);
+        // Made in the call: `run` keeps them, and locals here would keep
+        // their room beside it.
+        let (reason, topics) = Conn::new(&shared, &outbox, peer.principal.as_deref(), peer.deflate)
+            .run(Decoder::new(read_half, peer.deflate.is_some()), write_half)
+            .await;
 
         clean_up(
             &shared,
@@ -332,9 +313,8 @@ enum WriteEnd {
 struct Conn<'a> {
     shared: &'a Shared,
     outbox: &'a Arc<Outbox>,
+    /// When the connection began.
     epoch: Instant,
-    /// When a frame last arrived, in milliseconds since `epoch`.
-    last_seen_ms: AtomicU64,
     /// Whether the client ever subscribed (or sent a message the
     /// `on_message` hook handled): it met the subscribe deadline.
     engaged: AtomicBool,
@@ -355,69 +335,76 @@ impl<'a> Conn<'a> {
             shared,
             outbox,
             epoch: Instant::now(),
-            last_seen_ms: AtomicU64::new(0),
             engaged: AtomicBool::new(false),
             principal,
             deflate,
         }
     }
 
+    /// Runs the connection until it ends; why, and the topics it was
+    /// subscribed to then. Takes what it runs by value: borrowed, each
+    /// would be kept twice in the task (the caller's value and this
+    /// future's reference).
     #[allow(clippy::manual_async_fn, reason = "see `serve`")]
-    fn run<'s, R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
-        &'s self,
-        decoder: &'s mut Decoder<R>,
-        writer: &'s mut W,
-        topics: &'s mut Subscriptions,
-    ) -> impl std::future::Future<Output = Reason> + use<'s, 'a, R, W> {
+    fn run<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+        self,
+        mut decoder: Decoder<R>,
+        mut writer: W,
+    ) -> impl std::future::Future<Output = (Reason, Subscriptions)> + use<'a, R, W> {
         // An async block, as in `serve`.
         async move {
-            let read = self.read_loop(decoder, topics);
-            let write = self.write_loop(writer);
-            tokio::pin!(read, write);
-            let mut read_end: Option<Reason> = None;
-            // One `poll_fn` rather than a `select!`: its state is part of
-            // every connection's task. The reader first: what it ends with
-            // (a Close to answer) is for the writer to write.
-            let write_end = std::future::poll_fn(|cx| {
-                if read_end.is_none() {
-                    if let Poll::Ready(end) = read.as_mut().poll(cx) {
-                        read_end = Some(self.reader_ended(end));
-                    }
-                }
-                write.as_mut().poll(cx)
-            })
-            .await;
-            // Out of the wait, so that its output is not kept while waiting.
-            let reason = match write_end {
-                WriteEnd::SentClose(code) => {
+            let mut topics = Subscriptions::default();
+            // In a block of its own, which lends `topics` to the reader.
+            let reason = {
+                let read = self.read_loop(&mut decoder, &mut topics);
+                let write = self.write_loop(&mut writer);
+                tokio::pin!(read, write);
+                let mut read_end: Option<Reason> = None;
+                // One `poll_fn` rather than a `select!`: its state is part of
+                // every connection's task. The reader first: what it ends with
+                // (a Close to answer) is for the writer to write.
+                let write_end = std::future::poll_fn(|cx| {
                     if read_end.is_none() {
-                        // We began the close: give the client a moment to
-                        // answer before dropping the socket. Boxed: only
-                        // closing connections hold it.
-                        Box::pin(self.await_peer_close(read.as_mut())).await;
+                        if let Poll::Ready(end) = read.as_mut().poll(cx) {
+                            read_end = Some(end);
+                        }
                     }
-                    Reason::ServerClosed(code.unwrap_or(close_code::NORMAL))
-                }
-                WriteEnd::Stopped
-                    if self.outbox.status() == Status::Killed && read_end.is_none() =>
-                {
-                    Reason::Killed
-                }
-                WriteEnd::Stopped | WriteEnd::Io => Reason::Gone,
-                WriteEnd::HeartbeatTimeout => {
-                    Counters::add(&self.shared.hub.counters.heartbeat_timeouts, 1);
-                    tracing::info!(client_id = %self.outbox.client_id(), "websocket_heartbeat_timeout");
-                    Reason::HeartbeatTimeout
-                }
-                WriteEnd::CloseTimeout => Reason::CloseTimeout,
+                    write.as_mut().poll(cx)
+                })
+                .await;
+                // Out of the wait, so that its output is not kept while waiting.
+                let reason = match write_end {
+                    WriteEnd::SentClose(code) => {
+                        if read_end.is_none() {
+                            // We began the close: give the client a moment to
+                            // answer before dropping the socket. Boxed: only
+                            // closing connections hold it.
+                            Box::pin(self.await_peer_close(read.as_mut())).await;
+                        }
+                        Reason::ServerClosed(code.unwrap_or(close_code::NORMAL))
+                    }
+                    WriteEnd::Stopped
+                        if self.outbox.status() == Status::Killed && read_end.is_none() =>
+                    {
+                        Reason::Killed
+                    }
+                    WriteEnd::Stopped | WriteEnd::Io => Reason::Gone,
+                    WriteEnd::HeartbeatTimeout => {
+                        Counters::add(&self.shared.hub.counters.heartbeat_timeouts, 1);
+                        tracing::info!(client_id = %self.outbox.client_id(), "websocket_heartbeat_timeout");
+                        Reason::HeartbeatTimeout
+                    }
+                    WriteEnd::CloseTimeout => Reason::CloseTimeout,
+                };
+                read_end.unwrap_or(reason)
             };
-            read_end.unwrap_or(reason)
+            (reason, topics)
         }
     }
 
     /// Starts the close the reader's end calls for; why the connection
     /// ends, as far as the reader can tell.
-    fn reader_ended(&self, end: ReadEnd) -> Reason {
+    pub(super) fn reader_ended(&self, end: ReadEnd) -> Reason {
         match end {
             ReadEnd::ClientClosed { code, reply } => {
                 self.discarded(self.outbox.close(Some(reply), false));
@@ -440,7 +427,7 @@ impl<'a> Conn<'a> {
     /// closing), at most [`CLOSE_TIMEOUT`] and not past a kill.
     async fn await_peer_close(
         &self,
-        mut read: std::pin::Pin<&mut impl std::future::Future<Output = ReadEnd>>,
+        mut read: std::pin::Pin<&mut impl std::future::Future<Output = Reason>>,
     ) {
         let deadline = tokio::time::sleep(CLOSE_TIMEOUT);
         tokio::pin!(deadline);
@@ -469,14 +456,14 @@ impl<'a> Conn<'a> {
         Counters::add(&self.shared.hub.counters.messages_dropped, n);
     }
 
+    /// A frame arrived.
     fn touch(&self) {
-        let ms = self.epoch.elapsed().as_millis() as u64;
-        self.last_seen_ms.store(ms, Relaxed);
+        self.outbox.heard(self.epoch.elapsed().as_millis() as u64);
     }
 
     fn is_dead(&self) -> bool {
         let now = self.epoch.elapsed().as_millis() as u64;
-        let silent = now.saturating_sub(self.last_seen_ms.load(Relaxed));
+        let silent = now.saturating_sub(self.outbox.last_heard());
         silent > self.shared.config.heartbeat_timeout.as_millis() as u64
     }
 }
@@ -496,8 +483,8 @@ mod tests {
         let shared = layer.shared.clone();
         let (server_io, client_io) = tokio::io::duplex(1 << 16);
         let client = client(client_io);
-        let (read_half, mut write_half) = tokio::io::split(server_io);
-        let mut decoder = Decoder::new(read_half, shared.config.max_message_size, false);
+        let (read_half, write_half) = tokio::io::split(server_io);
+        let decoder = Decoder::new(read_half, false);
         let outbox = Arc::new(Outbox::new(
             ClientId::next(),
             1 << 20,
@@ -507,10 +494,7 @@ mod tests {
         assert!(shared.hub.register(outbox.clone(), None));
         shared.ensure_background_tasks();
         let conn = Conn::new(&shared, &outbox, None, None);
-        let reason = conn
-            .run(&mut decoder, &mut write_half, &mut Subscriptions::default())
-            .await;
-        drop((decoder, write_half));
+        let (reason, _) = conn.run(decoder, write_half).await;
         (reason, client.await.unwrap())
     }
 

@@ -111,6 +111,11 @@ pub(crate) struct Outbox {
     state: Mutex<State>,
     /// Set by the shared heartbeat, taken by the writer.
     beat: AtomicBool,
+    /// When the client was last heard from, in milliseconds since its
+    /// connection began (see `Conn::touch`). Here rather than in the
+    /// connection's task, whose state every connection holds: the outbox
+    /// has the room.
+    heard_ms: AtomicU64,
 }
 
 #[derive(Default)]
@@ -262,7 +267,19 @@ impl Outbox {
             policy,
             state: Mutex::new(State::default()),
             beat: AtomicBool::new(false),
+            heard_ms: AtomicU64::new(0),
         }
+    }
+
+    /// Records that the client was heard from `ms` after its connection
+    /// began.
+    pub(crate) fn heard(&self, ms: u64) {
+        self.heard_ms.store(ms, Relaxed);
+    }
+
+    /// When the client was last heard from (see [`Outbox::heard`]).
+    pub(crate) fn last_heard(&self) -> u64 {
+        self.heard_ms.load(Relaxed)
     }
 
     /// A heartbeat: the writer pings the client, or ends a silent one.

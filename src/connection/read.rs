@@ -4,9 +4,8 @@
 use super::subscriptions::Subscriptions;
 
 use tokio::io::AsyncRead;
-use tokio::time::Instant;
 
-use super::{Conn, ReadEnd};
+use super::{Conn, ReadEnd, Reason};
 use crate::frame::{self, close_code, DecodeError, Decoded, Decoder};
 use crate::inbound::Inbound;
 use crate::protocol::{self, error_code};
@@ -27,19 +26,21 @@ impl<'a> Conn<'a> {
         &'s self,
         decoder: &'s mut Decoder<R>,
         topics: &'s mut Subscriptions,
-    ) -> impl std::future::Future<Output = ReadEnd> + use<'s, 'a, R> {
+    ) -> impl std::future::Future<Output = Reason> + use<'s, 'a, R> {
         // An async block, as in `serve`: an async fn keeps its arguments
         // twice, and this state is in every connection's task.
         async move {
             // The loop in the match's scrutinee, so that neither the bucket
             // nor the whole `ReadEnd` is kept while draining.
             let (code, reason) = match {
-                let mut rate =
-                    RateLimit::new(self.shared.config.limits.message_rate, Instant::now());
+                let mut rate = RateLimit::new(self.shared.config.limits.message_rate);
                 // The loop here, not in a helper this awaits: each level of
                 // future would keep its own copy of the references in the task.
                 loop {
-                    let decoded = match decoder.next().await {
+                    let max_message = self.shared.config.max_message_size;
+                    let found =
+                        std::future::poll_fn(|cx| decoder.poll_frame(cx, max_message)).await;
+                    let decoded = match found.and_then(|found| decoder.decode(found, max_message)) {
                         Ok(decoded) => decoded,
                         Err(DecodeError::Gone) => break ReadEnd::Gone,
                         Err(DecodeError::Violation { code, reason }) => {
@@ -55,7 +56,9 @@ impl<'a> Conn<'a> {
                         decoded,
                         Decoded::Text(_) | Decoded::Binary(_) | Decoded::Ping(_)
                     ) {
-                        match rate.check(self.shared.config.limits.message_rate, Instant::now()) {
+                        match rate
+                            .check(self.shared.config.limits.message_rate, self.epoch.elapsed())
+                        {
                             Verdict::Allowed => {}
                             Verdict::Limited => {
                                 self.send_error(
@@ -95,14 +98,14 @@ impl<'a> Conn<'a> {
                 }
             } {
                 ReadEnd::Violation { code, reason } => (code, reason),
-                end => return end,
+                end => return self.reader_ended(end),
             };
             tracing::debug!(client_id = %self.outbox.client_id(), code, reason, "websocket_protocol_violation");
             // What was queued before the violation still goes out first.
             self.discarded(self.outbox.close(Some(frame::close(code, reason)), true));
             // Boxed: only a client that broke the protocol waits here.
-            Box::pin(decoder.drain()).await;
-            ReadEnd::Violation { code, reason }
+            Box::pin(decoder.drain(self.shared.config.max_message_size)).await;
+            self.reader_ended(ReadEnd::Violation { code, reason })
         }
     }
 }

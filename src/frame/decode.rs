@@ -66,6 +66,10 @@ fn violation(code: u16, reason: &'static str) -> DecodeError {
     DecodeError::Violation { code, reason }
 }
 
+/// A whole frame buffered by [`Decoder::poll_frame`]: its header and
+/// payload lengths.
+pub(crate) struct Found((usize, usize));
+
 /// Reads whole client messages from a socket.
 pub(crate) struct Decoder<R> {
     frames: Frames<R>,
@@ -98,111 +102,122 @@ struct Assembly {
 }
 
 impl<R: AsyncRead + Unpin> Decoder<R> {
-    /// Reads messages from `io`, refusing those over `max_message` bytes;
-    /// with `inflate`, compressed ones too.
-    pub(crate) fn new(io: R, max_message: usize, inflate: bool) -> Self {
+    /// Reads messages from `io`; with `inflate`, compressed ones too. The
+    /// size limit is given to each read: it is the layer's, and this is
+    /// part of every connection's task.
+    pub(crate) fn new(io: R, inflate: bool) -> Self {
         Self {
-            frames: Frames::new(io, max_message, inflate),
+            frames: Frames::new(io, inflate),
             assembling: None,
         }
     }
 
-    /// The next message, or a fragment of one. Cancel-safe only in that a
-    /// frame half read stays buffered: calling again continues there.
-    #[allow(
-        clippy::manual_async_fn,
-        reason = "an async fn keeps `self` twice in its state"
-    )]
-    pub(crate) fn next(
+    /// The next message, or a fragment of one, as [`Decoder::poll_frame`]
+    /// and [`Decoder::decode`] read it.
+    #[cfg(test)]
+    pub(crate) async fn next(&mut self, max_message: usize) -> Result<Decoded<'_>, DecodeError> {
+        let found = std::future::poll_fn(|cx| self.poll_frame(cx, max_message)).await?;
+        self.decode(found, max_message)
+    }
+
+    /// Reads until a whole frame is buffered, for [`Decoder::decode`]; no
+    /// message of over `max_message` bytes is taken. A frame half read
+    /// stays buffered: polling again continues where it stopped. A poll,
+    /// not an `async fn`: its state would sit in every connection's task.
+    pub(crate) fn poll_frame(
         &mut self,
-    ) -> impl std::future::Future<Output = Result<Decoded<'_>, DecodeError>> + '_ {
-        async move {
-            if self.assembling.as_ref().is_some_and(|a| a.whole) {
-                self.assembling = None;
-            }
-            // Polled in place rather than through an inner `async fn`, whose
-            // state would sit in every connection's task.
-            let found = std::future::poll_fn(|cx| self.frames.poll_frame(cx)).await?;
-            // Read after the wait, so as not to be kept in its state.
-            let max_message = self.frames.max_message;
-            let frame = self.frames.take(found);
-            match frame.opcode {
-                OpCode::Text | OpCode::Binary => {
-                    if self.assembling.is_some() {
-                        return Err(violation(
-                            close_code::PROTOCOL_ERROR,
-                            "expected a continuation frame",
-                        ));
-                    }
-                    let is_text = frame.opcode == OpCode::Text;
-                    if frame.fin && frame.compressed {
-                        let mut inflated = Vec::new();
-                        inflate(frame.payload, max_message, &mut inflated)?;
-                        let assembly = self.assembling.insert(Box::new(Assembly {
-                            is_text,
-                            compressed: true,
-                            limit: 0,
-                            buf: inflated,
-                            utf8_checked: 0,
-                            whole: true,
-                        }));
-                        return whole(is_text, &assembly.buf);
-                    }
-                    if frame.fin {
-                        // Frames may carry a compressed message's allowance.
-                        if frame.payload.len() > max_message {
-                            return Err(violation(close_code::MESSAGE_TOO_BIG, "message too big"));
-                        }
-                        return whole(is_text, frame.payload);
-                    }
-                    let mut started = Assembly {
+        cx: &mut Context<'_>,
+        max_message: usize,
+    ) -> Poll<Result<Found, DecodeError>> {
+        if self.assembling.as_ref().is_some_and(|a| a.whole) {
+            self.assembling = None;
+        }
+        self.frames.poll_frame(cx, max_message).map_ok(Found)
+    }
+
+    /// The message, or fragment of one, that the frame `found` makes.
+    pub(crate) fn decode(
+        &mut self,
+        found: Found,
+        max_message: usize,
+    ) -> Result<Decoded<'_>, DecodeError> {
+        let frame = self.frames.take(found.0);
+        match frame.opcode {
+            OpCode::Text | OpCode::Binary => {
+                if self.assembling.is_some() {
+                    return Err(violation(
+                        close_code::PROTOCOL_ERROR,
+                        "expected a continuation frame",
+                    ));
+                }
+                let is_text = frame.opcode == OpCode::Text;
+                if frame.fin && frame.compressed {
+                    let mut inflated = Vec::new();
+                    inflate(frame.payload, max_message, &mut inflated)?;
+                    let assembly = self.assembling.insert(Box::new(Assembly {
                         is_text,
-                        compressed: frame.compressed,
-                        limit: if frame.compressed {
-                            compressed_limit(max_message)
-                        } else {
-                            max_message
-                        },
-                        buf: Vec::new(),
+                        compressed: true,
+                        limit: 0,
+                        buf: inflated,
                         utf8_checked: 0,
-                        whole: false,
-                    };
-                    started.push(frame.payload)?;
-                    self.assembling = Some(Box::new(started));
-                    Ok(Decoded::Fragment)
+                        whole: true,
+                    }));
+                    return whole(is_text, &assembly.buf);
                 }
-                OpCode::Continuation => {
-                    let Some(assembly) = self.assembling.as_mut() else {
-                        return Err(violation(
-                            close_code::PROTOCOL_ERROR,
-                            "unexpected continuation frame",
-                        ));
-                    };
-                    assembly.push(frame.payload)?;
-                    if !frame.fin {
-                        return Ok(Decoded::Fragment);
+                if frame.fin {
+                    // Frames may carry a compressed message's allowance.
+                    if frame.payload.len() > max_message {
+                        return Err(violation(close_code::MESSAGE_TOO_BIG, "message too big"));
                     }
-                    if assembly.compressed {
-                        let mut inflated = Vec::new();
-                        inflate(&assembly.buf, max_message, &mut inflated)?;
-                        assembly.buf = inflated;
-                    }
-                    assembly.whole = true;
-                    whole(assembly.is_text, &assembly.buf)
+                    return whole(is_text, frame.payload);
                 }
-                OpCode::Close => close(frame.payload).map(Decoded::Close),
-                OpCode::Ping => Ok(Decoded::Ping(frame.payload)),
-                OpCode::Pong => Ok(Decoded::Pong),
+                let mut started = Assembly {
+                    is_text,
+                    compressed: frame.compressed,
+                    limit: if frame.compressed {
+                        compressed_limit(max_message)
+                    } else {
+                        max_message
+                    },
+                    buf: Vec::new(),
+                    utf8_checked: 0,
+                    whole: false,
+                };
+                started.push(frame.payload)?;
+                self.assembling = Some(Box::new(started));
+                Ok(Decoded::Fragment)
             }
+            OpCode::Continuation => {
+                let Some(assembly) = self.assembling.as_mut() else {
+                    return Err(violation(
+                        close_code::PROTOCOL_ERROR,
+                        "unexpected continuation frame",
+                    ));
+                };
+                assembly.push(frame.payload)?;
+                if !frame.fin {
+                    return Ok(Decoded::Fragment);
+                }
+                if assembly.compressed {
+                    let mut inflated = Vec::new();
+                    inflate(&assembly.buf, max_message, &mut inflated)?;
+                    assembly.buf = inflated;
+                }
+                assembly.whole = true;
+                whole(assembly.is_text, &assembly.buf)
+            }
+            OpCode::Close => close(frame.payload).map(Decoded::Close),
+            OpCode::Ping => Ok(Decoded::Ping(frame.payload)),
+            OpCode::Pong => Ok(Decoded::Pong),
         }
     }
 
     /// Reads and discards frames until the client's Close frame, or the
     /// end of the stream. Input that no longer parses is discarded
     /// wholesale until the end.
-    pub(crate) async fn drain(&mut self) {
+    pub(crate) async fn drain(&mut self, max_message: usize) {
         self.assembling = None;
-        self.frames.drain().await;
+        self.frames.drain(max_message).await;
     }
 }
 
@@ -297,22 +312,20 @@ struct Frames<R> {
     buf: Vec<u8>,
     start: usize,
     end: usize,
-    max_message: usize,
     /// Whether RSV1 may be set (permessage-deflate was negotiated).
     rsv1: bool,
 }
 
 impl<R: AsyncRead + Unpin> Frames<R> {
-    /// Reads frames from `io`, refusing payloads that cannot be part of a
-    /// message of at most `max_message` bytes; with `rsv1`, RSV1 is allowed
-    /// on the first frame of a message.
-    fn new(io: R, max_message: usize, rsv1: bool) -> Self {
+    /// Reads frames from `io`; with `rsv1`, RSV1 is allowed on the first
+    /// frame of a message. Each read refuses payloads that cannot be part
+    /// of a message of at most `max_message` bytes.
+    fn new(io: R, rsv1: bool) -> Self {
         Self {
             io,
             buf: Vec::new(),
             start: 0,
             end: 0,
-            max_message,
             rsv1,
         }
     }
@@ -320,18 +333,23 @@ impl<R: AsyncRead + Unpin> Frames<R> {
     /// Reads until a whole frame is buffered: its header and payload
     /// lengths, for [`Frames::take`]. A frame half read stays buffered:
     /// polling again continues where it stopped.
-    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Result<(usize, usize), DecodeError>> {
+    fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+        max_message: usize,
+    ) -> Poll<Result<(usize, usize), DecodeError>> {
+        let max_payload = self.max_payload(max_message);
         loop {
-            if let Some(found) = self.parse()? {
+            if let Some(found) = self.parse(max_payload)? {
                 return Poll::Ready(Ok(found));
             }
-            ready!(self.poll_fill(cx))?;
+            ready!(self.poll_fill(cx, max_payload))?;
         }
     }
 
     /// The next frame, as [`Frames::poll_frame`] and [`Frames::take`].
-    async fn next(&mut self) -> Result<Frame<'_>, DecodeError> {
-        let found = std::future::poll_fn(|cx| self.poll_frame(cx)).await?;
+    async fn next(&mut self, max_message: usize) -> Result<Frame<'_>, DecodeError> {
+        let found = std::future::poll_fn(|cx| self.poll_frame(cx, max_message)).await?;
         Ok(self.take(found))
     }
 
@@ -353,9 +371,9 @@ impl<R: AsyncRead + Unpin> Frames<R> {
     }
 
     /// As [`Decoder::drain`].
-    async fn drain(&mut self) {
+    async fn drain(&mut self, max_message: usize) {
         loop {
-            match self.next().await {
+            match self.next(max_message).await {
                 Ok(frame) if frame.opcode == OpCode::Close => return,
                 Ok(_) => {}
                 Err(DecodeError::Gone) => return,
@@ -376,7 +394,7 @@ impl<R: AsyncRead + Unpin> Frames<R> {
 
     /// Checks the header of the buffered frame; returns its header and
     /// payload lengths once the whole frame is buffered.
-    fn parse(&self) -> Result<Option<(usize, usize)>, DecodeError> {
+    fn parse(&self, max_payload: usize) -> Result<Option<(usize, usize)>, DecodeError> {
         let b = &self.buf[self.start..self.end];
         if b.len() < 2 {
             return Ok(None);
@@ -410,7 +428,7 @@ impl<R: AsyncRead + Unpin> Frames<R> {
         if control && len > MAX_CONTROL_PAYLOAD as u64 {
             return Err(broken(close_code::PROTOCOL_ERROR, "control frame too long"));
         }
-        if len > self.max_payload() as u64 {
+        if len > max_payload as u64 {
             return Err(broken(close_code::MESSAGE_TOO_BIG, "message too big"));
         }
         let header = 2 + length_bytes + 4;
@@ -419,7 +437,11 @@ impl<R: AsyncRead + Unpin> Frames<R> {
     }
 
     /// Reads more bytes, making room first.
-    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), DecodeError>> {
+    fn poll_fill(
+        &mut self,
+        cx: &mut Context<'_>,
+        max_payload: usize,
+    ) -> Poll<Result<(), DecodeError>> {
         if self.start == self.end {
             // Nothing buffered: the buffer is given back, and the next bytes
             // are read on the stack before one is made for them, so a
@@ -445,7 +467,10 @@ impl<R: AsyncRead + Unpin> Frames<R> {
         if self.end == self.buf.len() {
             // The frame being read may need more: grow to hold its header
             // and payload, at least doubling.
-            let wanted = self.frame_len_hint().max(self.buf.len() * 2).max(INITIAL);
+            let wanted = self
+                .frame_len_hint(max_payload)
+                .max(self.buf.len() * 2)
+                .max(INITIAL);
             self.buf.resize(wanted, 0);
         }
         let mut read = ReadBuf::new(&mut self.buf[self.end..]);
@@ -460,16 +485,16 @@ impl<R: AsyncRead + Unpin> Frames<R> {
 
     /// The most one frame may carry: a compressed message may take a
     /// little more than its size.
-    fn max_payload(&self) -> usize {
+    fn max_payload(&self, max_message: usize) -> usize {
         if self.rsv1 {
-            compressed_limit(self.max_message)
+            compressed_limit(max_message)
         } else {
-            self.max_message
+            max_message
         }
     }
 
     /// The size of the buffered frame, when its header says.
-    fn frame_len_hint(&self) -> usize {
+    fn frame_len_hint(&self, max_payload: usize) -> usize {
         let b = &self.buf[self.start..self.end];
         if b.len() < 2 {
             return 0;
@@ -478,7 +503,7 @@ impl<R: AsyncRead + Unpin> Frames<R> {
             126 if b.len() >= 4 => 8 + u16::from_be_bytes([b[2], b[3]]) as usize,
             127 if b.len() >= 10 => {
                 let len = u64::from_be_bytes(b[2..10].try_into().expect("8 bytes"));
-                14 + len.min(self.max_payload() as u64) as usize
+                14 + len.min(max_payload as u64) as usize
             }
             n => 6 + n as usize,
         }
@@ -524,10 +549,10 @@ mod tests {
         bytes: Vec<u8>,
         max: usize,
     ) -> Vec<Result<(bool, OpCode, Vec<u8>), DecodeError>> {
-        let mut reader = Frames::new(&bytes[..], max, false);
+        let mut reader = Frames::new(&bytes[..], false);
         let mut out = Vec::new();
         loop {
-            match reader.next().await {
+            match reader.next(max).await {
                 Ok(f) => out.push(Ok((f.fin, f.opcode, f.payload.to_vec()))),
                 Err(DecodeError::Gone) => return out,
                 Err(e) => {
@@ -583,11 +608,11 @@ mod tests {
                 .unwrap();
             client
         });
-        let mut reader = Frames::new(server, 1 << 20, false);
-        let frame = reader.next().await.unwrap();
+        let mut reader = Frames::new(server, false);
+        let frame = reader.next(1 << 20).await.unwrap();
         assert_eq!(frame.payload, &[b'q'; 10_000][..]);
         drop(writer.await.unwrap());
-        assert_eq!(reader.next().await.unwrap_err(), DecodeError::Gone);
+        assert_eq!(reader.next(1 << 20).await.unwrap_err(), DecodeError::Gone);
         assert_eq!(reader.buf.capacity(), 0, "the buffer was given back");
     }
 
@@ -636,9 +661,9 @@ mod tests {
     #[tokio::test]
     async fn with_inflation_on_a_plain_message_keeps_the_plain_limit() {
         let bytes = masked(0x81, &[b'a'; 101]);
-        let mut decoder = Decoder::new(&bytes[..], 100, true);
+        let mut decoder = Decoder::new(&bytes[..], true);
         assert!(matches!(
-            decoder.next().await,
+            decoder.next(100).await,
             Err(DecodeError::Violation { code: 1009, .. })
         ));
     }
@@ -651,14 +676,14 @@ mod tests {
         bytes.extend(masked(0x82, &[1, 2]));
         bytes.extend(masked(0x88, &[0x03, 0xE8]));
         bytes.extend(masked(0x80, b"x"));
-        let mut decoder = Decoder::new(&bytes[..], 100, false);
-        assert_eq!(decoder.next().await, Ok(Decoded::Fragment));
-        assert_eq!(decoder.next().await, Ok(Decoded::Ping(b"p")));
-        assert_eq!(decoder.next().await, Ok(Decoded::Text("h\u{e9}llo")));
-        assert_eq!(decoder.next().await, Ok(Decoded::Binary(&[1, 2])));
-        assert_eq!(decoder.next().await, Ok(Decoded::Close(Some(1000))));
+        let mut decoder = Decoder::new(&bytes[..], false);
+        assert_eq!(decoder.next(100).await, Ok(Decoded::Fragment));
+        assert_eq!(decoder.next(100).await, Ok(Decoded::Ping(b"p")));
+        assert_eq!(decoder.next(100).await, Ok(Decoded::Text("h\u{e9}llo")));
+        assert_eq!(decoder.next(100).await, Ok(Decoded::Binary(&[1, 2])));
+        assert_eq!(decoder.next(100).await, Ok(Decoded::Close(Some(1000))));
         assert!(matches!(
-            decoder.next().await,
+            decoder.next(100).await,
             Err(DecodeError::Violation { code: 1002, .. })
         ));
     }

@@ -161,6 +161,8 @@ impl std::fmt::Display for StreamId {
 struct Stream {
     outbox: Arc<Outbox>,
     principal: Option<Principal>,
+    /// When it opened: its rate's bucket counts from there.
+    opened: Instant,
     /// The rate of its posted messages.
     rate: Mutex<RateLimit>,
     topics: Mutex<Subscriptions>,
@@ -239,10 +241,8 @@ pub(crate) fn open(
     let stream = Arc::new(Stream {
         outbox,
         principal,
-        rate: Mutex::new(RateLimit::new(
-            shared.config.limits.message_rate,
-            Instant::now(),
-        )),
+        opened: Instant::now(),
+        rate: Mutex::new(RateLimit::new(shared.config.limits.message_rate)),
         topics: Mutex::default(),
     });
     lock(&shared.streams.open).insert(client_id, stream.clone());

@@ -7,7 +7,6 @@ use bytes::Buf;
 use hyper::body::Body;
 use hyper::header::{self, HeaderValue};
 use hyper::{Response, StatusCode};
-use tokio::time::Instant;
 
 use super::StreamId;
 use crate::auth::Principal;
@@ -42,7 +41,8 @@ where
         Ok(text) => text,
         Err(response) => return response,
     };
-    let verdict = lock(&stream.rate).check(shared.config.limits.message_rate, Instant::now());
+    let verdict =
+        lock(&stream.rate).check(shared.config.limits.message_rate, stream.opened.elapsed());
     match verdict {
         Verdict::Allowed => {}
         Verdict::Limited => {
