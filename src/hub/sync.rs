@@ -143,6 +143,11 @@ impl Hub {
             replica.fetching = false;
             let known = replica.epoch;
             match fetched.epoch {
+                // A read from a node that still held a numbering the copy
+                // has left (a failover or a move under way): what it brings
+                // was applied already or is of no use, as the broadcasts
+                // of that numbering are (see `Replica::classify`).
+                Some(epoch) if known.is_some_and(|known| epoch < known) => {}
                 Some(epoch) => {
                     if let Some(first) = replica.take_fetched(epoch, fetched.entries, next_seq) {
                         if known != Some(epoch) {
@@ -384,6 +389,27 @@ mod tests {
         // After a reconnect, what the history no longer holds is a gap.
         fetched(&hub, Some(12), [7, 8]);
         assert_eq!(received(&client), [Err(7), Ok(7), Ok(8)]);
+    }
+
+    #[test]
+    fn a_fetch_of_a_numbering_the_copy_has_left_is_not_news() {
+        let (hub, _) = replicated_hub();
+        let client = conn(&hub);
+        hub.subscribe("t", &client, None);
+        fetched(&hub, Some(9), 1..=40);
+        hub.deliver("t", numbered(12, 1)); // begun again (a failover)
+        hub.deliver("t", numbered(12, 2));
+        let mut expected: Vec<_> = (1..=40).map(Ok).collect();
+        expected.extend([Err(1), Ok(1), Ok(2)]);
+        assert_eq!(received(&client), expected);
+        // A read that reached a node still holding the old numbering (its
+        // cursor's epoch not found there, the whole stream came back): what
+        // it brings was sent already, or belongs to a numbering left.
+        fetched(&hub, Some(9), 30..=41);
+        assert_eq!(received(&client), []);
+        hub.deliver("t", numbered(12, 3));
+        assert_eq!(received(&client), [Ok(3)]);
+        assert_eq!(hub.fetch_cursor("t"), Some((Some(12), 3)));
     }
 
     #[test]
