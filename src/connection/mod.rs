@@ -473,6 +473,32 @@ mod tests {
     use super::*;
     use crate::connection::outbox::SlowClientPolicy;
 
+    #[test]
+    fn a_connection_task_fits_the_640_byte_cell() {
+        // Tokio's task cell is the future plus 104 bytes, in steps of 128:
+        // every connection holds one (BENCHMARKS.md, "Eighth step").
+        let (layer, _publisher) = crate::WsLayer::builder().build().unwrap();
+        let shared = layer.shared.clone();
+        let peer = Peer {
+            principal: None,
+            deflate: None,
+            seen: Box::new(Seen {
+                origin: None,
+                user_agent: None,
+                ip: None,
+            }),
+        };
+        let task = shared.tasks.try_start(usize::MAX).unwrap();
+        let upgrade = hyper::upgrade::on(hyper::Request::new(()));
+        let future = serve(shared, upgrade, peer, (task, None));
+        let size = std::mem::size_of_val(&future);
+        assert!(
+            size <= 536,
+            "connection::serve's future is {size} bytes: past 536, each \
+             connection's task takes 768 bytes instead of 640"
+        );
+    }
+
     /// Runs one connection over an in-memory pipe; returns why it ended and
     /// what the client side received.
     async fn run_against(
