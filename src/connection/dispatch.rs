@@ -3,7 +3,6 @@
 //! the application).
 
 use super::subscriptions::Subscriptions;
-
 use super::{Conn, ReadEnd};
 use crate::auth::Principal;
 use crate::frame;

@@ -1,10 +1,9 @@
 //! A connection's reader: whole client messages from the [`Decoder`], the
 //! message rate, pings answered, and the client's Close.
 
-use super::subscriptions::Subscriptions;
-
 use tokio::io::AsyncRead;
 
+use super::subscriptions::Subscriptions;
 use super::{Conn, ReadEnd, Reason};
 use crate::frame::{self, close_code, DecodeError, Decoded, Decoder};
 use crate::inbound::Inbound;

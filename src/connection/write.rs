@@ -204,9 +204,9 @@ fn close_deadline() -> Pin<Box<Sleep>> {
 
 /// Polls a flush once: `None` if it has to wait.
 async fn flush_now(io: &mut (impl AsyncWrite + Unpin)) -> Option<std::io::Result<()>> {
-    std::future::poll_fn(|cx| match std::pin::Pin::new(&mut *io).poll_flush(cx) {
-        std::task::Poll::Ready(result) => std::task::Poll::Ready(Some(result)),
-        std::task::Poll::Pending => std::task::Poll::Ready(None),
+    std::future::poll_fn(|cx| match Pin::new(&mut *io).poll_flush(cx) {
+        Poll::Ready(result) => Poll::Ready(Some(result)),
+        Poll::Pending => Poll::Ready(None),
     })
     .await
 }

@@ -69,7 +69,6 @@
 mod post;
 mod stream;
 
-use crate::connection::subscriptions::Subscriptions;
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex};
@@ -84,6 +83,7 @@ use crate::body::LayerBody;
 use crate::client_id::ClientId;
 use crate::connection;
 use crate::connection::outbox::Outbox;
+use crate::connection::subscriptions::Subscriptions;
 use crate::hub::TopicDigest;
 use crate::lock::lock;
 use crate::rate_limit::RateLimit;
