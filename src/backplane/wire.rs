@@ -93,6 +93,27 @@ local function this_node()
   return node
 end
 
+-- Meta strings taken apart, by their text: a topic's meta changes only
+-- when its expiry is pushed back, so most publishes find theirs here.
+-- Emptied when it holds 4,096.
+local parsed, parsed_count = {}, 0
+local function parse(state)
+  local p = parsed[state]
+  if p then return p end
+  local at = string.find(state, ':', 3, true)
+  local owner_at = string.find(state, ':', at + 1, true)
+  p = {
+    done = string.byte(state, 1) == 49,
+    refreshed = tonumber(string.sub(state, 3, at - 1)),
+    epoch = string.sub(state, at + 1, (owner_at or 0) - 1),
+    owner = owner_at and string.sub(state, owner_at + 1),
+  }
+  if parsed_count == 4096 then parsed, parsed_count = {}, 0 end
+  parsed[state] = p
+  parsed_count = parsed_count + 1
+  return p
+end
+
 -- Appends a run as one entry. A run of one has no `n`: the most common
 -- entry stays the smallest.
 local function append(key, id, epoch, d, count, run)
@@ -107,7 +128,7 @@ local function publish(KEYS, ARGV)
   local metas = {}
   for i = 1, n do metas[i] = KEYS[2 * i] end
   local states = redis.call('MGET', unpack(metas))
-  local now = tonumber(ARGV[4])
+  local kept, live_ttl, done_ttl, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
   local here
   -- The meta this call wrote: MGET read them all before the first write.
   local written = {}
@@ -120,15 +141,12 @@ local function publish(KEYS, ARGV)
     local state = written[meta] or states[i]
     local epoch, was_done, refreshed
     if state then
-      local at = string.find(state, ':', 3, true)
-      local owner_at = string.find(state, ':', at + 1, true)
+      local p = parse(state)
       here = here or this_node()
-      if owner_at and string.sub(state, owner_at + 1) ~= here then
+      if p.owner and p.owner ~= here then
         state = nil
       else
-        was_done = string.byte(state, 1) == 49
-        refreshed = tonumber(string.sub(state, 3, at - 1))
-        epoch = string.sub(state, at + 1, (owner_at or 0) - 1)
+        was_done, refreshed, epoch = p.done, p.refreshed, p.epoch
       end
     end
     if not state then redis.call('DEL', key) end
@@ -142,24 +160,31 @@ local function publish(KEYS, ARGV)
       id = append(key, '0-1', epoch, d, count, run)
       state = nil
     end
-    local first = tonumber(string.sub(id, 3))
-    local last = first + tonumber(count) - 1
-    -- The entry's id is its first `seq`; the next entry's must follow the
-    -- run's last.
-    if last > first then redis.call('XSETID', key, '0-' .. last) end
-    -- Trimmed when the run passes a multiple of 64, so that every
-    -- message at most ARGV[1] back from the last is kept.
-    if math.floor(last / 64) ~= math.floor((first - 1) / 64) and last > tonumber(ARGV[1]) then
-      redis.call('XTRIM', key, 'MINID', '~', '0-' .. (last - tonumber(ARGV[1]) + 1))
+    -- The broadcast takes the `seq` as Redis wrote it: turning a Lua
+    -- number back into text costs more than the rest of a run of one.
+    local first_text = string.sub(id, 3)
+    local first = tonumber(first_text)
+    local last, seqs = first, first_text
+    if count ~= '1' then
+      last = first + tonumber(count) - 1
+      seqs = first_text .. '+' .. count
+      -- The entry's id is its first `seq`; the next entry's must follow
+      -- the run's last.
+      redis.call('XSETID', key, '0-' .. last)
     end
-    local ttl = tonumber(done and ARGV[3] or ARGV[2])
+    -- Trimmed when the run passes a multiple of 64 (a run holds at most
+    -- 64), so that every message at most `kept` back from the last is
+    -- kept.
+    if last % 64 < last - first + 1 and last > kept then
+      redis.call('XTRIM', key, 'MINID', '~', '0-' .. (last - kept + 1))
+    end
+    local ttl = done and done_ttl or live_ttl
     if not state or done ~= was_done or now - refreshed > ttl / 8 then
       here = here or this_node()
       written[meta] = d .. ':' .. now .. ':' .. epoch .. ':' .. here
       redis.call('SET', meta, written[meta], 'PX', ttl)
       redis.call('PEXPIRE', key, ttl)
     end
-    local seqs = last > first and first .. '+' .. count or first
     redis.call(ARGV[5], channel, epoch .. ':' .. seqs .. ':' .. d .. ':' .. run)
     out[2 * i - 1] = epoch
     out[2 * i] = first
