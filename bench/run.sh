@@ -9,6 +9,9 @@
 #   COMPARE=uws bench/run.sh [runs=3] [scenario…]
 #       tower-ws's bench_server against uWebSockets.js (../shared/bench/uws,
 #       its native topic pub/sub), copied out and installed like the Node peer
+#   COMPARE=all bench/run.sh [runs=3] [scenario…]
+#       the three side by side (the order rotating each run), and the
+#       medians as one Markdown table, with server CPU per delivery
 #   COMPARE=backplane bench/run.sh [runs=3] [scenario…]
 #       bench_server in-process against the same with a Redis backplane (a
 #       redis-server of this script's own, no persistence, also on core 0);
@@ -45,6 +48,7 @@ compare=${COMPARE:-node}
 case $compare in
   node) servers=(tower-ws node); default_scenarios="s1 s1x s2 s3 s4 s5 s5x" ;;
   uws) servers=(tower-ws uws); default_scenarios="s1 s1x s2 s3 s4 s5 s5x" ;;
+  all) servers=(tower-ws uws node); default_scenarios="s1 s1x s2 s3 s4 s5 s5x" ;;
   backplane) servers=(in-process redis); default_scenarios="s1 s2 s5" ;;
   sse) servers=(websocket sse); default_scenarios="s1 s1x" ;;
   deflate) servers=(plain deflate); default_scenarios="s1k s1 s3" ;;
@@ -52,7 +56,7 @@ case $compare in
   rollup) servers=(redis redis-rollup); default_scenarios="s5t" ;;
   cluster) servers=(redis redis-cluster); default_scenarios="s1 s2 s5" ;;
   redis-ab) servers=(redis redis-b); default_scenarios="s1 s2 s5" ;;
-  *) echo "COMPARE is node, uws, uws-deflate, backplane, cluster, redis-ab, sse, deflate or rollup" >&2; exit 2 ;;
+  *) echo "COMPARE is node, uws, all, uws-deflate, backplane, cluster, redis-ab, sse, deflate or rollup" >&2; exit 2 ;;
 esac
 scenarios=("${@:-$default_scenarios}")
 read -r -a scenarios <<<"${scenarios[*]}"
@@ -66,11 +70,11 @@ mkdir -p target/bench
 
 free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
-if [ "$compare" = sse ] || [ "$compare" = node ] || [ "$compare" = uws ] || [ "$compare" = deflate ] ||
-  [ "$compare" = uws-deflate ]; then
+if [ "$compare" = sse ] || [ "$compare" = node ] || [ "$compare" = uws ] || [ "$compare" = all ] ||
+  [ "$compare" = deflate ] || [ "$compare" = uws-deflate ]; then
   cargo build --release --example bench_server --example loadgen
 fi
-if [ "$compare" = uws ] && [ ! -d "$uws_dir/node_modules" ]; then
+if { [ "$compare" = uws ] || [ "$compare" = all ]; } && [ ! -d "$uws_dir/node_modules" ]; then
   rm -rf "$uws_dir" && cp -r "$shared/bench/uws" "$uws_dir" && chmod -R u+w "$uws_dir"
   (cd "$uws_dir" && ./build.sh)
 fi
@@ -83,7 +87,7 @@ if [ "$compare" = uws-deflate ] && [ ! -d "$uws_dir-deflate/node_modules" ]; the
   [ "$(grep -c 'false, true);' "$uws_dir-deflate/server.js")" -eq 2 ]
   (cd "$uws_dir-deflate" && ./build.sh)
 fi
-if [ "$compare" = node ]; then
+if [ "$compare" = node ] || [ "$compare" = all ]; then
   if [ ! -d "$node_dir/node_modules" ]; then
     rm -rf "$node_dir" && cp -r "$shared/bench/node-ws-seed" "$node_dir" && chmod -R u+w "$node_dir"
     (cd "$node_dir" && ./build.sh)
@@ -186,7 +190,9 @@ args_for() {
 
 for scenario in "${scenarios[@]}"; do
   for run in $(seq "$runs"); do
-    if [ $((run % 2)) -eq 1 ]; then order=("${servers[@]}"); else order=("${servers[1]}" "${servers[0]}"); fi
+    # Each server goes first in turn: run r starts with server r-1 (mod n).
+    first=$(((run - 1) % ${#servers[@]}))
+    order=("${servers[@]:first}" "${servers[@]:0:first}")
     for server in "${order[@]}"; do
       case $server in redis*) for p in $(redis_ports_of "$server"); do redis-cli -p "$p" flushall >/dev/null; done ;; esac
       port=$(free_port)
@@ -214,16 +220,48 @@ for scenario in "${scenarios[@]}"; do
   done
 done
 
-python3 - "$out" <<'PY'
+python3 - "$out" "$compare" "${servers[@]}" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
+compare, servers = sys.argv[2], sys.argv[3:]
 keys = ["wire_bytes", "msgs_per_s", "p50_us", "p99_us", "p999_us", "lost", "server_rss_kib", "server_cpu_s", "redis_cpu_us_per_msg", "redis_xadds", "merged_frames", "delivered",
-        "bytes_per_conn", "conns_per_s", "loadgen_cpu_s", "handshake_p50_us", "handshake_p99_us"]
+        "bytes_per_conn", "conns_per_s", "loadgen_cpu_s", "handshake_p50_us", "handshake_p99_us",
+        "server_cpu_us_per_delivery", "server_cpu_us_per_conn"]
 by = {}
 for r in rows:
-    by.setdefault((r["scenario"], r["server"]), []).append(r["result"])
+    result = r["result"]
+    # The server's CPU per message delivered (S1, S2, S5) or per connection opened (S4).
+    if result.get("delivered") and "server_cpu_s" in result:
+        result["server_cpu_us_per_delivery"] = result["server_cpu_s"] * 1e6 / result["delivered"]
+    if result.get("conns_per_s") and "server_cpu_s" in result:
+        result["server_cpu_us_per_conn"] = result["server_cpu_s"] * 1e6 / result["clients"]
+    by.setdefault((r["scenario"], r["server"]), []).append(result)
 print("\nmedians:")
+medians = {}
 for (scenario, server), results in sorted(by.items()):
     med = {k: statistics.median(x[k] for x in results) for k in keys if k in results[0]}
+    medians[(scenario, server)] = med
     print(scenario, server, json.dumps(med))
+if compare == "all":
+    figures = [
+        ("msgs_per_s", "delivered msgs/s", "{:,.0f}"),
+        ("p50_us", "p50", "{:,.0f} µs"),
+        ("p99_us", "p99", "{:,.0f} µs"),
+        ("server_cpu_us_per_delivery", "server CPU per delivery", "{:.2f} µs"),
+        ("bytes_per_conn", "RSS per idle connection", "{:,.0f} B"),
+        ("conns_per_s", "connections/s", "{:,.0f}"),
+        ("server_cpu_us_per_conn", "server CPU per connection", "{:.0f} µs"),
+        ("lost", "lost", "{:.0f}"),
+    ]
+    print("\n| scenario | figure | " + " | ".join(servers) + " |")
+    print("|---|---|" + "---:|" * len(servers))
+    for scenario in dict.fromkeys(r["scenario"] for r in rows):
+        first = True
+        for key, label, fmt in figures:
+            cells = [medians.get((scenario, s), {}).get(key) for s in servers]
+            if all(c is None for c in cells):
+                continue
+            shown = [fmt.format(c) if c is not None else "" for c in cells]
+            print(f"| {scenario if first else ''} | {label} | " + " | ".join(shown) + " |")
+            first = False
 PY
