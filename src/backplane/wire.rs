@@ -160,8 +160,8 @@ local function publish(KEYS, ARGV)
       id = append(key, '0-1', epoch, d, count, run)
       state = nil
     end
-    -- The broadcast takes the `seq` as Redis wrote it: turning a Lua
-    -- number back into text costs more than the rest of a run of one.
+    -- The broadcast takes the `seq` as Redis wrote it: Lua turns a number
+    -- back into text with `sprintf`, which every run of one would pay.
     local first_text = string.sub(id, 3)
     local first = tonumber(first_text)
     local last, seqs = first, first_text
