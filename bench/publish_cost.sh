@@ -47,8 +47,9 @@ for c in range(calls):
         n += 1
         keys += ["tower-ws:{%s}:history" % topic, "tower-ws:{%s}:meta" % topic]
         args += ["tower-ws:{%s}" % topic, 1, 0, body]
-    # kept seqs, history age, grace, now, broadcast: as the bench server's defaults give them
-    out.write(command(["FCALL", function, len(keys)] + keys + [163, 600000, 30000, now, "PUBLISH"] + args))
+    # kept seqs (256 messages and a run), history age, grace (ms), now,
+    # broadcast: what the layer's defaults give, as the bench server has them
+    out.write(command(["FCALL", function, len(keys)] + keys + [319, 300000, 30000, now, "PUBLISH"] + args))
 EOF
 
 for server in "$@"; do
