@@ -137,17 +137,21 @@ impl<'a> Sender<'a> {
     }
 }
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let workers: usize = std::env::var("WORKERS").map_or(Ok(1), |w| w.parse())?;
     let port: u16 = std::env::var("PORT")?.parse()?;
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
         .enable_all()
         .build()?
-        .block_on(serve(port))
+        // On a worker rather than `block_on`'s own thread: with WORKERS=1
+        // the accept loop and the connections then share one thread, as in
+        // the single-threaded servers this is compared with, instead of two
+        // threads waking each other on one core for every connection.
+        .block_on(async move { tokio::spawn(serve(port)).await? })
 }
 
-async fn serve(port: u16) -> Result<(), Box<dyn std::error::Error>> {
+async fn serve(port: u16) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     // Defaults throughout (benchmark clients send no Origin), but for the
     // connection limit: S3 opens as many as the file limit allows.
     let mut builder = WsLayer::builder().max_connections(100_000);
@@ -184,7 +188,7 @@ async fn serve(port: u16) -> Result<(), Box<dyn std::error::Error>> {
 #[cfg(feature = "redis")]
 async fn with_redis(
     builder: tower_ws::WsLayerBuilder,
-) -> Result<tower_ws::WsLayerBuilder, Box<dyn std::error::Error>> {
+) -> Result<tower_ws::WsLayerBuilder, Box<dyn std::error::Error + Send + Sync>> {
     use tower_ws::RedisBackplane;
     let backplane = if let Ok(nodes) = std::env::var("REDIS_CLUSTER_URLS") {
         let nodes = nodes.split(',').map(str::trim).filter(|s| !s.is_empty());
@@ -202,7 +206,7 @@ async fn with_redis(
 #[cfg(not(feature = "redis"))]
 async fn with_redis(
     builder: tower_ws::WsLayerBuilder,
-) -> Result<tower_ws::WsLayerBuilder, Box<dyn std::error::Error>> {
+) -> Result<tower_ws::WsLayerBuilder, Box<dyn std::error::Error + Send + Sync>> {
     match ["REDIS_URL", "REDIS_CLUSTER_URLS"].map(std::env::var_os) {
         [None, None] => Ok(builder),
         _ => Err("REDIS_URL or REDIS_CLUSTER_URLS is set: build with `--features redis`".into()),
