@@ -2,7 +2,9 @@
 # Runs the bench protocol's scenarios (../shared/bench/README.md) against two
 # servers, alternating which goes first, server on core 0 and load generator
 # on core 1. Prints one JSON line per run and writes them to
-# target/bench/<compare>.jsonl, then the medians.
+# target/bench/<compare>.jsonl, then the medians. Against Node and uWS, the
+# medians also come as one Markdown table, with server CPU per delivery and
+# how busy each process kept its core (at 100 % that process is the bound).
 #
 #   bench/run.sh [runs=3] [scenario…]                e.g. bench/run.sh 3 s1 s2
 #       tower-ws's bench_server against the original Node.js system
@@ -10,8 +12,7 @@
 #       tower-ws's bench_server against uWebSockets.js (../shared/bench/uws,
 #       its native topic pub/sub), copied out and installed like the Node peer
 #   COMPARE=all bench/run.sh [runs=3] [scenario…]
-#       the three side by side (the order rotating each run), and the
-#       medians as one Markdown table, with server CPU per delivery
+#       the three side by side (the order rotating each run)
 #   COMPARE=backplane bench/run.sh [runs=3] [scenario…]
 #       bench_server in-process against the same with a Redis backplane (a
 #       redis-server of this script's own, no persistence, also on core 0);
@@ -226,7 +227,7 @@ rows = [json.loads(l) for l in open(sys.argv[1])]
 compare, servers = sys.argv[2], sys.argv[3:]
 keys = ["wire_bytes", "msgs_per_s", "p50_us", "p99_us", "p999_us", "lost", "server_rss_kib", "server_cpu_s", "redis_cpu_us_per_msg", "redis_xadds", "merged_frames", "delivered",
         "bytes_per_conn", "conns_per_s", "loadgen_cpu_s", "handshake_p50_us", "handshake_p99_us",
-        "server_cpu_us_per_delivery", "server_cpu_us_per_conn"]
+        "server_cpu_us_per_delivery", "server_cpu_us_per_conn", "server_busy", "loadgen_busy"]
 by = {}
 for r in rows:
     result = r["result"]
@@ -235,6 +236,11 @@ for r in rows:
         result["server_cpu_us_per_delivery"] = result["server_cpu_s"] * 1e6 / result["delivered"]
     if result.get("conns_per_s") and "server_cpu_s" in result:
         result["server_cpu_us_per_conn"] = result["server_cpu_s"] * 1e6 / result["clients"]
+    # Each process's share of its core over the timed run: at 1.0 that
+    # process is the bound, whatever the other one could do.
+    for side in ("server", "loadgen"):
+        if result.get("elapsed_s") and f"{side}_cpu_s" in result:
+            result[f"{side}_busy"] = round(result[f"{side}_cpu_s"] / result["elapsed_s"], 2)
     by.setdefault((r["scenario"], r["server"]), []).append(result)
 print("\nmedians:")
 medians = {}
@@ -242,7 +248,7 @@ for (scenario, server), results in sorted(by.items()):
     med = {k: statistics.median(x[k] for x in results) for k in keys if k in results[0]}
     medians[(scenario, server)] = med
     print(scenario, server, json.dumps(med))
-if compare == "all":
+if compare in ("all", "uws", "node"):
     figures = [
         ("msgs_per_s", "delivered msgs/s", "{:,.0f}"),
         ("p50_us", "p50", "{:,.0f} µs"),
@@ -251,6 +257,8 @@ if compare == "all":
         ("bytes_per_conn", "RSS per idle connection", "{:,.0f} B"),
         ("conns_per_s", "connections/s", "{:,.0f}"),
         ("server_cpu_us_per_conn", "server CPU per connection", "{:.0f} µs"),
+        ("server_busy", "server's core busy", "{:.0%}"),
+        ("loadgen_busy", "load generator's core busy", "{:.0%}"),
         ("lost", "lost", "{:.0f}"),
     ]
     print("\n| scenario | figure | " + " | ".join(servers) + " |")
