@@ -16,19 +16,14 @@
 //! cargo bench --bench hot_paths
 //! ```
 
-use std::convert::Infallible;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use http_body_util::Full;
-use hyper::body::Bytes;
-use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
-use hyper_util::service::TowerToHyperService;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
-use tokio::runtime::Runtime;
-use tower::ServiceBuilder;
-use tower_ws::{MessageRate, Publisher, WsLayer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[path = "support/in_memory.rs"]
+mod in_memory;
+use in_memory::{masked_text, one_thread, App};
 
 /// Messages published per timed round; small enough that no queue fills.
 const ROUND: u64 = 32;
@@ -36,90 +31,8 @@ const ROUND: u64 = 32;
 const INBOUND_CHUNK: u64 = 1024;
 const TEXT: &str = "Found 10 great places for \"ramen\". The top pick is open now, ";
 
-/// A layer served by hyper over in-memory pipes: `connect` opens one more
-/// connection and completes its WebSocket handshake.
-struct App {
-    publisher: Publisher,
-    service: tower::util::BoxCloneService<
-        Request<hyper::body::Incoming>,
-        Response<tower_ws::WsBody<Full<Bytes>>>,
-        Infallible,
-    >,
-}
-
-impl App {
-    fn new() -> Self {
-        let (ws, publisher) = WsLayer::builder()
-            .max_connections(100_000)
-            .message_rate(MessageRate::per_second(u32::MAX).burst(u32::MAX))
-            .event_capacity(1 << 16)
-            .subscribe_deadline(None)
-            .build()
-            .expect("valid configuration");
-        let service = ServiceBuilder::new().layer(ws).service_fn(
-            |_req: Request<hyper::body::Incoming>| async {
-                Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
-            },
-        );
-        Self {
-            publisher,
-            service: tower::util::BoxCloneService::new(service),
-        }
-    }
-
-    /// A connection after its handshake: the client's end of the pipe.
-    async fn connect(&self) -> DuplexStream {
-        let (client, server) = tokio::io::duplex(64 * 1024);
-        let service = TowerToHyperService::new(self.service.clone());
-        tokio::spawn(
-            hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(server), service)
-                .with_upgrades(),
-        );
-        let mut client = client;
-        client
-            .write_all(
-                b"GET /ws HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-                  Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-            )
-            .await
-            .unwrap();
-        let mut head = Vec::new();
-        while !head.ends_with(b"\r\n\r\n") {
-            head.push(client.read_u8().await.unwrap());
-        }
-        assert!(head.starts_with(b"HTTP/1.1 101"), "upgraded");
-        client
-    }
-}
-
-/// One Tokio thread, as `WORKERS=1` in the bench protocol's runs: the
-/// figures are per core.
-fn one_thread() -> Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-/// A client frame: text, final, masked with a fixed key.
-fn masked_text(payload: &[u8]) -> Vec<u8> {
-    let mask = [0x37, 0xfa, 0x21, 0x3d];
-    let mut frame = vec![0x81];
-    match payload.len() {
-        n if n < 126 => frame.push(0x80 | n as u8),
-        n => {
-            frame.push(0x80 | 126);
-            frame.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-    }
-    frame.extend_from_slice(&mask);
-    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    frame
-}
-
 fn publish(c: &mut Criterion) {
-    let runtime = one_thread();
+    let runtime = one_thread(false);
     let mut group = c.benchmark_group("publish/subscribers");
     group.measurement_time(Duration::from_secs(5));
     for subscribers in [1usize, 100, 10_000] {
@@ -169,7 +82,7 @@ fn publish(c: &mut Criterion) {
 }
 
 fn inbound(c: &mut Criterion) {
-    let runtime = one_thread();
+    let runtime = one_thread(false);
     let app = App::new();
     let events = app.publisher.take_client_events().unwrap();
     let client = runtime.block_on(app.connect());

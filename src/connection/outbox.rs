@@ -488,16 +488,17 @@ impl State {
         }
         let mut data_frames = 0;
         let mut taken = 0;
-        while taken < MAX_BATCH_BYTES {
-            let Some(entry) = self.data.pop_front() else {
+        for entry in &self.data {
+            if taken >= MAX_BATCH_BYTES {
                 break;
-            };
-            let len = entry.len();
-            self.data_bytes -= len;
-            taken += len;
+            }
+            taken += entry.len();
             data_frames += 1;
-            batch.extend([entry.into_message()]);
         }
+        self.data_bytes -= taken;
+        // One extend, so the batch makes its room once rather than growing
+        // entry by entry.
+        batch.extend(self.data.drain(..data_frames).map(Queued::into_message));
         if self.data.is_empty() && self.data.capacity() > KEEP_CAPACITY {
             self.data = VecDeque::new();
         }
