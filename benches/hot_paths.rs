@@ -19,7 +19,7 @@
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 #[path = "support/in_memory.rs"]
 mod in_memory;
@@ -37,21 +37,7 @@ fn publish(c: &mut Criterion) {
     group.measurement_time(Duration::from_secs(5));
     for subscribers in [1usize, 100, 10_000] {
         let app = App::new();
-        runtime.block_on(async {
-            let subscribe = masked_text(br#"{"type":"subscribe","requestId":"t"}"#);
-            for _ in 0..subscribers {
-                let mut client = app.connect().await;
-                client.write_all(&subscribe).await.unwrap();
-                // Reads and discards whatever the server sends.
-                tokio::spawn(async move {
-                    let mut sink = vec![0u8; 64 * 1024];
-                    while matches!(client.read(&mut sink).await, Ok(n) if n > 0) {}
-                });
-            }
-            while app.publisher.subscriber_count("t") < subscribers {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-        });
+        runtime.block_on(app.subscribers("t", subscribers));
         group.throughput(Throughput::Elements(subscribers as u64));
         group.bench_function(BenchmarkId::from_parameter(subscribers), |b| {
             b.to_async(&runtime).iter_custom(|iters| {

@@ -17,7 +17,6 @@
 #[path = "../benches/support/in_memory.rs"]
 mod in_memory;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::runtime::Runtime;
 use tower_ws::Publisher;
 
@@ -35,31 +34,14 @@ fn main() {
     let messages = args.next().transpose().expect("messages").unwrap_or(200);
     let runtime = in_memory::one_thread(true);
     let app = in_memory::App::new();
-    runtime.block_on(async {
-        let subscribe = in_memory::masked_text(br#"{"type":"subscribe","requestId":"t"}"#);
-        for _ in 0..subscribers {
-            let mut client = app.connect().await;
-            client.write_all(&subscribe).await.expect("subscribe");
-            tokio::spawn(async move {
-                let mut sink = vec![0u8; 64 * 1024];
-                while matches!(client.read(&mut sink).await, Ok(n) if n > 0) {}
-            });
-        }
-        while app.publisher.subscriber_count("t") < subscribers {
-            tokio::task::yield_now().await;
-        }
-    });
+    runtime.block_on(app.subscribers("t", subscribers));
     // One burst first, uncounted: queues and buffers reach their working
     // size, as they have in any server that has been publishing a while.
-    burst_uncounted(&runtime, &app.publisher, subscribers, messages);
+    runtime.block_on(publish(&app.publisher, subscribers, messages));
     let deliveries = burst(&runtime, &app.publisher, subscribers, messages);
     println!(
         "{{\"subscribers\":{subscribers},\"messages\":{messages},\"deliveries\":{deliveries}}}"
     );
-}
-
-fn burst_uncounted(runtime: &Runtime, publisher: &Publisher, subscribers: usize, messages: usize) {
-    runtime.block_on(publish(publisher, subscribers, messages));
 }
 
 /// The counted part (callgrind's `--toggle-collect`): everything the

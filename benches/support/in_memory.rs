@@ -69,6 +69,25 @@ impl App {
         assert!(head.starts_with(b"HTTP/1.1 101"), "upgraded");
         client
     }
+
+    /// Opens `count` connections subscribed to `topic`, each read by a
+    /// task that discards whatever the server sends; returns once the
+    /// layer counts every subscription.
+    pub async fn subscribers(&self, topic: &str, count: usize) {
+        let subscribe =
+            masked_text(format!(r#"{{"type":"subscribe","requestId":"{topic}"}}"#).as_bytes());
+        for _ in 0..count {
+            let mut client = self.connect().await;
+            client.write_all(&subscribe).await.unwrap();
+            tokio::spawn(async move {
+                let mut sink = vec![0u8; 64 * 1024];
+                while matches!(client.read(&mut sink).await, Ok(n) if n > 0) {}
+            });
+        }
+        while self.publisher.subscriber_count(topic) < count {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    }
 }
 
 /// One Tokio thread, as `WORKERS=1` in the bench protocol's runs: the
