@@ -36,6 +36,9 @@
 #       same with COMPRESSION and clients offering permessage-deflate
 #       (loadgen --deflate); adds wire_bytes, the bytes the loopback
 #       interface carried during the run
+#   B_BIN=path COMPARE=uws|node|all bench/run.sh [runs=3] [scenario…]
+#       adds tower-ws-b, another build of bench_server (built with its own
+#       --target-dir), to the servers: an A/B of a change beside the peers
 #   COMPARE=uws-deflate bench/run.sh [runs=3] [scenario…]
 #       the same with compression against uWebSockets.js with its
 #       SHARED_COMPRESSOR (a copy of ../shared/bench/uws with that setting
@@ -59,6 +62,12 @@ case $compare in
   redis-ab) servers=(redis redis-b); default_scenarios="s1 s2 s5" ;;
   *) echo "COMPARE is node, uws, all, uws-deflate, backplane, cluster, redis-ab, sse, deflate or rollup" >&2; exit 2 ;;
 esac
+if [ -n "${B_BIN:-}" ]; then
+  case $compare in
+    uws | node | all) servers=(tower-ws tower-ws-b "${servers[@]:1}") ;;
+    *) echo "B_BIN goes with COMPARE=uws, node or all" >&2; exit 2 ;;
+  esac
+fi
 scenarios=("${@:-$default_scenarios}")
 read -r -a scenarios <<<"${scenarios[*]}"
 
@@ -152,6 +161,7 @@ lo_bytes() { # bytes the loopback interface has received
 start_server() { # name port → pid
   case $1 in
     tower-ws | in-process | websocket | sse) PORT=$2 WORKERS=1 taskset -c 0 target/release/examples/bench_server >/dev/null 2>&1 & ;;
+    tower-ws-b) PORT=$2 WORKERS=1 taskset -c 0 "$B_BIN" >/dev/null 2>&1 & ;;
     plain) PADDING=prose PORT=$2 WORKERS=1 taskset -c 0 target/release/examples/bench_server >/dev/null 2>&1 & ;;
     deflate) COMPRESSION=1 PADDING=prose PORT=$2 WORKERS=1 taskset -c 0 target/release/examples/bench_server >/dev/null 2>&1 & ;;
     deflate-x) COMPRESSION=1 PORT=$2 WORKERS=1 taskset -c 0 target/release/examples/bench_server >/dev/null 2>&1 & ;;

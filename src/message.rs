@@ -204,6 +204,7 @@ impl Message {
     /// compressed one, made by the first such connection and the same for
     /// all, when the frame is a data frame large enough and compressing
     /// makes it smaller.
+    #[inline]
     pub(crate) fn wire(&self, deflate: Option<Deflate>) -> &Bytes {
         let frame = &self.0.frame;
         match deflate {
@@ -303,9 +304,9 @@ impl MergedDelta {
     /// Builds the merged frame: the last sequence number as `seq`, the
     /// first as `seqStart`, the texts concatenated (JSON escaping is per
     /// character, so escaped texts concatenate into the escaped whole).
-    pub(crate) fn into_message(self) -> Message {
+    pub(crate) fn build(&self) -> Message {
         if self.texts.len() == 1 {
-            return self.first;
+            return self.first.clone();
         }
         let mut buf = Vec::with_capacity(HEADROOM + self.len());
         buf.resize(HEADROOM, 0);
@@ -541,7 +542,7 @@ mod tests {
         assert!(merged.append(&messages[2]));
         assert!(!merged.append(&Draft::delta("req-2", "x").seal(7)));
         assert!(!merged.append(&Draft::json(&json!({"t":1})).unwrap().seal(7)));
-        let merged = merged.into_message();
+        let merged = merged.build();
         assert_eq!(
             payload(merged.frame()),
             json!({"seq":6,"type":"stream.delta","requestId":"req-1","text":texts.concat(),"seqStart":4})
@@ -569,7 +570,7 @@ mod tests {
         assert_eq!(m.frame()[1], 127);
         let mut merged = MergedDelta::start(&m).unwrap();
         assert!(merged.append(&Draft::delta("r", "y").seal(2)));
-        let v = payload(merged.into_message().frame());
+        let v = payload(merged.build().frame());
         assert_eq!(v["text"].as_str().unwrap().len(), 70_001);
     }
 

@@ -13,7 +13,6 @@
 //! write cost less (measured in BENCHMARKS.md).
 
 use std::cell::RefCell;
-use std::collections::VecDeque;
 use std::io::IoSlice;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -21,6 +20,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use tokio::io::AsyncWrite;
 
+use super::outbox::Batch;
 use crate::frame::deflate::Deflate;
 use crate::message::Message;
 
@@ -43,16 +43,25 @@ thread_local! {
 /// task and the connection has it already.
 #[derive(Default)]
 pub(crate) struct InFlight {
-    frames: VecDeque<Message>,
+    frames: Batch,
     /// How much of the first frame is written.
     written: usize,
 }
 
 impl InFlight {
-    /// Gives back the room of frames written, while the writer waits.
+    /// Gives back the room of frames written. Called once a heartbeat, as
+    /// the outbox gives back its own: a take of a whole queue trades this
+    /// room for the queue's, so keeping it spares the next pushes from
+    /// making room again.
     pub(crate) fn release(&mut self) {
+        self.frames.release();
+    }
+
+    /// Where the outbox puts the frames taken; only while nothing is in
+    /// flight.
+    pub(crate) fn batch(&mut self) -> &mut Batch {
         debug_assert!(self.frames.is_empty());
-        self.frames = VecDeque::new();
+        &mut self.frames
     }
 
     pub(crate) fn is_empty(&self) -> bool {

@@ -12,7 +12,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::task::{Poll, Waker};
 use std::time::Duration;
 
@@ -56,25 +56,34 @@ pub enum SlowClientPolicy {
     DropNewest,
 }
 
-/// One entry of the data queue. Merges are rare, so they are boxed to keep
-/// every other entry small.
+/// One entry of the data queue, and of a [`Batch`] taken from it. Merges
+/// are rare, so they are boxed to keep every other entry small.
 enum Queued {
     One(Message),
-    Merged(Box<MergedDelta>),
+    Merged(Box<Merged>),
+}
+
+/// Deltas merged in the queue, and their frame, built once it is first
+/// asked for: by then the merge has left the queue, so nothing is appended
+/// to it any more.
+struct Merged {
+    delta: MergedDelta,
+    built: OnceLock<Message>,
 }
 
 impl Queued {
     fn len(&self) -> usize {
         match self {
             Self::One(m) => m.len(),
-            Self::Merged(m) => m.len(),
+            Self::Merged(m) => m.delta.len(),
         }
     }
 
-    fn into_message(self) -> Message {
+    #[inline]
+    fn message(&self) -> &Message {
         match self {
             Self::One(m) => m,
-            Self::Merged(m) => m.into_message(),
+            Self::Merged(m) => m.built.get_or_init(|| m.delta.build()),
         }
     }
 
@@ -83,23 +92,84 @@ impl Queued {
     fn merge(&mut self, next: Message) -> Result<(), Message> {
         match self {
             Self::Merged(merged) => {
-                if merged.append(&next) {
+                if merged.delta.append(&next) {
                     Ok(())
                 } else {
                     Err(next)
                 }
             }
             Self::One(first) => {
-                let Some(mut merged) = MergedDelta::start(first) else {
+                let Some(mut delta) = MergedDelta::start(first) else {
                     return Err(next);
                 };
-                if !merged.append(&next) {
+                if !delta.append(&next) {
                     return Err(next);
                 }
-                *self = Self::Merged(Box::new(merged));
+                *self = Self::Merged(Box::new(Merged {
+                    delta,
+                    built: OnceLock::new(),
+                }));
                 Ok(())
             }
         }
+    }
+}
+
+/// Messages taken from an outbox, oldest first. It holds the queue's own
+/// entries, so that taking a whole queue is a swap, not a copy.
+#[derive(Default)]
+pub(crate) struct Batch(VecDeque<Queued>);
+
+impl Batch {
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    #[inline]
+    pub(crate) fn iter(&self) -> impl ExactSizeIterator<Item = &Message> + '_ {
+        self.0.iter().map(Queued::message)
+    }
+
+    #[inline]
+    pub(crate) fn front(&self) -> Option<&Message> {
+        self.0.front().map(Queued::message)
+    }
+
+    #[inline]
+    pub(crate) fn pop_front(&mut self) {
+        self.0.pop_front();
+    }
+
+    pub(crate) fn push_front(&mut self, message: Message) {
+        self.0.push_front(Queued::One(message));
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.0.clear();
+    }
+
+    /// Gives back the room an empty batch grew to.
+    pub(crate) fn release(&mut self) {
+        debug_assert!(self.0.is_empty());
+        self.0 = VecDeque::new();
+    }
+}
+
+impl Extend<Message> for Batch {
+    fn extend<I: IntoIterator<Item = Message>>(&mut self, messages: I) {
+        self.0.extend(messages.into_iter().map(Queued::One));
+    }
+}
+
+impl std::ops::Index<usize> for Batch {
+    type Output = Message;
+
+    fn index(&self, i: usize) -> &Message {
+        self.0[i].message()
     }
 }
 
@@ -402,7 +472,7 @@ impl Outbox {
 
     /// Moves the data to write next into `batch`: up to
     /// [`MAX_BATCH_BYTES`], at least one message. Takes the writer's turn.
-    pub(crate) fn take(&self, batch: &mut impl Extend<Message>, turns: &Turns) -> Take {
+    pub(crate) fn take(&self, batch: &mut Batch, turns: &Turns) -> Take {
         let mut state = self.lock();
         let owed = std::mem::take(&mut state.owes_turn);
         let take = state.take(batch);
@@ -416,9 +486,13 @@ impl Outbox {
     /// Everything queued, taken as the writer would, turns aside.
     #[cfg(test)]
     pub(crate) fn take_all(&self) -> Vec<Message> {
-        let mut batch = Vec::new();
-        while let Take::Frames { .. } = self.take(&mut batch, &Turns::default()) {}
-        batch
+        let mut all = Vec::new();
+        let mut batch = Batch::default();
+        while let Take::Frames { .. } = self.take(&mut batch, &Turns::default()) {
+            all.extend(batch.iter().cloned());
+            batch.clear();
+        }
+        all
     }
 
     /// Settles a turn the writer owes and will not take: its connection
@@ -482,23 +556,30 @@ impl Outbox {
 
 impl State {
     /// What [`Outbox::take`] takes.
-    fn take(&mut self, batch: &mut impl Extend<Message>) -> Take {
+    fn take(&mut self, batch: &mut Batch) -> Take {
         if self.killed || self.close_sent {
             return Take::Stop;
         }
-        let mut data_frames = 0;
-        let mut taken = 0;
-        for entry in &self.data {
-            if taken >= MAX_BATCH_BYTES {
-                break;
+        let data_frames = if batch.is_empty() && self.data_bytes <= MAX_BATCH_BYTES {
+            // All of it: the queue becomes the batch, and the batch's room
+            // the queue's.
+            std::mem::swap(&mut self.data, &mut batch.0);
+            self.data_bytes = 0;
+            batch.len()
+        } else {
+            let mut data_frames = 0;
+            let mut taken = 0;
+            for entry in &self.data {
+                if taken >= MAX_BATCH_BYTES {
+                    break;
+                }
+                taken += entry.len();
+                data_frames += 1;
             }
-            taken += entry.len();
-            data_frames += 1;
-        }
-        self.data_bytes -= taken;
-        // One extend, so the batch makes its room once rather than growing
-        // entry by entry.
-        batch.extend(self.data.drain(..data_frames).map(Queued::into_message));
+            self.data_bytes -= taken;
+            batch.0.extend(self.data.drain(..data_frames));
+            data_frames
+        };
         if self.data.is_empty() && self.data.capacity() > KEEP_CAPACITY {
             self.data = VecDeque::new();
         }
@@ -607,7 +688,7 @@ mod tests {
         );
         o.push_control(Bytes::from_static(b"c1"));
         assert_eq!(o.take_control(), [&b"c1"[..]]);
-        let mut batch = Vec::new();
+        let mut batch = Batch::default();
         assert_eq!(
             o.take(&mut batch, &NO_TURNS),
             Take::Frames { data_frames: 1 }
@@ -624,7 +705,7 @@ mod tests {
         for _ in 0..3 {
             o.push(Message::plain(big.clone()), &NO_TURNS);
         }
-        let mut batch = Vec::new();
+        let mut batch = Batch::default();
         assert_eq!(
             o.take(&mut batch, &NO_TURNS),
             Take::Frames { data_frames: 2 }
@@ -634,6 +715,30 @@ mod tests {
             o.take(&mut batch, &NO_TURNS),
             Take::Frames { data_frames: 1 }
         );
+    }
+
+    #[test]
+    fn a_take_hands_over_the_whole_queue_or_appends_in_order() {
+        let o = outbox(100);
+        for frame in [b"a", b"b"] {
+            o.push(plain(frame), &NO_TURNS);
+        }
+        let mut batch = Batch::default();
+        assert_eq!(
+            o.take(&mut batch, &NO_TURNS),
+            Take::Frames { data_frames: 2 }
+        );
+        // Its bytes left with it: the queue has all its room again.
+        assert_eq!(o.room(), 100);
+        o.push(plain(b"c"), &NO_TURNS);
+        // Into a batch that still holds frames, the next ones go after them.
+        assert_eq!(
+            o.take(&mut batch, &NO_TURNS),
+            Take::Frames { data_frames: 1 }
+        );
+        let frames: Vec<&[u8]> = batch.iter().map(|m| &m.frame()[..]).collect();
+        assert_eq!(frames, [&b"a"[..], b"b", b"c"]);
+        assert_eq!(o.room(), 100);
     }
 
     #[test]
@@ -648,7 +753,7 @@ mod tests {
             Push::Overflowed { discarded: 2 }
         );
         assert_eq!(o.push(plain(b"1"), &NO_TURNS), Push::Closed);
-        let mut batch = Vec::new();
+        let mut batch = Batch::default();
         match o.take(&mut batch, &NO_TURNS) {
             Take::Close(frame) => assert_eq!(&frame[2..4], &1013u16.to_be_bytes()),
             other => panic!("unexpected {other:?}"),
@@ -687,11 +792,11 @@ mod tests {
         }
         assert!(coalesced > 0);
         assert_eq!(o.status(), Status::Open);
-        let mut batch = Vec::new();
+        let mut batch = Batch::default();
         o.take(&mut batch, &NO_TURNS);
         let mut text = String::new();
         let mut next_seq = 1;
-        for message in &batch {
+        for message in batch.iter() {
             let v: serde_json::Value =
                 serde_json::from_slice(crate::frame::payload(message.frame())).unwrap();
             let first = v
@@ -721,7 +826,7 @@ mod tests {
         let o = outbox(100);
         o.push(plain(b"d1"), &NO_TURNS);
         assert_eq!(o.close(Some(Bytes::from_static(b"bye")), true), 0);
-        let mut batch = Vec::new();
+        let mut batch = Batch::default();
         assert_eq!(
             o.take(&mut batch, &NO_TURNS),
             Take::Frames { data_frames: 1 }
@@ -739,7 +844,7 @@ mod tests {
         o.push(plain(b"d1"), &NO_TURNS);
         assert_eq!(o.kill(), 1);
         assert_eq!(o.status(), Status::Killed);
-        assert_eq!(o.take(&mut Vec::new(), &NO_TURNS), Take::Stop);
+        assert_eq!(o.take(&mut Batch::default(), &NO_TURNS), Take::Stop);
     }
 
     #[test]
@@ -753,12 +858,12 @@ mod tests {
         o.push_control(Bytes::from_static(b"pong"));
         o.beat();
         assert_eq!(turns.owed.load(Relaxed), 1);
-        o.take(&mut Vec::new(), &turns);
+        o.take(&mut Batch::default(), &turns);
         o.take_control();
         assert_eq!(turns.owed.load(Relaxed), 0);
         assert_eq!(turns.taken.load(Relaxed), 1);
         // A take without a wake for data is no turn.
-        o.take(&mut Vec::new(), &turns);
+        o.take(&mut Batch::default(), &turns);
         assert_eq!(turns.taken.load(Relaxed), 1);
         // A connection that ends settles what its writer owed.
         o.push(plain(b"d3"), &turns);
@@ -789,14 +894,14 @@ mod tests {
             async move { turns.wait().await }
         });
         tokio::task::yield_now().await;
-        a.take(&mut Vec::new(), &turns);
+        a.take(&mut Batch::default(), &turns);
         tokio::task::yield_now().await;
         assert!(!first.is_finished() && !second.is_finished());
-        b.take(&mut Vec::new(), &turns);
+        b.take(&mut Batch::default(), &turns);
         first.await.unwrap();
         tokio::task::yield_now().await;
         assert!(!second.is_finished());
-        c.take(&mut Vec::new(), &turns);
+        c.take(&mut Batch::default(), &turns);
         second.await.unwrap();
         assert_eq!(turns.wanted.load(Relaxed), u64::MAX);
     }

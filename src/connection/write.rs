@@ -49,7 +49,11 @@ impl<'a> Conn<'a> {
                         return WriteEnd::HeartbeatTimeout;
                     }
                     ping_due = true;
+                    // Both rooms go together: a take swaps them.
                     self.outbox.release_room();
+                    if in_flight.is_empty() {
+                        in_flight.release();
+                    }
                 }
                 if in_flight.at_boundary() && close_code.is_none() {
                     let mut control = self.outbox.take_control();
@@ -76,7 +80,7 @@ impl<'a> Conn<'a> {
                     if let Some(code) = close_code {
                         return WriteEnd::SentClose(code);
                     }
-                    let idle = match self.outbox.take(&mut in_flight, &self.shared.hub.turns) {
+                    let idle = match self.outbox.take(in_flight.batch(), &self.shared.hub.turns) {
                         Take::Frames { data_frames } => {
                             unsent = data_frames;
                             false
@@ -92,7 +96,6 @@ impl<'a> Conn<'a> {
                     // Decided before waiting, so that the `Take` is not part of
                     // the waiting state.
                     if idle {
-                        in_flight.release();
                         // The next moment a client that has not subscribed is
                         // looked at again.
                         let check_at = if self.engaged.load(Relaxed) {

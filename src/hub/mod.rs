@@ -592,7 +592,7 @@ pub(super) mod tests {
             hub.publish("other", Draft::delta("other", "x"), false),
             (1, 0)
         );
-        let mut batch = Vec::new();
+        let mut batch = crate::connection::outbox::Batch::default();
         // The acknowledgement, then the delta.
         assert_eq!(
             a.take(&mut batch, &Turns::default()),

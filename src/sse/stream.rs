@@ -16,10 +16,9 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use super::Stream;
 use crate::client_ip::IpSlot;
-use crate::connection::outbox::{Status, Take};
+use crate::connection::outbox::{Batch, Status, Take};
 use crate::connection::CLOSE_TIMEOUT;
 use crate::lock::lock;
-use crate::message::Message;
 use crate::shared::Shared;
 use crate::shutdown::TaskGuard;
 use crate::stats::{Counters, Ended};
@@ -92,7 +91,7 @@ async fn write(shared: &Shared, stream: &Stream, chunks: &mpsc::Sender<Bytes>) -
     let interval = shared.config.heartbeat_interval;
     let mut ticker = tokio::time::interval_at(Instant::now() + interval, interval);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut batch: Vec<Message> = Vec::new();
+    let mut batch = Batch::default();
     // Whether something was written since the last tick.
     let mut written = true;
     let mut deadline: Option<Instant> = None;
@@ -166,13 +165,13 @@ async fn write(shared: &Shared, stream: &Stream, chunks: &mpsc::Sender<Bytes>) -
 }
 
 /// The events of a batch, as one chunk.
-fn events(batch: &[Message]) -> Bytes {
-    if let [one] = batch {
-        return one.event().clone();
+fn events(batch: &Batch) -> Bytes {
+    if batch.len() == 1 {
+        return batch[0].event().clone();
     }
     let len = batch.iter().map(|m| m.event().len()).sum();
     let mut chunk = Vec::with_capacity(len);
-    for message in batch {
+    for message in batch.iter() {
         chunk.extend_from_slice(message.event());
     }
     chunk.into()
@@ -190,13 +189,15 @@ fn close_event(frame: &[u8]) -> (u16, Bytes) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::message::Draft;
+    use crate::message::{Draft, Message};
 
     #[test]
     fn a_batch_is_one_chunk_of_events() {
         let a = Draft::delta("t", "a\nb").seal(1);
         let b = Message::plain(crate::frame::text(br#"{"type":"x"}"#));
-        let chunk = events(&[a, b]);
+        let mut batch = Batch::default();
+        batch.extend([a, b]);
+        let chunk = events(&batch);
         assert_eq!(
             &chunk[..],
             b"id: 1\ndata: {\"seq\":1,\"type\":\"stream.delta\",\"requestId\":\"t\",\"text\":\"a\\nb\"}\n\n\
