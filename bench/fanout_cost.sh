@@ -8,6 +8,7 @@
 #
 #   bench/fanout_cost.sh [fanout_cost build…]   (default: this tree's release build)
 #   SUBSCRIBERS=10000 MESSAGES=20 bench/fanout_cost.sh
+#   TOPICS=1000 SUBSCRIBERS=1 bench/fanout_cost.sh   (S2's shape, round-robin)
 #
 # Prints one JSON line per build: instructions per delivery. For an A/B,
 # build the other commit's example with its own --target-dir.
@@ -15,6 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 subscribers=${SUBSCRIBERS:-1000}
 messages=${MESSAGES:-200}
+topics=${TOPICS:-1}
 if [ $# -eq 0 ]; then
   cargo build --release --example fanout_cost
   set -- target/release/examples/fanout_cost
@@ -24,7 +26,7 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 for build in "$@"; do
   out=$(valgrind --tool=callgrind --callgrind-out-file="$work/out" \
-    --toggle-collect='fanout_cost::burst' "$build" "$subscribers" "$messages" 2>"$work/log")
+    --toggle-collect='fanout_cost::burst' "$build" "$subscribers" "$messages" "$topics" 2>"$work/log")
   instructions=$(sed -n 's/^summary: //p' "$work/out")
   python3 -c 'import json, sys
 r = json.loads(sys.argv[1])

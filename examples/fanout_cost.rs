@@ -5,8 +5,12 @@
 //! shared machine and without the kernel's part (which S1 measures).
 //!
 //! ```text
-//! fanout_cost [subscribers=1000] [messages=200]
+//! fanout_cost [subscribers=1000] [messages=200] [topics=1]
 //! ```
+//!
+//! With several topics, each has that many subscribers and the messages
+//! go round-robin, a round to every topic (S2's shape: 1,000 topics of one
+//! subscriber).
 //!
 //! The subscribers are real HTTP/1.1 upgrades through hyper and the layer
 //! over in-memory pipes, on one Tokio thread; each client task reads and
@@ -32,39 +36,59 @@ fn main() {
         .expect("subscribers")
         .unwrap_or(1000);
     let messages = args.next().transpose().expect("messages").unwrap_or(200);
+    let topics: Vec<String> = match args.next().transpose().expect("topics") {
+        None | Some(1) => vec!["t".to_owned()],
+        Some(n) => (0..n).map(|i| format!("t{i}")).collect(),
+    };
     let runtime = in_memory::one_thread(true);
     let app = in_memory::App::new();
-    runtime.block_on(app.subscribers("t", subscribers));
+    for topic in &topics {
+        runtime.block_on(app.subscribers(topic, subscribers));
+    }
     // One burst first, uncounted: queues and buffers reach their working
     // size, as they have in any server that has been publishing a while.
-    runtime.block_on(publish(&app.publisher, subscribers, messages));
-    let deliveries = burst(&runtime, &app.publisher, subscribers, messages);
+    runtime.block_on(publish(&app.publisher, &topics, subscribers, messages));
+    let deliveries = burst(&runtime, &app.publisher, &topics, subscribers, messages);
     println!(
-        "{{\"subscribers\":{subscribers},\"messages\":{messages},\"deliveries\":{deliveries}}}"
+        "{{\"subscribers\":{subscribers},\"messages\":{messages},\"topics\":{},\"deliveries\":{deliveries}}}",
+        topics.len()
     );
 }
 
 /// The counted part (callgrind's `--toggle-collect`): everything the
 /// runtime runs while this is on the stack.
 #[inline(never)]
-fn burst(runtime: &Runtime, publisher: &Publisher, subscribers: usize, messages: usize) -> u64 {
-    runtime.block_on(publish(publisher, subscribers, messages))
+fn burst(
+    runtime: &Runtime,
+    publisher: &Publisher,
+    topics: &[String],
+    subscribers: usize,
+    messages: usize,
+) -> u64 {
+    runtime.block_on(publish(publisher, topics, subscribers, messages))
 }
 
-/// Publishes `messages` deltas and waits until the writers have written
-/// them all; returns how many deliveries that was.
-async fn publish(publisher: &Publisher, subscribers: usize, messages: usize) -> u64 {
+/// Publishes `messages` deltas to each topic and waits until the writers
+/// have written them all; returns how many deliveries that was.
+async fn publish(
+    publisher: &Publisher,
+    topics: &[String],
+    subscribers: usize,
+    messages: usize,
+) -> u64 {
     let sent_before = publisher.stats().messages_sent;
     let (mut queued, mut published) = (0, 0);
     for _ in 0..messages {
-        queued += publisher.stream_delta("t", TEXT);
-        published += 1;
-        if queued >= YIELD_EVERY && published >= YIELD_MIN_MESSAGES {
-            publisher.yield_to_writers().await;
-            (queued, published) = (0, 0);
+        for topic in topics {
+            queued += publisher.stream_delta(topic, TEXT);
+            published += 1;
+            if queued >= YIELD_EVERY && published >= YIELD_MIN_MESSAGES {
+                publisher.yield_to_writers().await;
+                (queued, published) = (0, 0);
+            }
         }
     }
-    let target = sent_before + (messages * subscribers) as u64;
+    let target = sent_before + (messages * subscribers * topics.len()) as u64;
     while publisher.stats().messages_sent < target {
         tokio::task::yield_now().await;
     }

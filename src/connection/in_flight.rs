@@ -83,14 +83,11 @@ impl InFlight {
 
     /// The frames' bytes still to write, in order.
     fn unwritten(&self, deflate: Option<Deflate>) -> impl Iterator<Item = &[u8]> {
-        let skip = self.written;
-        self.frames.iter().enumerate().map(move |(i, m)| {
-            let frame = m.wire(deflate);
-            if i == 0 {
-                &frame[skip..]
-            } else {
-                &frame[..]
-            }
+        let mut skip = self.written;
+        self.frames.iter().map(move |m| {
+            let frame = &m.wire(deflate)[skip..];
+            skip = 0;
+            frame
         })
     }
 
@@ -155,21 +152,20 @@ impl InFlight {
     }
 
     /// Drops `written` bytes from the front.
-    pub(crate) fn advance(&mut self, mut written: usize, deflate: Option<Deflate>) {
-        while written > 0 {
-            let Some(first) = self.frames.front() else {
-                return;
-            };
-            let left = first.wire(deflate).len() - self.written;
-            if written >= left {
-                written -= left;
-                self.frames.pop_front();
-                self.written = 0;
-            } else {
-                self.written += written;
-                written = 0;
+    pub(crate) fn advance(&mut self, written: usize, deflate: Option<Deflate>) {
+        // The frames written whole are counted, then dropped together.
+        let mut left = self.written + written;
+        let mut whole = 0;
+        for frame in self.frames.iter() {
+            let len = frame.wire(deflate).len();
+            if left < len {
+                break;
             }
+            left -= len;
+            whole += 1;
         }
+        self.frames.drop_front(whole);
+        self.written = left;
     }
 }
 

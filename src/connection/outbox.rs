@@ -134,14 +134,10 @@ impl Batch {
         self.0.iter().map(Queued::message)
     }
 
+    /// Drops the first `n` messages.
     #[inline]
-    pub(crate) fn front(&self) -> Option<&Message> {
-        self.0.front().map(Queued::message)
-    }
-
-    #[inline]
-    pub(crate) fn pop_front(&mut self) {
-        self.0.pop_front();
+    pub(crate) fn drop_front(&mut self, n: usize) {
+        self.0.drain(..n);
     }
 
     pub(crate) fn push_front(&mut self, message: Message) {
@@ -382,6 +378,7 @@ impl Outbox {
     /// then is the [`SlowClientPolicy`]'s. A message always fits an empty
     /// queue, so one larger than the limit still reaches a client that
     /// keeps up.
+    #[inline]
     pub(crate) fn push(&self, message: Message, turns: &Turns) -> Push {
         let mut state = self.lock();
         if state.closing.is_some() || state.killed {
