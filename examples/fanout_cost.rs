@@ -36,6 +36,8 @@ fn main() {
         .expect("subscribers")
         .unwrap_or(1000);
     let messages = args.next().transpose().expect("messages").unwrap_or(200);
+    // One topic keeps the name it had before topics could be several, so
+    // counts compare with those of earlier builds.
     let topics: Vec<String> = match args.next().transpose().expect("topics") {
         None | Some(1) => vec!["t".to_owned()],
         Some(n) => (0..n).map(|i| format!("t{i}")).collect(),

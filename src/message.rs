@@ -334,10 +334,11 @@ impl MergedDelta {
 /// may have some between tokens: each line goes in a `data:` line of its
 /// own, and the reader joins them with `\n`, still whitespace to JSON.
 fn event(seq: u64, data: &[u8]) -> Bytes {
-    use std::io::Write;
     let mut out = Vec::with_capacity(data.len() + 32);
     if seq != 0 {
-        writeln!(out, "id: {seq}").expect("writing to a Vec");
+        out.extend_from_slice(b"id: ");
+        out.extend_from_slice(decimal(seq, &mut [0; 20]));
+        out.push(b'\n');
     }
     for line in data.split(|&b| b == b'\n' || b == b'\r') {
         out.extend_from_slice(b"data: ");

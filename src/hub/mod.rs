@@ -476,7 +476,6 @@ impl Hub {
     }
 
     /// Pushes one message, accounting for what did not make it.
-    #[inline]
     pub(crate) fn push(&self, outbox: &Outbox, message: Message) -> bool {
         match outbox.push(message, &self.turns) {
             Push::Queued { coalesced } => {
