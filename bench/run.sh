@@ -3,8 +3,9 @@
 # servers, alternating which goes first, server on core 0 and load generator
 # on core 1. Prints one JSON line per run and writes them to
 # target/bench/<compare>.jsonl, then the medians. Against Node and uWS, the
-# medians also come as one Markdown table, with server CPU per delivery and
-# how busy each process kept its core (at 100 % that process is the bound).
+# medians also come as one Markdown table, with server CPU per delivery (and
+# the kernel's part of it) and how busy each process kept its core (at 100 %
+# that process is the bound).
 #
 #   bench/run.sh [runs=3] [scenario…]                e.g. bench/run.sh 3 s1 s2
 #       tower-ws's bench_server against the original Node.js system
@@ -237,15 +238,19 @@ rows = [json.loads(l) for l in open(sys.argv[1])]
 compare, servers = sys.argv[2], sys.argv[3:]
 keys = ["wire_bytes", "msgs_per_s", "p50_us", "p99_us", "p999_us", "lost", "server_rss_kib", "server_cpu_s", "redis_cpu_us_per_msg", "redis_xadds", "merged_frames", "delivered",
         "bytes_per_conn", "conns_per_s", "loadgen_cpu_s", "handshake_p50_us", "handshake_p99_us",
-        "server_cpu_us_per_delivery", "server_cpu_us_per_conn", "server_busy", "loadgen_busy"]
+        "server_cpu_us_per_delivery", "server_cpu_us_per_conn", "server_kernel_us_per_delivery",
+        "server_kernel_us_per_conn", "server_busy", "loadgen_busy"]
 by = {}
 for r in rows:
     result = r["result"]
     # The server's CPU per message delivered (S1, S2, S5) or per connection opened (S4).
-    if result.get("delivered") and "server_cpu_s" in result:
-        result["server_cpu_us_per_delivery"] = result["server_cpu_s"] * 1e6 / result["delivered"]
-    if result.get("conns_per_s") and "server_cpu_s" in result:
-        result["server_cpu_us_per_conn"] = result["server_cpu_s"] * 1e6 / result["clients"]
+    # The kernel's part (system time: the sends and the network stack's
+    # work in them) is what no server's own code can save.
+    for what, total in (("cpu", "server_cpu_s"), ("kernel", "server_kernel_s")):
+        if result.get("delivered") and total in result:
+            result[f"server_{what}_us_per_delivery"] = result[total] * 1e6 / result["delivered"]
+        if result.get("conns_per_s") and total in result:
+            result[f"server_{what}_us_per_conn"] = result[total] * 1e6 / result["clients"]
     # Each process's share of its core over the timed run: at 1.0 that
     # process is the bound, whatever the other one could do.
     for side in ("server", "loadgen"):
@@ -264,9 +269,11 @@ if compare in ("all", "uws", "node"):
         ("p50_us", "p50", "{:,.0f} µs"),
         ("p99_us", "p99", "{:,.0f} µs"),
         ("server_cpu_us_per_delivery", "server CPU per delivery", "{:.2f} µs"),
+        ("server_kernel_us_per_delivery", "of which in the kernel", "{:.2f} µs"),
         ("bytes_per_conn", "RSS per idle connection", "{:,.0f} B"),
         ("conns_per_s", "connections/s", "{:,.0f}"),
         ("server_cpu_us_per_conn", "server CPU per connection", "{:.0f} µs"),
+        ("server_kernel_us_per_conn", "of which in the kernel", "{:.0f} µs"),
         ("server_busy", "server's core busy", "{:.0%}"),
         ("loadgen_busy", "load generator's core busy", "{:.0%}"),
         ("lost", "lost", "{:.0f}"),

@@ -842,16 +842,44 @@ fn rss_kib(pid: u64) -> u64 {
         .unwrap_or(0)
 }
 
-fn cpu_seconds(pid: u64) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name: utime and stime are the 12th and 13th.
-    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks: u64 = [11, 12]
-        .iter()
-        .filter_map(|&i| fields.get(i)?.parse::<u64>().ok())
-        .sum();
-    ticks as f64 / 100.0
+/// A process's CPU time so far, in seconds: in user space and in the
+/// kernel (the system calls, and the network stack's work they do).
+#[derive(Clone, Copy)]
+struct Cpu {
+    user: f64,
+    kernel: f64,
+}
+
+impl Cpu {
+    fn of(pid: u64) -> Cpu {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // Fields after the command name: utime and stime are the 12th and 13th.
+        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let seconds = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|t| t.parse::<u64>().ok())
+                .map_or(0.0, |ticks| ticks as f64 / 100.0)
+        };
+        Cpu {
+            user: seconds(11),
+            kernel: seconds(12),
+        }
+    }
+
+    /// What was used from `before` to now.
+    fn since(before: Cpu, pid: u64) -> Cpu {
+        let now = Cpu::of(pid);
+        Cpu {
+            user: now.user - before.user,
+            kernel: now.kernel - before.kernel,
+        }
+    }
+
+    fn total(self) -> f64 {
+        self.user + self.kernel
+    }
 }
 
 /// Runs a fan-out: triggers `publish_path` after markers, collects.
@@ -871,7 +899,7 @@ async fn fan_out(
         .map(|(ws, topic)| tokio::spawn(receive(ws, topic, trigger.clone(), expected_each, false)))
         .collect();
     let own = u64::from(std::process::id());
-    let (cpu_before, own_before) = (cpu_seconds(pid), cpu_seconds(own));
+    let (cpu_before, own_before) = (Cpu::of(pid), Cpu::of(own));
     let trigger_ns = unix_ns();
     trigger.store(trigger_ns, Relaxed);
     let started = Instant::now();
@@ -888,11 +916,12 @@ async fn fan_out(
         all.latencies_us.extend(seen.latencies_us);
     }
     let elapsed_s = (all.last_ns.saturating_sub(trigger_ns)) as f64 / 1e9;
-    let own_cpu = cpu_seconds(own) - own_before;
+    let cpu = Cpu::since(cpu_before, pid);
+    let own_cpu = Cpu::since(own_before, own).total();
     all.latencies_us.sort_unstable();
     let expected = expected_each * clients;
     Ok(format!(
-        "{{\"delivered\":{},\"expected\":{expected},\"lost\":{},\"invalid\":{},\"merged_frames\":{},\"msgs_per_s\":{:.0},\"elapsed_s\":{elapsed_s:.3},\"publish_s\":{publish_s:.3},\"min_us\":{},\"p50_us\":{},\"p99_us\":{},\"max_us\":{},\"server_rss_kib\":{},\"server_cpu_s\":{:.2},\"loadgen_cpu_s\":{own_cpu:.2},\"server\":{server_report}}}",
+        "{{\"delivered\":{},\"expected\":{expected},\"lost\":{},\"invalid\":{},\"merged_frames\":{},\"msgs_per_s\":{:.0},\"elapsed_s\":{elapsed_s:.3},\"publish_s\":{publish_s:.3},\"min_us\":{},\"p50_us\":{},\"p99_us\":{},\"max_us\":{},\"server_rss_kib\":{},\"server_cpu_s\":{:.2},\"server_kernel_s\":{:.2},\"loadgen_cpu_s\":{own_cpu:.2},\"server\":{server_report}}}",
         all.messages,
         expected.saturating_sub(all.messages),
         all.invalid,
@@ -903,7 +932,8 @@ async fn fan_out(
         percentile(&all.latencies_us, 0.99),
         all.latencies_us.last().copied().unwrap_or(0),
         rss_kib(pid),
-        cpu_seconds(pid) - cpu_before,
+        cpu.total(),
+        cpu.kernel,
     ))
 }
 
@@ -957,20 +987,22 @@ async fn s4(addr: SocketAddr, opts: &Options) -> Result<String, Error> {
         opts.get("--pid", 0),
     );
     let own = u64::from(std::process::id());
-    let (cpu_before, own_before) = (cpu_seconds(pid), cpu_seconds(own));
+    let (cpu_before, own_before) = (Cpu::of(pid), Cpu::of(own));
     let started = Instant::now();
     let (conns, mut handshakes) = connect_all(addr, opts, clients, inflight as usize, |i| {
         format!("s4-{i}")
     })
     .await?;
     let elapsed = started.elapsed().as_secs_f64();
-    let cpu = cpu_seconds(pid) - cpu_before;
-    let own_cpu = cpu_seconds(own) - own_before;
+    let cpu = Cpu::since(cpu_before, pid);
+    let own_cpu = Cpu::since(own_before, own).total();
     handshakes.sort_unstable();
     drop(conns);
     Ok(format!(
-        "{{\"clients\":{clients},\"conns_per_s\":{:.0},\"server_cpu_s\":{cpu:.2},\"loadgen_cpu_s\":{own_cpu:.2},\"elapsed_s\":{elapsed:.2},\"handshake_p50_us\":{},\"handshake_p99_us\":{}}}",
+        "{{\"clients\":{clients},\"conns_per_s\":{:.0},\"server_cpu_s\":{:.2},\"server_kernel_s\":{:.2},\"loadgen_cpu_s\":{own_cpu:.2},\"elapsed_s\":{elapsed:.2},\"handshake_p50_us\":{},\"handshake_p99_us\":{}}}",
         clients as f64 / elapsed,
+        cpu.total(),
+        cpu.kernel,
         percentile(&handshakes, 0.5),
         percentile(&handshakes, 0.99)
     ))
@@ -1010,7 +1042,7 @@ async fn s5(addr: SocketAddr, opts: &Options) -> Result<String, Error> {
             )
         })
         .collect();
-    let cpu_before = cpu_seconds(pid);
+    let cpu_before = Cpu::of(pid);
     trigger.store(unix_ns(), Relaxed);
     let report = post(
         addr,
@@ -1019,7 +1051,7 @@ async fn s5(addr: SocketAddr, opts: &Options) -> Result<String, Error> {
         ),
     )
     .await?;
-    let cpu = cpu_seconds(pid) - cpu_before;
+    let cpu = Cpu::since(cpu_before, pid);
     let start_ns: u64 = report
         .split("\"start_unix_ns\":")
         .nth(1)
@@ -1041,12 +1073,14 @@ async fn s5(addr: SocketAddr, opts: &Options) -> Result<String, Error> {
     latencies.sort_unstable();
     let expected = total * per_topic;
     Ok(format!(
-        "{{\"delivered\":{delivered},\"expected\":{expected},\"lost\":{},\"invalid\":{invalid},\"p50_us\":{},\"p99_us\":{},\"p999_us\":{},\"max_us\":{},\"server_cpu_s\":{cpu:.2},\"server\":{report}}}",
+        "{{\"delivered\":{delivered},\"expected\":{expected},\"lost\":{},\"invalid\":{invalid},\"p50_us\":{},\"p99_us\":{},\"p999_us\":{},\"max_us\":{},\"server_cpu_s\":{:.2},\"server_kernel_s\":{:.2},\"server\":{report}}}",
         expected.saturating_sub(delivered),
         percentile(&latencies, 0.5),
         percentile(&latencies, 0.99),
         percentile(&latencies, 0.999),
         latencies.last().copied().unwrap_or(0),
+        cpu.total(),
+        cpu.kernel,
     ))
 }
 
