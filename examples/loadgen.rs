@@ -19,7 +19,9 @@
 //! many frames), so that on one core it keeps up with the server it
 //! measures. Where it does not, `loadgen_cpu_s` (S1, S2, S4: its own CPU
 //! over the run) is close to the run's elapsed time: then the generator,
-//! not the server, set the rate.
+//! not the server, set the rate. With `--pid`, `server_cpu_s` is the
+//! server's CPU over the run and `server_kernel_s` the part of it spent in
+//! the kernel (system time).
 //! Every message is parsed as JSON and checked (type, topic, text); a
 //! message counts only if it was published after the trigger (its
 //! timestamp is later), and loss is what was expected minus what came.
