@@ -121,6 +121,10 @@ async fn write(shared: &Shared, stream: &Stream, chunks: &mpsc::Sender<Bytes>) -
                     _ = outbox.woken() => continue,
                     _ = chunks.closed() => return End::Gone,
                     _ = ticker.tick() => {
+                        // Once a heartbeat, as a socket's writer does: both
+                        // rooms go together, since a take swaps them.
+                        outbox.release_room();
+                        batch.release();
                         if std::mem::take(&mut written) {
                             continue;
                         }
